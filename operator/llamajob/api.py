@@ -173,9 +173,14 @@ class LlamaTrainingJobStatus(StatusModel):
 
 
 class ObjectMeta(BaseModel):
+    """The parts of metadata the operator reads; everything else is kept as given."""
+
     model_config = ConfigDict(extra="allow")
     name: str = "local"
     namespace: str = "default"
+    uid: str | None = None
+    generation: int | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
 
 
 class LlamaTrainingJob(BaseModel):

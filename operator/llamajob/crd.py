@@ -166,3 +166,12 @@ def crd() -> dict[str, Any]:
 def crd_yaml() -> str:
     header = "# Generated from operator/llamajob/api.py by `llamajob crd`. Do not edit.\n"
     return header + yaml.safe_dump(crd(), sort_keys=False, width=100)
+
+
+def main(argv: list[str]) -> int:
+    """`llamajob crd`: print the CRD (what `crds/` and the chart carry)."""
+    import argparse
+
+    argparse.ArgumentParser(prog="llamajob crd", description=main.__doc__).parse_args(argv)
+    print(crd_yaml(), end="")
+    return 0

@@ -1,0 +1,453 @@
+"""The planner: does this job's layout make sense, does it fit, what will it cost?
+
+Pure functions over the spec. The operator runs `make_plan` before creating any pod (an invalid
+or non-fitting job goes straight to Failed/InvalidSpec), and `llamajob plan` prints it.
+
+Memory model, per NeuronCore (or CPU rank), for the most loaded pipeline stage:
+- Parameters and optimizer, bytes per parameter held by the core (after TP/PP sharding):
+  bf16-mixed: 2 (bf16 weights) + 4 (fp32 gradient accumulator) + 12 (fp32 master copy and Adam
+  moments), the 12 divided by DP under ZeRO-1 (and all of it under FSDP). ZeRO-1 also all-gathers
+  the updated bf16 shards into a fresh full-size buffer before copying it into the weights
+  (torch-xla's ZeroRedundancyOptimizer), so +2 while it runs. fp32: 4 + 4 + 8.
+- Activations: Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer
+  Models"), 16-bit activations per layer and micro-batch: s*b*h*(34 + 5*a*s/h) without
+  recompute; the 5*a*s/h term (attention scores) vanishes with selective recompute; with sequence
+  parallel everything divides by t, without it only the 24 inside the 34 does. Full recompute
+  keeps only each layer's input (2*s*b*h, /t with SP) plus one layer's working set. The first
+  pipeline stage holds min(pp, micro-batches) micro-batches in flight under 1F1B, all of them
+  under GPipe, and (1 + (pp-1)/(pp*v)) times more under the interleaved schedule.
+- Logits: fp32 logits and their gradient on the last stage, vocabulary split over TP.
+- A runtime reserve for the Neuron runtime, collectives and the loaded program.
+
+Compute: FLOPs per token = 6*N + 12*L*h*s (Chowdhery et al. 2022, PaLM appendix B), with N the
+parameters that take part in matmuls (the input embedding lookup does not). Step time follows from
+an assumed MFU of the instance's peak, or a measured TFLOPS per node.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from llamajob_trainer.presets import Architecture
+
+from .api import LlamaTrainingJobSpec
+from .catalogue import GIB, INSTANCE_TYPES, InstanceType
+from .jobfile import SpecError
+
+# Default utilisation when nothing was measured. The HyperPod tutorial measured ~21% (634 of 3,040
+# TFLOPS, Llama-3-8B at TP=32 on one trn1.32xlarge); AWS's published Neuron 2.24 figures work out
+# to ~23% (8B) and ~32% (70B) on 32 trn1 nodes. 25% sits in that range.
+DEFAULT_MFU = 0.25
+RUNTIME_RESERVE_GIB = {"trainium": 1.0, "trainium2": 1.0, "cpu": 0.5}
+
+
+@dataclass(frozen=True)
+class Memory:
+    """Bytes per core on the most loaded pipeline stage."""
+
+    weights: float
+    gradients: float
+    optimizer: float
+    gather_buffer: float
+    activations: float
+    logits: float
+    reserve: float
+
+    @property
+    def total(self) -> float:
+        return sum(asdict(self).values())
+
+    def gib(self) -> dict[str, float]:
+        out = {k: round(v / GIB, 3) for k, v in asdict(self).items()}
+        out["total"] = round(self.total / GIB, 3)
+        return out
+
+
+@dataclass
+class Plan:
+    spec: LlamaTrainingJobSpec
+    instance: InstanceType
+    backend: str
+    nodes: int
+    processes_per_node: int
+    world_size: int
+    tensor: int
+    pipeline: int
+    data_parallel: int
+    grad_accum: int
+    errors: list[SpecError] = field(default_factory=list)
+    num_params: int = 0
+    params_per_core: int = 0
+    memory: Memory | None = None
+    suggestion: str | None = None
+    flops_per_token: float = 0.0
+    tokens_per_step: int = 0
+    flops_per_step: float = 0.0
+    assumed_mfu: float | None = None
+    tflops_per_node: float = 0.0
+    step_seconds: float = 0.0
+    total_steps: int = 0
+    total_tokens: int = 0
+    total_seconds: float = 0.0
+    price_per_hour: float = 0.0
+    total_cost_usd: float = 0.0
+
+    @property
+    def pods(self) -> int:
+        return self.nodes
+
+    @property
+    def core_memory_gib(self) -> float:
+        return self.instance.memory_per_core_gib
+
+    @property
+    def memory_per_core_gib(self) -> float | None:
+        return None if self.memory is None else self.memory.total / GIB
+
+    @property
+    def margin_gib(self) -> float | None:
+        used = self.memory_per_core_gib
+        return None if used is None else self.core_memory_gib - used
+
+    @property
+    def fits(self) -> bool:
+        return self.memory is not None and self.memory.total <= self.core_memory_gib * GIB
+
+    @property
+    def valid(self) -> bool:
+        return not self.errors and self.fits
+
+    def problems(self) -> list[SpecError]:
+        """Errors, plus the memory verdict as one when the layout is sound but does not fit."""
+        if self.errors or self.fits or self.memory is None:
+            return list(self.errors)
+        fix = f"; smallest change that fits: {self.suggestion}" if self.suggestion else ""
+        msg = (
+            f"needs {self.memory_per_core_gib:.1f} GiB per core but {self.instance.name} has "
+            f"{self.core_memory_gib:.0f} GiB{fix}"
+        )
+        return [SpecError("spec.parallelism", msg)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "fits": self.fits,
+            "valid": self.valid,
+            "memory_per_core_gib": _r(self.memory_per_core_gib),
+            "core_memory_gib": self.core_memory_gib,
+            "margin_gib": _r(self.margin_gib),
+            "memory_breakdown_gib": self.memory.gib() if self.memory else None,
+            "suggestion": self.suggestion,
+            "instance_type": self.instance.name,
+            "backend": self.backend,
+            "nodes": self.nodes,
+            "processes_per_node": self.processes_per_node,
+            "world_size": self.world_size,
+            "tensor_parallel": self.tensor,
+            "pipeline_parallel": self.pipeline,
+            "data_parallel": self.data_parallel,
+            "grad_accum": self.grad_accum,
+            "pods": self.pods,
+            "num_params": self.num_params,
+            "params_per_core": self.params_per_core,
+            "flops_per_token": self.flops_per_token,
+            "tokens_per_step": self.tokens_per_step,
+            "flops_per_step": self.flops_per_step,
+            "assumed_mfu": self.assumed_mfu,
+            "tflops_per_node": _r(self.tflops_per_node),
+            "step_seconds": _r(self.step_seconds),
+            "total_steps": self.total_steps,
+            "total_tokens": self.total_tokens,
+            "total_seconds": _r(self.total_seconds),
+            "price_per_hour": self.price_per_hour,
+            "total_cost_usd": _r(self.total_cost_usd, 2),
+            "errors": [e.to_dict() for e in self.problems()],
+        }
+
+
+def _r(value: float | None, digits: int = 3) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _nearest(value: int, candidates: list[int]) -> int | None:
+    return min(candidates, key=lambda c: (abs(c - value), c)) if candidates else None
+
+
+def resolve_backend(spec: LlamaTrainingJobSpec) -> str:
+    if spec.backend != "auto":
+        return spec.backend
+    return INSTANCE_TYPES[spec.cluster.instance_type].backend
+
+
+def _kv_ok(arch: Architecture, tp: int, kv_rep: int, backend: str) -> bool:
+    if backend == "neuron":
+        return (arch.num_kv_heads * kv_rep) % tp == 0
+    return arch.num_kv_heads % tp == 0
+
+
+def validate_layout(spec: LlamaTrainingJobSpec) -> list[SpecError]:
+    """Structural checks: each error names the field and the nearest value that works."""
+    errors: list[SpecError] = []
+    arch = spec.model.architecture()
+    inst = INSTANCE_TYPES[spec.cluster.instance_type]
+    backend = resolve_backend(spec)
+    par = spec.parallelism
+    ppn = spec.cluster.processes_per_node or inst.cores_per_node
+    world = spec.cluster.nodes * ppn
+    tp, pp, vpp = par.tensor, par.pipeline, par.virtual_pipeline
+
+    def err(path: str, msg: str) -> None:
+        errors.append(SpecError(f"spec.{path}", msg))
+
+    if backend == "neuron" and not inst.trainium:
+        err("backend", f"neuron needs a Trainium instance type, not {inst.name}; use torch")
+    if backend == "torch" and inst.trainium:
+        err("backend", f"{inst.name} trains with the neuron backend; use auto or neuron")
+    if inst.trainium and ppn > inst.cores_per_node:
+        err(
+            "cluster.processesPerNode",
+            f"{ppn} exceeds the {inst.cores_per_node} NeuronCores of {inst.name}; "
+            f"use {inst.cores_per_node}",
+        )
+    if arch.hidden_size % arch.num_heads:
+        fit = _nearest(arch.hidden_size, [d * arch.num_heads for d in range(1, 1025)])
+        err("model.hiddenSize", f"{arch.hidden_size} is not divisible by numHeads "
+            f"{arch.num_heads}; nearest valid: {fit}")
+    if arch.num_heads % arch.num_kv_heads:
+        fit = _nearest(arch.num_kv_heads, _divisors(arch.num_heads))
+        err("model.numKvHeads", f"{arch.num_kv_heads} does not divide numHeads "
+            f"{arch.num_heads}; nearest valid: {fit}")
+    if spec.data.seq_length > arch.max_position_embeddings:
+        err("data.seqLength", f"{spec.data.seq_length} exceeds the model's "
+            f"maxPositionEmbeddings {arch.max_position_embeddings}; use at most that")
+
+    if world % tp:
+        fit = _nearest(tp, _divisors(world))
+        err("parallelism.tensor", f"{tp} does not divide the world size {world} "
+            f"({spec.cluster.nodes} node(s) x {ppn} processes); nearest valid: {fit}")
+        return errors
+    if (world // tp) % pp:
+        fit = _nearest(pp, _divisors(world // tp))
+        err("parallelism.pipeline", f"tensor {tp} x pipeline {pp} does not divide the world size "
+            f"{world}; nearest valid pipeline: {fit}")
+        return errors
+    dp = world // (tp * pp)
+    if inst.trainium and tp > ppn:
+        fit = _nearest(tp, [d for d in _divisors(ppn) if world % d == 0])
+        err("parallelism.tensor", f"{tp} spans nodes; tensor-parallel groups must stay inside one "
+            f"node of {ppn} cores; nearest valid: {fit}")
+    if arch.num_heads % tp:
+        fit = _nearest(tp, [d for d in _divisors(arch.num_heads) if world % (d * pp) == 0])
+        err("parallelism.tensor", f"{tp} does not divide the {arch.num_heads} attention heads; "
+            f"nearest valid: {fit}")
+    elif not _kv_ok(arch, tp, par.kv_replicator, backend):
+        if backend == "neuron":
+            need = tp // math.gcd(arch.num_kv_heads, tp)
+            err("parallelism.kvReplicator", f"{arch.num_kv_heads} kv heads x kvReplicator "
+                f"{par.kv_replicator} is not divisible by tensor {tp}; use kvReplicator: {need}")
+        else:
+            fit = _nearest(tp, [d for d in _divisors(arch.num_kv_heads) if world % (d * pp) == 0])
+            err("parallelism.tensor", f"{tp} does not divide the {arch.num_kv_heads} kv heads "
+                f"(the torch backend does not replicate kv heads); nearest valid: {fit}")
+    if backend == "torch" and par.kv_replicator != 1:
+        err("parallelism.kvReplicator", "only the neuron backend replicates kv heads; use 1")
+    if arch.num_layers % pp:
+        fit = _nearest(pp, [d for d in _divisors(arch.num_layers) if (world // tp) % d == 0])
+        err("parallelism.pipeline", f"{pp} does not divide the {arch.num_layers} layers; "
+            f"nearest valid: {fit}")
+    elif arch.num_layers % (pp * vpp):
+        fit = _nearest(vpp, _divisors(arch.num_layers // pp))
+        err("parallelism.virtualPipeline", f"pipeline {pp} x virtualPipeline {vpp} does not "
+            f"divide the {arch.num_layers} layers; nearest valid: {fit}")
+    if vpp > 1 and pp == 1:
+        err("parallelism.virtualPipeline", "needs pipeline > 1; use 1")
+    if vpp > 1 and par.pipeline_schedule != "Interleaved1F1B" and backend == "torch":
+        err("parallelism.pipelineSchedule", f"virtualPipeline {vpp} needs Interleaved1F1B")
+
+    mbs, gbs = spec.batch.micro_batch_size, spec.batch.global_batch_size
+    unit = mbs * dp
+    if gbs % unit:
+        lower, upper = (gbs // unit) * unit, (gbs // unit + 1) * unit
+        fit = lower if lower and gbs - lower <= upper - gbs else upper
+        err("batch.globalBatchSize", f"{gbs} is not divisible by microBatchSize {mbs} x data "
+            f"parallel {dp} = {unit}; nearest valid: {fit}")
+    elif pp > 1 and gbs // unit < pp:
+        err("batch.globalBatchSize", f"pipeline {pp} needs at least {pp} micro-batches per step "
+            f"but {gbs} / ({mbs} x {dp}) = {gbs // unit}; use at least {pp * unit}")
+    return errors
+
+
+def stage_params(arch: Architecture, pp: int) -> int:
+    """Parameters on the most loaded pipeline stage (embedding on the first, head on the last)."""
+    per_stage_layers = arch.num_layers // pp * arch.layer_params()
+    emb = arch.embedding_params()
+    if pp == 1:
+        return arch.num_params()
+    # With tied embeddings the last stage keeps its own copy of the matrix for the head.
+    return per_stage_layers + emb + arch.hidden_size
+
+
+def estimate_memory(spec: LlamaTrainingJobSpec, dp: int) -> Memory:
+    arch = spec.model.architecture()
+    par = spec.parallelism
+    tp, pp, vpp = par.tensor, par.pipeline, par.virtual_pipeline
+    inst = INSTANCE_TYPES[spec.cluster.instance_type]
+    params = stage_params(arch, pp) / tp
+
+    mixed = spec.precision == "bf16-mixed"
+    w_bytes, g_bytes, o_bytes = (2, 4, 12) if mixed else (4, 4, 8)
+    weights, grads, optim = params * w_bytes, params * g_bytes, params * o_bytes
+    gather = 0.0
+    if par.fsdp and resolve_backend(spec) == "torch":
+        weights, grads, optim = weights / dp, grads / dp, optim / dp
+    elif par.zero1:
+        optim /= dp
+        gather = params * 2 if mixed else params * 4
+
+    s, b, h, a = spec.data.seq_length, spec.batch.micro_batch_size, arch.hidden_size, arch.num_heads
+    act_scale = 1.0 if mixed else 2.0  # the formula counts 16-bit activations
+    sp = par.sequence_parallel and tp > 1
+    base = (34.0 / tp) if sp else (10.0 + 24.0 / tp)
+    scores = 5.0 * a * s / (h * tp)
+    full_layer = s * b * h * (base + (scores if par.activation_checkpointing == "none" else 0.0))
+    layers = arch.num_layers // pp
+    micro = spec.batch.global_batch_size // (b * dp) if dp and b else 1
+    if pp == 1:
+        in_flight = 1.0
+    elif par.pipeline_schedule == "GPipe":
+        in_flight = float(micro)
+    else:
+        in_flight = float(min(pp, micro))
+        if vpp > 1:
+            in_flight *= 1 + (pp - 1) / (pp * vpp)
+    if par.activation_checkpointing == "full":
+        stored = 2.0 * s * b * h / (tp if sp else 1)
+        activations = stored * layers * in_flight + full_layer
+    else:
+        activations = full_layer * layers * in_flight
+    activations *= act_scale
+
+    logits = 2 * 4.0 * s * b * arch.vocab_size / tp
+    reserve = RUNTIME_RESERVE_GIB.get(inst.accelerator, 1.0) * GIB
+    return Memory(weights, grads, optim, gather, activations, logits, reserve)
+
+
+def flops_per_token(arch: Architecture, seq_length: int) -> float:
+    matmul_params = arch.num_layers * arch.layer_params() + arch.embedding_params()
+    return 6.0 * matmul_params + 12.0 * arch.num_layers * arch.hidden_size * seq_length
+
+
+def _with(spec: LlamaTrainingJobSpec, **changes: Any) -> LlamaTrainingJobSpec:
+    data = spec.model_dump()
+    for dotted, value in changes.items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return LlamaTrainingJobSpec.model_validate(data)
+
+
+def suggest_fix(spec: LlamaTrainingJobSpec) -> str | None:
+    """The smallest single change (in this order of preference) that validates and fits."""
+    par, inst = spec.parallelism, INSTANCE_TYPES[spec.cluster.instance_type]
+    ppn = spec.cluster.processes_per_node or inst.cores_per_node
+    arch = spec.model.architecture()
+    candidates: list[tuple[str, dict[str, Any]]] = []
+    for tp in sorted(d for d in _divisors(ppn) if d > par.tensor):
+        change: dict[str, Any] = {"parallelism.tensor": tp}
+        text = f"tensor: {par.tensor} -> {tp}"
+        if resolve_backend(spec) == "neuron" and (arch.num_kv_heads * par.kv_replicator) % tp:
+            rep = tp // math.gcd(arch.num_kv_heads, tp)
+            change["parallelism.kv_replicator"] = rep
+            text += f" (with kvReplicator: {par.kv_replicator} -> {rep})"
+        candidates.append((text, change))
+    order = ["none", "selective", "full"]
+    for mode in order[order.index(par.activation_checkpointing) + 1 :]:
+        candidates.append(
+            (
+                f"activationCheckpointing: {par.activation_checkpointing} -> {mode}",
+                {"parallelism.activation_checkpointing": mode},
+            )
+        )
+    for pp in sorted(d for d in _divisors(arch.num_layers) if d > par.pipeline):
+        candidates.append((f"pipeline: {par.pipeline} -> {pp}", {"parallelism.pipeline": pp}))
+    mbs = spec.batch.micro_batch_size
+    for smaller in sorted((d for d in _divisors(mbs) if d < mbs), reverse=True):
+        candidates.append(
+            (f"microBatchSize: {mbs} -> {smaller}", {"batch.micro_batch_size": smaller})
+        )
+    for text, change in candidates:
+        try:
+            trial = _with(spec, **change)
+        except ValueError:
+            continue
+        if validate_layout(trial):
+            continue
+        dp = (spec.cluster.nodes * ppn) // (trial.parallelism.tensor * trial.parallelism.pipeline)
+        if estimate_memory(trial, dp).total <= inst.memory_per_core_gib * GIB:
+            return text
+    return None
+
+
+def make_plan(
+    spec: LlamaTrainingJobSpec,
+    *,
+    mfu: float | None = None,
+    tflops_per_node: float | None = None,
+    price_per_hour: float | None = None,
+    tokens: int | None = None,
+) -> Plan:
+    inst = INSTANCE_TYPES[spec.cluster.instance_type]
+    ppn = spec.cluster.processes_per_node or inst.cores_per_node
+    world = spec.cluster.nodes * ppn
+    par = spec.parallelism
+    arch = spec.model.architecture()
+    errors = validate_layout(spec)
+    dp = world // (par.tensor * par.pipeline) if world % (par.tensor * par.pipeline) == 0 else 0
+    unit = spec.batch.micro_batch_size * dp
+    plan = Plan(
+        spec=spec,
+        instance=inst,
+        backend=resolve_backend(spec),
+        nodes=spec.cluster.nodes,
+        processes_per_node=ppn,
+        world_size=world,
+        tensor=par.tensor,
+        pipeline=par.pipeline,
+        data_parallel=dp,
+        grad_accum=spec.batch.global_batch_size // unit if unit else 0,
+        errors=errors,
+        num_params=arch.num_params(),
+    )
+    if errors:
+        return plan
+
+    plan.params_per_core = int(stage_params(arch, par.pipeline) / par.tensor)
+    plan.memory = estimate_memory(spec, dp)
+    if not plan.fits:
+        plan.suggestion = suggest_fix(spec)
+
+    plan.flops_per_token = flops_per_token(arch, spec.data.seq_length)
+    plan.tokens_per_step = spec.tokens_per_step()
+    plan.flops_per_step = plan.flops_per_token * plan.tokens_per_step
+    share = ppn / inst.cores_per_node if inst.trainium else 1.0
+    if tflops_per_node is not None:
+        plan.tflops_per_node = tflops_per_node
+    else:
+        plan.assumed_mfu = DEFAULT_MFU if mfu is None else mfu
+        plan.tflops_per_node = inst.peak_tflops_per_node * share * plan.assumed_mfu
+    plan.step_seconds = plan.flops_per_step / (plan.tflops_per_node * 1e12 * plan.nodes)
+    plan.total_steps = (
+        -(-tokens // plan.tokens_per_step) if tokens is not None else spec.total_steps()
+    )
+    plan.total_tokens = plan.total_steps * plan.tokens_per_step
+    plan.total_seconds = plan.step_seconds * plan.total_steps
+    plan.price_per_hour = inst.price_per_hour if price_per_hour is None else price_per_hour
+    plan.total_cost_usd = plan.total_seconds / 3600 * plan.price_per_hour * plan.nodes
+    return plan

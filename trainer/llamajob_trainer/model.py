@@ -1,0 +1,280 @@
+"""The Llama 3 model, written once for every backend and layout.
+
+Parameter names (FQNs) are the checkpoint keys and never depend on the layout: tensor parallel
+shards them in place, pipeline stages drop whole submodules (``tok_embeddings``, ``norm``,
+``output`` become ``None``; layers not on the stage are deleted from ``layers``), FSDP wraps them
+in place and activation checkpointing is a flag on each block, not a wrapper module.
+
+RoPE follows the Hugging Face convention (rotate the two halves of each head), so weights map
+to and from ``LlamaForCausalLM`` by renaming only, without permuting q/k rows.
+
+Not implemented: the Llama 3.1 long-context RoPE scaling (``rope_scaling: llama3``). Positions
+use plain RoPE with ``arch.rope_theta``; this is exact for Llama 3 / 3.2 at their trained
+context and for training from scratch, but differs from 3.1 checkpoints beyond 8K positions.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from .presets import Architecture
+
+INIT_STD = 0.02
+IGNORE_INDEX = -100
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, computed in float32 whatever the input dtype (as HF does)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_tables(head_dim: int, seq_len: int, theta: float) -> tuple[Tensor, Tensor]:
+    """cos and sin of shape [seq_len, head_dim // 2], float32."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float64), inv_freq)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate x [batch, heads, seq, head_dim] in the HF layout (first half, second half).
+
+    Equivalent to HF's ``x * cat(cos, cos) + rotate_half(x) * cat(sin, sin)`` with half the
+    multiplications and one allocation for the result.
+    """
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, arch: Architecture) -> None:
+        super().__init__()
+        self.head_dim = arch.head_dim
+        h = arch.hidden_size
+        self.wq = nn.Linear(h, arch.num_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(h, arch.kv_dim, bias=False)
+        self.wv = nn.Linear(h, arch.kv_dim, bias=False)
+        self.wo = nn.Linear(arch.num_heads * self.head_dim, h, bias=False)
+        # Selective activation checkpointing: recompute the attention core (the s x s part)
+        # in backward instead of keeping it. Set by the parallel backend.
+        self.recompute_core = False
+
+    def forward(self, x: Tensor, rope_cos: Tensor, rope_sin: Tensor) -> Tensor:
+        b, s, _ = x.shape
+        d = self.head_dim
+        # -1 heads: under tensor parallel each rank holds only its share of the heads.
+        q = self.wq(x).view(b, s, -1, d).transpose(1, 2)
+        k = self.wk(x).view(b, s, -1, d).transpose(1, 2)
+        v = self.wv(x).view(b, s, -1, d).transpose(1, 2)
+        cos, sin = rope_cos[:s], rope_sin[:s]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.recompute_core and torch.is_grad_enabled():
+            out = checkpoint(_attention_core, q, k, v, use_reentrant=False)
+        else:
+            out = _attention_core(q, k, v)
+        return self.wo(out.transpose(1, 2).reshape(b, s, -1))
+
+
+def _attention_core(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x); w1 is the gate, w3 the up and w2 the down projection."""
+
+    def __init__(self, arch: Architecture) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(arch.hidden_size, arch.intermediate_size, bias=False)
+        self.w2 = nn.Linear(arch.intermediate_size, arch.hidden_size, bias=False)
+        self.w3 = nn.Linear(arch.hidden_size, arch.intermediate_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, arch: Architecture) -> None:
+        super().__init__()
+        self.attention_norm = RMSNorm(arch.hidden_size, arch.norm_eps)
+        self.attention = Attention(arch)
+        self.ffn_norm = RMSNorm(arch.hidden_size, arch.norm_eps)
+        self.feed_forward = FeedForward(arch)
+        # Full activation checkpointing: keep only the block input, recompute the rest in
+        # backward. A flag rather than a wrapper module so that FQNs stay the checkpoint keys.
+        self.recompute = False
+
+    def forward(self, x: Tensor, rope_cos: Tensor, rope_sin: Tensor) -> Tensor:
+        if self.recompute and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, rope_cos, rope_sin, use_reentrant=False)
+        return self._forward(x, rope_cos, rope_sin)
+
+    def _forward(self, x: Tensor, rope_cos: Tensor, rope_sin: Tensor) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), rope_cos, rope_sin)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Llama(nn.Module):
+    """Llama 3 decoder. ``forward(tokens[b, s]) -> logits[b, s, vocab]`` for the full model.
+
+    A pipeline stage is the same class with parts removed: without ``tok_embeddings`` it takes
+    hidden states, without ``output`` it returns hidden states.
+    """
+
+    def __init__(self, arch: Architecture, max_seq_len: int | None = None) -> None:
+        super().__init__()
+        self.arch = arch
+        self.max_seq_len = max_seq_len or arch.max_position_embeddings
+        self.tok_embeddings: nn.Embedding | None = nn.Embedding(arch.vocab_size, arch.hidden_size)
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(arch) for i in range(arch.num_layers)})
+        self.norm: RMSNorm | None = RMSNorm(arch.hidden_size, arch.norm_eps)
+        self.output: nn.Linear | None = nn.Linear(arch.hidden_size, arch.vocab_size, bias=False)
+        if arch.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        cos, sin = rope_tables(arch.head_dim, self.max_seq_len, arch.rope_theta)
+        # Non-persistent: derived from the architecture, so not part of checkpoints.
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.tok_embeddings(x) if self.tok_embeddings is not None else x
+        for layer in self.layers.values():
+            h = layer(h, self.rope_cos, self.rope_sin)
+        if self.norm is not None:
+            h = self.norm(h)
+        if self.output is not None:
+            h = self.output(h)
+        return h
+
+    def tie_weights(self) -> None:
+        """Re-establish the embedding/output tie (lost when a module is materialised)."""
+        if self.arch.tie_embeddings and self.tok_embeddings is not None and self.output is not None:
+            self.output.weight = self.tok_embeddings.weight
+
+    @torch.no_grad()
+    def init_weights(self, seed: int) -> None:
+        """Deterministic init, independent of the layout.
+
+        Every parameter draws from its own generator seeded by (seed, FQN), so a pipeline stage
+        that holds only some layers gets exactly the values the full model would. Linear and
+        embedding weights are N(0, 0.02); the projections that write into the residual stream
+        (``wo``, ``w2``) are scaled by 1/sqrt(2 * num_layers) (GPT-2); norms are ones. Also
+        recomputes the RoPE tables, so a model built on the meta device is complete after
+        ``to_empty()`` and this call.
+        """
+        self.tie_weights()
+        depth_scale = 1.0 / math.sqrt(2 * self.arch.num_layers)
+        done: set[int] = set()
+        for fqn, p in self.named_parameters(remove_duplicate=False):
+            if id(p) in done:
+                continue
+            done.add(id(p))
+            if fqn.endswith("norm.weight"):
+                p.fill_(1.0)
+                continue
+            # A tied output weight on its own (last pipeline stage) must equal the embedding.
+            key = "tok_embeddings.weight" if fqn == "output.weight" and self.arch.tie_embeddings else fqn
+            std = INIT_STD * (depth_scale if fqn.endswith(("wo.weight", "w2.weight")) else 1.0)
+            gen = torch.Generator(device="cpu").manual_seed(_param_seed(seed, key))
+            p.copy_(torch.empty(p.shape, dtype=torch.float32).normal_(0.0, std, generator=gen))
+        cos, sin = rope_tables(self.arch.head_dim, self.max_seq_len, self.arch.rope_theta)
+        self.rope_cos = cos.to(self.rope_cos.device)
+        self.rope_sin = sin.to(self.rope_sin.device)
+
+
+def _param_seed(seed: int, fqn: str) -> int:
+    return (seed * 1_000_003 + zlib.crc32(fqn.encode())) % (2**63)
+
+
+def loss_sum(logits: Tensor, labels: Tensor) -> Tensor:
+    """Summed token cross-entropy in float32; labels equal to -100 are ignored."""
+    return F.cross_entropy(
+        logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+
+
+# --- Hugging Face name mapping ----------------------------------------------------------------
+_HF_LAYER = {
+    "attention.wq.weight": "self_attn.q_proj.weight",
+    "attention.wk.weight": "self_attn.k_proj.weight",
+    "attention.wv.weight": "self_attn.v_proj.weight",
+    "attention.wo.weight": "self_attn.o_proj.weight",
+    "feed_forward.w1.weight": "mlp.gate_proj.weight",
+    "feed_forward.w3.weight": "mlp.up_proj.weight",
+    "feed_forward.w2.weight": "mlp.down_proj.weight",
+    "attention_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+}
+_HF_TOP = {
+    "tok_embeddings.weight": "model.embed_tokens.weight",
+    "norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+
+
+def _to_hf_key(key: str) -> str:
+    if key in _HF_TOP:
+        return _HF_TOP[key]
+    _, idx, rest = key.split(".", 2)
+    return f"model.layers.{idx}.{_HF_LAYER[rest]}"
+
+
+def to_hf_state_dict(sd: Mapping[str, Tensor], arch: Architecture) -> dict[str, Tensor]:
+    """Our FQNs -> ``LlamaForCausalLM`` names. Tied models omit ``lm_head.weight``, as HF's
+    saved checkpoints do. No permutation is needed: our RoPE uses the HF layout."""
+    out: dict[str, Tensor] = {}
+    for key, value in sd.items():
+        if key == "output.weight" and arch.tie_embeddings:
+            continue
+        try:
+            out[_to_hf_key(key)] = value
+        except (KeyError, ValueError):
+            raise KeyError(f"not a Llama parameter name: {key!r}") from None
+    return out
+
+
+def from_hf_state_dict(hf_sd: Mapping[str, Tensor], arch: Architecture) -> dict[str, Tensor]:
+    """``LlamaForCausalLM`` names -> our FQNs. Rotary buffers (``rotary_emb.inv_freq``) are
+    skipped; a tied model's ``output.weight`` is the embedding."""
+    reverse = {_to_hf_key(k): k for k in _our_keys(arch)}
+    out: dict[str, Tensor] = {}
+    for key, value in hf_sd.items():
+        if key.endswith("rotary_emb.inv_freq"):
+            continue
+        if key == "lm_head.weight" and arch.tie_embeddings:
+            continue
+        if key not in reverse:
+            raise KeyError(
+                f"unexpected weight {key!r} for this architecture "
+                f"({arch.num_layers} layers, tie_embeddings={arch.tie_embeddings})"
+            )
+        out[reverse[key]] = value
+    missing = [reverse[k] for k in reverse if reverse[k] not in out]
+    if arch.tie_embeddings and "tok_embeddings.weight" in out:
+        out["output.weight"] = out["tok_embeddings.weight"]
+        missing = [k for k in missing if k != "output.weight"]
+    if missing:
+        raise KeyError(f"Hugging Face weights lack {len(missing)} tensors, e.g. {missing[:3]}")
+    return out
+
+
+def _our_keys(arch: Architecture) -> list[str]:
+    keys = list(_HF_TOP)
+    keys += [f"layers.{i}.{rest}" for i in range(arch.num_layers) for rest in _HF_LAYER]
+    return keys
