@@ -8,10 +8,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
+from llamajob_trainer.config import PositiveInt, SpecModel, TrainingSpec
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
-
-from llamajob_trainer.config import PositiveInt, SpecModel, TrainingSpec
 
 from .catalogue import INSTANCE_TYPES
 

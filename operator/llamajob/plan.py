@@ -216,54 +216,84 @@ def validate_layout(spec: LlamaTrainingJobSpec) -> list[SpecError]:
         )
     if arch.hidden_size % arch.num_heads:
         fit = _nearest(arch.hidden_size, [d * arch.num_heads for d in range(1, 1025)])
-        err("model.hiddenSize", f"{arch.hidden_size} is not divisible by numHeads "
-            f"{arch.num_heads}; nearest valid: {fit}")
+        err(
+            "model.hiddenSize",
+            f"{arch.hidden_size} is not divisible by numHeads "
+            f"{arch.num_heads}; nearest valid: {fit}",
+        )
     if arch.num_heads % arch.num_kv_heads:
         fit = _nearest(arch.num_kv_heads, _divisors(arch.num_heads))
-        err("model.numKvHeads", f"{arch.num_kv_heads} does not divide numHeads "
-            f"{arch.num_heads}; nearest valid: {fit}")
+        err(
+            "model.numKvHeads",
+            f"{arch.num_kv_heads} does not divide numHeads {arch.num_heads}; nearest valid: {fit}",
+        )
     if spec.data.seq_length > arch.max_position_embeddings:
-        err("data.seqLength", f"{spec.data.seq_length} exceeds the model's "
-            f"maxPositionEmbeddings {arch.max_position_embeddings}; use at most that")
+        err(
+            "data.seqLength",
+            f"{spec.data.seq_length} exceeds the model's "
+            f"maxPositionEmbeddings {arch.max_position_embeddings}; use at most that",
+        )
 
     if world % tp:
         fit = _nearest(tp, _divisors(world))
-        err("parallelism.tensor", f"{tp} does not divide the world size {world} "
-            f"({spec.cluster.nodes} node(s) x {ppn} processes); nearest valid: {fit}")
+        err(
+            "parallelism.tensor",
+            f"{tp} does not divide the world size {world} "
+            f"({spec.cluster.nodes} node(s) x {ppn} processes); nearest valid: {fit}",
+        )
         return errors
     if (world // tp) % pp:
         fit = _nearest(pp, _divisors(world // tp))
-        err("parallelism.pipeline", f"tensor {tp} x pipeline {pp} does not divide the world size "
-            f"{world}; nearest valid pipeline: {fit}")
+        err(
+            "parallelism.pipeline",
+            f"tensor {tp} x pipeline {pp} does not divide the world size "
+            f"{world}; nearest valid pipeline: {fit}",
+        )
         return errors
     dp = world // (tp * pp)
     if inst.trainium and tp > ppn:
         fit = _nearest(tp, [d for d in _divisors(ppn) if world % d == 0])
-        err("parallelism.tensor", f"{tp} spans nodes; tensor-parallel groups must stay inside one "
-            f"node of {ppn} cores; nearest valid: {fit}")
+        err(
+            "parallelism.tensor",
+            f"{tp} spans nodes; tensor-parallel groups must stay inside one "
+            f"node of {ppn} cores; nearest valid: {fit}",
+        )
     if arch.num_heads % tp:
         fit = _nearest(tp, [d for d in _divisors(arch.num_heads) if world % (d * pp) == 0])
-        err("parallelism.tensor", f"{tp} does not divide the {arch.num_heads} attention heads; "
-            f"nearest valid: {fit}")
+        err(
+            "parallelism.tensor",
+            f"{tp} does not divide the {arch.num_heads} attention heads; nearest valid: {fit}",
+        )
     elif not _kv_ok(arch, tp, par.kv_replicator, backend):
         if backend == "neuron":
             need = tp // math.gcd(arch.num_kv_heads, tp)
-            err("parallelism.kvReplicator", f"{arch.num_kv_heads} kv heads x kvReplicator "
-                f"{par.kv_replicator} is not divisible by tensor {tp}; use kvReplicator: {need}")
+            err(
+                "parallelism.kvReplicator",
+                f"{arch.num_kv_heads} kv heads x kvReplicator "
+                f"{par.kv_replicator} is not divisible by tensor {tp}; use kvReplicator: {need}",
+            )
         else:
             fit = _nearest(tp, [d for d in _divisors(arch.num_kv_heads) if world % (d * pp) == 0])
-            err("parallelism.tensor", f"{tp} does not divide the {arch.num_kv_heads} kv heads "
-                f"(the torch backend does not replicate kv heads); nearest valid: {fit}")
+            err(
+                "parallelism.tensor",
+                f"{tp} does not divide the {arch.num_kv_heads} kv heads "
+                f"(the torch backend does not replicate kv heads); nearest valid: {fit}",
+            )
     if backend == "torch" and par.kv_replicator != 1:
         err("parallelism.kvReplicator", "only the neuron backend replicates kv heads; use 1")
     if arch.num_layers % pp:
         fit = _nearest(pp, [d for d in _divisors(arch.num_layers) if (world // tp) % d == 0])
-        err("parallelism.pipeline", f"{pp} does not divide the {arch.num_layers} layers; "
-            f"nearest valid: {fit}")
+        err(
+            "parallelism.pipeline",
+            f"{pp} does not divide the {arch.num_layers} layers; nearest valid: {fit}",
+        )
     elif arch.num_layers % (pp * vpp):
         fit = _nearest(vpp, _divisors(arch.num_layers // pp))
-        err("parallelism.virtualPipeline", f"pipeline {pp} x virtualPipeline {vpp} does not "
-            f"divide the {arch.num_layers} layers; nearest valid: {fit}")
+        err(
+            "parallelism.virtualPipeline",
+            f"pipeline {pp} x virtualPipeline {vpp} does not "
+            f"divide the {arch.num_layers} layers; nearest valid: {fit}",
+        )
     if vpp > 1 and pp == 1:
         err("parallelism.virtualPipeline", "needs pipeline > 1; use 1")
     if vpp > 1 and par.pipeline_schedule != "Interleaved1F1B" and backend == "torch":
@@ -274,11 +304,17 @@ def validate_layout(spec: LlamaTrainingJobSpec) -> list[SpecError]:
     if gbs % unit:
         lower, upper = (gbs // unit) * unit, (gbs // unit + 1) * unit
         fit = lower if lower and gbs - lower <= upper - gbs else upper
-        err("batch.globalBatchSize", f"{gbs} is not divisible by microBatchSize {mbs} x data "
-            f"parallel {dp} = {unit}; nearest valid: {fit}")
+        err(
+            "batch.globalBatchSize",
+            f"{gbs} is not divisible by microBatchSize {mbs} x data "
+            f"parallel {dp} = {unit}; nearest valid: {fit}",
+        )
     elif pp > 1 and gbs // unit < pp:
-        err("batch.globalBatchSize", f"pipeline {pp} needs at least {pp} micro-batches per step "
-            f"but {gbs} / ({mbs} x {dp}) = {gbs // unit}; use at least {pp * unit}")
+        err(
+            "batch.globalBatchSize",
+            f"pipeline {pp} needs at least {pp} micro-batches per step "
+            f"but {gbs} / ({mbs} x {dp}) = {gbs // unit}; use at least {pp * unit}",
+        )
     return errors
 
 

@@ -54,7 +54,9 @@ def render_text(name: str, plan: Plan) -> str:
             f"reserve {m['reserve']:.2f}",
         ]
         if not p.fits:
-            lines.append(f"  fix        {p.suggestion or 'no single layout change fits; add nodes'}")
+            lines.append(
+                f"  fix        {p.suggestion or 'no single layout change fits; add nodes'}"
+            )
         rate = (
             f"assumed MFU {p.assumed_mfu:.0%}"
             if p.assumed_mfu is not None
@@ -69,16 +71,14 @@ def render_text(name: str, plan: Plan) -> str:
             f"{_duration(p.total_seconds)}, ${p.total_cost_usd:,.0f} at "
             f"${p.price_per_hour:.2f}/node-hour",
         ]
-    for problem in p.problems():
-        lines.append(f"  error      {problem}")
     return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="llamajob plan",
-        description="Validate a LlamaTrainingJob's layout, check that it fits in device memory, and "
-        "estimate step time, total time and cost. Exit 0 when valid and fits, 2 otherwise.",
+        description="Validate a LlamaTrainingJob's layout, check that it fits in device memory, "
+        "and estimate step time, total time and cost. Exit 0 when valid and fits, 2 otherwise.",
     )
     ap.add_argument("file", help="job YAML")
     ap.add_argument("-o", "--output", choices=["text", "json"], default="text")

@@ -6,6 +6,7 @@ and metric names. Both shells read the trainer through these and nothing else.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -37,10 +38,8 @@ def termination_log_path() -> Path:
 def write_termination_message(**fields: Any) -> None:
     """Best effort: a read-only or missing termination log never hides the real error."""
     path = termination_log_path()
-    try:
+    with contextlib.suppress(OSError):
         path.write_text(json.dumps(fields, sort_keys=True))
-    except OSError:
-        pass
 
 
 def parse_termination_message(text: str | None) -> dict[str, Any]:

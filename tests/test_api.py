@@ -1,0 +1,148 @@
+"""The spec models, the generated CRD and the examples agree with each other."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+from conftest import EXAMPLES, ROOT
+from llamajob.api import LlamaTrainingJob, LlamaTrainingJobSpec
+from llamajob.crd import crd, crd_yaml
+from llamajob.jobfile import JobFileError, parse_job
+
+CRD_FILE = ROOT / "crds" / "llamatrainingjobs.llamajob.dev.yaml"
+
+
+def _schema() -> dict[str, Any]:
+    return crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+
+
+def _strict(node: Any) -> Any:
+    """The API server prunes unknown fields and kubectl's strict field validation reports them;
+    jsonschema needs additionalProperties: false to do the same."""
+    if isinstance(node, dict):
+        out = {k: _strict(v) for k, v in node.items()}
+        if "properties" in out and "additionalProperties" not in out:
+            out["additionalProperties"] = False
+        return out
+    if isinstance(node, list):
+        return [_strict(v) for v in node]
+    return node
+
+
+def _validator() -> jsonschema.Draft4Validator:
+    # OpenAPI v3.0 schemas use draft-4 semantics (boolean exclusiveMinimum).
+    return jsonschema.Draft4Validator(_strict(_schema()))
+
+
+def test_committed_crd_matches_the_models() -> None:
+    assert CRD_FILE.read_text() == crd_yaml(), (
+        "crds/ is stale: regenerate with `llamajob crd > crds/llamatrainingjobs.llamajob.dev.yaml`"
+    )
+
+
+def test_crd_shape() -> None:
+    doc = crd()
+    assert doc["apiVersion"] == "apiextensions.k8s.io/v1"
+    spec = doc["spec"]
+    assert spec["names"]["shortNames"] == ["ltj"]
+    assert spec["scope"] == "Namespaced"
+    version = spec["versions"][0]
+    assert version["subresources"] == {"status": {}}
+    columns = [c["name"] for c in version["additionalPrinterColumns"]]
+    assert columns[:6] == ["Phase", "Step", "Loss", "Tokens/s", "Restarts", "Age"]
+
+
+def _walk(node: Any, path: str = ""):
+    if isinstance(node, dict):
+        yield path, node
+        for key, value in node.items():
+            yield from _walk(value, f"{path}/{key}")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from _walk(value, f"{path}[{i}]")
+
+
+def test_schema_is_structural() -> None:
+    """The rules of a structural schema that a JSON-Schema generator is likely to break."""
+    for path, node in _walk(_schema()):
+        assert "$ref" not in node, path
+        assert "oneOf" not in node and "allOf" not in node, path
+        assert not ("properties" in node and "additionalProperties" in node), path
+        if node.get("x-kubernetes-int-or-string"):
+            assert "type" not in node, path
+            for branch in node["anyOf"]:
+                assert set(branch) <= {"type", "minimum", "enum"}, path
+        elif "anyOf" in node:
+            pytest.fail(f"anyOf outside int-or-string at {path}")
+        is_schema = any(k in node for k in ("type", "properties", "items"))
+        if is_schema and not node.get("x-kubernetes-int-or-string"):
+            assert "type" in node, f"{path} has no type"
+
+
+def test_schema_carries_bounds_and_enums() -> None:
+    spec = _schema()["properties"]["spec"]["properties"]
+    assert spec["parallelism"]["properties"]["tensor"]["minimum"] == 1
+    assert "llama3-70b" in spec["model"]["properties"]["preset"]["enum"]
+    assert "ml.trn1.32xlarge" in spec["cluster"]["properties"]["instanceType"]["enum"]
+    assert spec["optimizer"]["properties"]["lr"]["exclusiveMinimum"] is True
+    status = _schema()["properties"]["status"]["properties"]
+    assert "Restarting" in status["phase"]["enum"]
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_examples_validate_against_crd_schema(path: Path) -> None:
+    obj = yaml.safe_load(path.read_text())
+    _validator().validate(obj)
+    parse_job(obj)  # and against the models
+
+
+@pytest.mark.parametrize(
+    ("mutate", "fragment"),
+    [
+        (lambda s: s["parallelism"].__setitem__("tensr", 8), "tensr"),
+        (lambda s: s["parallelism"].__setitem__("tensor", 0), "minimum"),
+        (lambda s: s["model"].__setitem__("preset", "llama4"), "llama4"),
+        (lambda s: s["checkpoint"].__setitem__("resume", "latest"), "latest"),
+        (lambda s: s["cluster"].__setitem__("instanceType", "p5.48xlarge"), "p5.48xlarge"),
+    ],
+)
+def test_crd_schema_rejects_what_the_models_reject(mutate, fragment: str) -> None:
+    obj = yaml.safe_load((ROOT / "examples" / "llama3-70b.yaml").read_text())
+    bad = copy.deepcopy(obj)
+    mutate(bad["spec"])
+    with pytest.raises(jsonschema.ValidationError) as schema_err:
+        _validator().validate(bad)
+    assert fragment in str(schema_err.value.message) or fragment in str(schema_err.value)
+    with pytest.raises(JobFileError):
+        parse_job(bad)
+
+
+def test_resume_accepts_a_step_number() -> None:
+    obj = yaml.safe_load((ROOT / "examples" / "tiny.yaml").read_text())
+    obj["spec"]["checkpoint"]["resume"] = 150
+    _validator().validate(obj)
+    assert parse_job(obj).spec.checkpoint.resume == 150
+
+
+def test_defaults_follow_the_seeds() -> None:
+    spec = LlamaTrainingJobSpec()
+    assert spec.precision == "bf16-mixed"
+    assert spec.parallelism.zero1 is True
+    assert spec.parallelism.sequence_parallel is True
+    assert spec.checkpoint.resume == "latestIfExists"
+
+
+def test_wire_round_trip_is_camel_case() -> None:
+    job = parse_job(yaml.safe_load((ROOT / "examples" / "llama3-70b.yaml").read_text()))
+    wire = job.spec.to_wire()
+    assert wire["parallelism"]["kvReplicator"] == 4
+    assert wire["restartPolicy"]["hangTimeoutSeconds"] == 3600
+    again = LlamaTrainingJob.model_validate(
+        {"apiVersion": "llamajob.dev/v1alpha1", "kind": "LlamaTrainingJob", "spec": wire}
+    )
+    assert again.spec == job.spec
