@@ -17,8 +17,11 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# A fresh demo each time: the previous run's checkpoints would otherwise be resumed (and the
+# injected fault, which fires once per job, would not fire again).
 run: $(STAMP)
-	$(BIN)/llamajob run examples/tiny.yaml --chaos-kill-at-step 30
+	rm -rf runs/tiny
+	$(BIN)/llamajob run examples/tiny.yaml --chaos-kill-at-step 60
 
 test: $(STAMP)
 	$(BIN)/ruff check operator trainer tests benchmarks

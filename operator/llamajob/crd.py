@@ -82,7 +82,10 @@ def _structural(node: dict[str, Any]) -> dict[str, Any]:
                 node = {"x-kubernetes-int-or-string": True, "anyOf": branches, **node}
             else:
                 raise ValueError(f"cannot express union in a structural schema: {options}")
-    if "exclusiveMinimum" in node:  # JSON Schema 2020 number -> OpenAPI 3.0 boolean form
+    # The isinstance guard: an Optional field is converted twice (its anyOf branch, then the
+    # merged node), and the second pass must not turn `minimum` into `true`.
+    if "exclusiveMinimum" in node and not isinstance(node["exclusiveMinimum"], bool):
+        # JSON Schema 2020 number -> OpenAPI 3.0 boolean form
         node["minimum"] = node.pop("exclusiveMinimum")
         node["exclusiveMinimum"] = True
     if "const" in node:

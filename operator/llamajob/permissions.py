@@ -1,17 +1,21 @@
 """Every Kubernetes API permission the operator uses: the single source of truth for its RBAC.
 
-The Helm chart writes these rules out in ``charts/llamajob/templates/_rbac.tpl`` and a test
-renders the chart and asserts that the Roles and ClusterRoles equal :func:`grants` exactly, in
-both watch scopes and with peering on and off. Anything the operator starts calling must be
-added here first; anything it stops calling must be removed, so the grant stays least-privilege.
+The Helm chart writes these rules out in ``charts/llamajob/templates/_rbac.tpl``; a test renders
+the chart and asserts that its Roles and ClusterRoles equal :func:`grants` exactly, in both watch
+scopes, with peering on and off. A call the operator starts making must be added here first, and
+one it stops making removed, so that the grant stays least-privilege.
 
-Where kopf's own needs come from (kopf 1.45): it lists and watches the handled resource, patches
-it (finalizers, progress annotations) and its ``status`` subresource, creates core/v1 Events,
-lists and watches CustomResourceDefinitions to notice CRDs added after start-up, and, when
-confined to namespaces, lists and watches Namespace objects to match its namespace patterns.
-Peering reads the peering object with list/watch and writes with patch; kopf 1.45 never GETs a
-single object, so ``get`` is not granted there. Without the optional discovery grants kopf
-still works but logs warnings and stops noticing CRD changes until it restarts.
+What the operator calls (handlers.py, kube.py): kopf watches (list + watch) jobs, their pods,
+Services and ConfigMaps, and nodes, through event handlers and indices only, so kopf never
+patches a job and adds no finalizer; the operator itself patches a job's ``status``
+subresource, creates pods, Services, ConfigMaps and Events, and deletes pods (Services and
+ConfigMaps go with their job, through ownerReferences and the garbage collector).
+
+What kopf 1.45 calls on its own: it lists and watches CustomResourceDefinitions to notice CRDs
+installed after it started and, when confined to namespaces, lists and watches Namespaces to
+resolve its ``--namespace`` arguments (without these it logs warnings and falls back to a
+one-time scan). Peering reads the peering object with list + watch and writes it with patch;
+kopf 1.45 never GETs a single object, so ``get`` is not granted anywhere it is not needed.
 """
 
 from __future__ import annotations
@@ -39,15 +43,15 @@ class Permission:
 # Objects that live in the job's namespace. Namespace scope grants them with a Role in every
 # watched namespace; cluster scope grants them with the ClusterRole.
 NAMESPACED: tuple[Permission, ...] = (
-    Permission(GROUP, PLURAL, ("list", "watch", "patch"),
-               "watch jobs; kopf patches finalizers and its progress annotations"),
+    Permission(GROUP, PLURAL, ("list", "watch"),
+               "watch jobs (kopf event handlers: no patches, no finalizer)"),
     Permission(GROUP, f"{PLURAL}/status", ("patch",),
                "write phase, step, loss, restarts and conditions into the status subresource"),
     Permission(CORE, "pods", ("create", "delete", "list", "watch"),
                "one worker pod per node; the whole gang is deleted and recreated on a fault"),
-    Permission(CORE, "services", ("create", "delete", "list", "watch"),
+    Permission(CORE, "services", ("create", "list", "watch"),
                "headless Service for the torchrun rendezvous at pod 0"),
-    Permission(CORE, "configmaps", ("create", "delete", "list", "watch"),
+    Permission(CORE, "configmaps", ("create", "list", "watch"),
                "the trainer config mounted into every pod"),
     Permission(CORE, "events", ("create",),
                "Events such as Compiling, NodeFault, Restarted, CheckpointSaved"),
@@ -55,7 +59,7 @@ NAMESPACED: tuple[Permission, ...] = (
 
 # Cluster-scoped objects: always a ClusterRole, whatever the watch scope.
 CLUSTER: tuple[Permission, ...] = (
-    Permission(CORE, "nodes", ("get", "list", "watch"),
+    Permission(CORE, "nodes", ("list", "watch"),
                "HyperPod node-health labels: avoid faulty nodes, detect node loss"),
     Permission("apiextensions.k8s.io", "customresourcedefinitions", ("list", "watch"),
                "kopf notices the LlamaTrainingJob CRD being installed or upgraded at runtime"),

@@ -23,13 +23,15 @@ The decisions (what is complete, what to resume, what to prune) are pure functio
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import re
 import shutil
 import time
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -247,6 +249,15 @@ def _is_dist() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+@contextlib.contextmanager
+def _single_process_ok() -> Iterator[None]:
+    """Without a process group DCP runs in one process on purpose (tests, export-hf); its
+    warning about that says nothing useful there."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 def _barrier() -> None:
     if _is_dist():
         dist.barrier()
@@ -258,7 +269,6 @@ class _PendingSave:
     tmp: Path
     extra: dict[str, Any]
     future: Any
-    started: float
 
 
 class CheckpointManager:
@@ -301,11 +311,13 @@ class CheckpointManager:
         _barrier()
 
     def resolve(self, mode: ResumeMode) -> int | None:
-        entries, _ = scan(self.root)
-        step = resolve_resume(mode, entries, self.root)
-        if step is not None and isinstance(mode, int):
-            self._set_aside_later(entries, step)
-        return step
+        """The step to resume from (None: fresh start); read-only, so it may run before the
+        process group exists."""
+        return resolve_resume(mode, scan(self.root)[0], self.root)
+
+    def set_aside_later(self, step: int) -> None:
+        """After an explicit resume from `step`, move later checkpoints out of the way."""
+        self._set_aside_later(scan(self.root)[0], step)
 
     def _set_aside_later(self, entries: Sequence[CheckpointEntry], step: int) -> None:
         # Resuming from an explicit older step starts a new timeline; later checkpoints of the
@@ -356,12 +368,17 @@ class CheckpointManager:
         state, _ = collect_state(model_parts, optimizers)
         extra = {**extra, "step": step}
         if self.async_save:
-            future = dcp.async_save(
-                state, checkpoint_id=str(tmp / STATE_DIR), process_group=self._async_group
-            )
-            self._pending = _PendingSave(step, tmp, extra, future, started)
+            with _single_process_ok():
+                future = dcp.async_save(
+                    state,
+                    checkpoint_id=str(tmp / STATE_DIR),
+                    process_group=self._async_group,
+                    no_dist=not _is_dist(),
+                )
+            self._pending = _PendingSave(step, tmp, extra, future)
             return time.perf_counter() - started
-        dcp.save(state, checkpoint_id=str(tmp / STATE_DIR))
+        with _single_process_ok():
+            dcp.save(state, checkpoint_id=str(tmp / STATE_DIR), no_dist=not _is_dist())
         _barrier()  # every rank's shards and RNG file are on disk
         if self.rank == 0:
             self._finalize(step, tmp, extra)
@@ -440,6 +457,13 @@ class CheckpointManager:
             )
         return state
 
+    def verify(self, step: int) -> dict[str, Any]:
+        """Check that step_N exists, is complete, fits this job and has all its bytes."""
+        resolve_resume(step, scan(self.root)[0], self.root)
+        trainer_state = self.read_trainer_state(step)
+        self._check_manifest(self.root / step_dir_name(step))
+        return trainer_state
+
     def load(
         self,
         step: int,
@@ -448,12 +472,13 @@ class CheckpointManager:
     ) -> dict[str, Any]:
         """Load step_N into the model parts and optimizers; returns its trainer state."""
         path = self.root / step_dir_name(step)
-        trainer_state = self.read_trainer_state(step)
-        self._check_manifest(path)
+        trainer_state = self.verify(step)
         state, keys = collect_state(model_parts, optimizers)
         try:
-            dcp.load(state, checkpoint_id=str(path / STATE_DIR))
-        except Exception as exc:  # DCP wraps per-rank failures in CheckpointException
+            with _single_process_ok():
+                dcp.load(state, checkpoint_id=str(path / STATE_DIR), no_dist=not _is_dist())
+        except (Exception, dcp.CheckpointException) as exc:
+            # DCP wraps per-rank failures in CheckpointException, a BaseException.
             raise CheckpointCorruptError(
                 f"checkpoint {path}: cannot load the model/optimizer shards ({_first_line(exc)}). "
                 "It was left in place: move it away or set checkpoint.resume to another step"
@@ -487,5 +512,9 @@ class CheckpointManager:
 
 
 def _first_line(exc: BaseException) -> str:
+    failures = getattr(exc, "failures", None)  # CheckpointException: rank -> wrapped error
+    if isinstance(failures, dict) and failures:
+        first = next(iter(failures.values()))
+        exc = getattr(first, "exception", first)
     text = str(exc).strip().splitlines()
     return text[0][:300] if text else type(exc).__name__

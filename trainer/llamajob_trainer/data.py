@@ -69,7 +69,8 @@ def resolve_sources(inputs: Iterable[str]) -> list[Source]:
             if path.suffix not in DATA_SUFFIXES:
                 raise DataError(
                     f"input {item}: unsupported file type {path.suffix or '(none)'}; use text "
-                    "(.txt/.md/.rst), .jsonl with a \"text\" field or .parquet with a \"text\" column"
+                    '(.txt/.md/.rst), .jsonl with a "text" field or .parquet with a "text" '
+                    "column"
                 )
             sources.append(Source(str(path), path.stat().st_size))
         else:
@@ -288,7 +289,9 @@ class PackedDataset:
         try:
             actual = bin_path.stat().st_size
         except OSError as exc:
-            raise DataError(f"data.path: {bin_path} is missing; rerun llamajob prepare-data") from exc
+            raise DataError(
+                f"data.path: {bin_path} is missing; rerun llamajob prepare-data"
+            ) from exc
         if actual != expected:
             raise DataError(
                 f"data.path: {bin_path} has {actual} bytes but its metadata promises {expected}; "

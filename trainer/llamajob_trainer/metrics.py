@@ -19,7 +19,6 @@ from __future__ import annotations
 import functools
 import json
 import time
-from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -202,7 +201,7 @@ def measure_cpu_peak_flops(size: int = 512, repeats: int = 5) -> float:
     return 2.0 * size**3 / max(best, 1e-9)
 
 
-def scrape_values(text: str, names: Mapping[str, str] | None = None) -> dict[str, float]:
+def scrape_values(text: str) -> dict[str, float]:
     """Sample name -> value from a Prometheus text exposition (ignores labels; last wins)."""
     values: dict[str, float] = {}
     for line in text.splitlines():

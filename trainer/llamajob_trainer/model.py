@@ -76,13 +76,19 @@ class Attention(nn.Module):
         # in backward instead of keeping it. Set by the parallel backend.
         self.recompute_core = False
 
+    def project_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The q, k, v projections; a backend with a fused projection overrides this."""
+        return self.wq(x), self.wk(x), self.wv(x)
+
     def forward(self, x: Tensor, rope_cos: Tensor, rope_sin: Tensor) -> Tensor:
-        b, s, _ = x.shape
-        d = self.head_dim
-        # -1 heads: under tensor parallel each rank holds only its share of the heads.
-        q = self.wq(x).view(b, s, -1, d).transpose(1, 2)
-        k = self.wk(x).view(b, s, -1, d).transpose(1, 2)
-        v = self.wv(x).view(b, s, -1, d).transpose(1, 2)
+        q, k, v = self.project_qkv(x)
+        # Shapes from the projections, not from x: under sequence parallel x holds a slice of
+        # the sequence and the projection gathers it. -1 heads: each tensor-parallel rank
+        # holds only its share of the heads.
+        b, s, d = q.shape[0], q.shape[1], self.head_dim
+        q = q.view(b, s, -1, d).transpose(1, 2)
+        k = k.view(b, s, -1, d).transpose(1, 2)
+        v = v.view(b, s, -1, d).transpose(1, 2)
         cos, sin = rope_cos[:s], rope_sin[:s]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.recompute_core and torch.is_grad_enabled():
@@ -142,7 +148,9 @@ class Llama(nn.Module):
         self.arch = arch
         self.max_seq_len = max_seq_len or arch.max_position_embeddings
         self.tok_embeddings: nn.Embedding | None = nn.Embedding(arch.vocab_size, arch.hidden_size)
-        self.layers = nn.ModuleDict({str(i): TransformerBlock(arch) for i in range(arch.num_layers)})
+        self.layers = nn.ModuleDict(
+            {str(i): TransformerBlock(arch) for i in range(arch.num_layers)}
+        )
         self.norm: RMSNorm | None = RMSNorm(arch.hidden_size, arch.norm_eps)
         self.output: nn.Linear | None = nn.Linear(arch.hidden_size, arch.vocab_size, bias=False)
         if arch.tie_embeddings:
@@ -179,23 +187,30 @@ class Llama(nn.Module):
         ``to_empty()`` and this call.
         """
         self.tie_weights()
-        depth_scale = 1.0 / math.sqrt(2 * self.arch.num_layers)
         done: set[int] = set()
         for fqn, p in self.named_parameters(remove_duplicate=False):
-            if id(p) in done:
-                continue
-            done.add(id(p))
-            if fqn.endswith("norm.weight"):
-                p.fill_(1.0)
-                continue
-            # A tied output weight on its own (last pipeline stage) must equal the embedding.
-            key = "tok_embeddings.weight" if fqn == "output.weight" and self.arch.tie_embeddings else fqn
-            std = INIT_STD * (depth_scale if fqn.endswith(("wo.weight", "w2.weight")) else 1.0)
-            gen = torch.Generator(device="cpu").manual_seed(_param_seed(seed, key))
-            p.copy_(torch.empty(p.shape, dtype=torch.float32).normal_(0.0, std, generator=gen))
+            if id(p) not in done:
+                done.add(id(p))
+                p.copy_(init_tensor(self.arch, seed, fqn, tuple(p.shape)))
         cos, sin = rope_tables(self.arch.head_dim, self.max_seq_len, self.arch.rope_theta)
         self.rope_cos = cos.to(self.rope_cos.device)
         self.rope_sin = sin.to(self.rope_sin.device)
+
+
+def init_tensor(arch: Architecture, seed: int, fqn: str, shape: tuple[int, ...]) -> Tensor:
+    """The initial value of one parameter (float32, CPU), a pure function of (seed, FQN).
+
+    Backends that build their own sharded layers take their slice of this tensor.
+    """
+    if fqn.endswith("norm.weight"):
+        return torch.ones(shape)
+    # A tied output weight on its own (last pipeline stage) must equal the embedding.
+    key = "tok_embeddings.weight" if fqn == "output.weight" and arch.tie_embeddings else fqn
+    std = INIT_STD
+    if fqn.endswith(("wo.weight", "w2.weight")):
+        std /= math.sqrt(2 * arch.num_layers)
+    gen = torch.Generator(device="cpu").manual_seed(_param_seed(seed, key))
+    return torch.empty(shape, dtype=torch.float32).normal_(0.0, std, generator=gen)
 
 
 def _param_seed(seed: int, fqn: str) -> int:

@@ -68,7 +68,7 @@ class HFTokenizer:
         try:
             raw = path.read_bytes()
             self._tok = _Tok.from_str(raw.decode("utf-8"))
-        except (OSError, UnicodeDecodeError, Exception) as exc:  # tokenizers raises bare Exception
+        except Exception as exc:  # tokenizers raises bare Exception for a malformed file
             raise ConfigError(
                 f"model.tokenizer: cannot read tokenizer {path}: {exc}. Point it at a Hugging "
                 "Face tokenizer.json (or leave it unset for the built-in byte-level tokenizer)."
@@ -120,7 +120,7 @@ class HFTokenizer:
 
 
 def load_tokenizer(spec: str | None) -> Tokenizer:
-    """None or "byte": the built-in tokenizer; else a tokenizer.json file or a directory holding one."""
+    """None or "byte": the built-in tokenizer; else a tokenizer.json (or a directory with one)."""
     if spec is None or spec == BYTE_TOKENIZER:
         return ByteTokenizer()
     path = Path(spec)

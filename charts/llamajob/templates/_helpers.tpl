@@ -89,3 +89,11 @@ app.kubernetes.io/part-of: llamajob
 {{- fail "operator.replicas > 1 needs operator.peering.enabled=true, otherwise every replica would act on every job" -}}
 {{- end -}}
 {{- end -}}
+
+{{- define "llamajob.dashboardLabels" -}}
+{{- $pairs := list -}}
+{{- range $k, $v := .Values.monitoring.dashboard.labels -}}
+{{- $pairs = append $pairs (printf "%s=%q" $k $v) -}}
+{{- end -}}
+{{- join ", " $pairs -}}
+{{- end -}}

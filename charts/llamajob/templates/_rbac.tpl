@@ -7,32 +7,39 @@ each rule exists; tests/test_chart.py renders the chart and fails if these diffe
 {{- define "llamajob.rules.namespaced" -}}
 - apiGroups: ["llamajob.dev"]
   resources: ["llamatrainingjobs"]
-  verbs: ["list", "watch", "patch"]
+  verbs: ["list", "watch"]
 - apiGroups: ["llamajob.dev"]
   resources: ["llamatrainingjobs/status"]
   verbs: ["patch"]
 - apiGroups: [""]
-  resources: ["pods", "services", "configmaps"]
+  resources: ["pods"]
   verbs: ["create", "delete", "list", "watch"]
+- apiGroups: [""]
+  resources: ["services", "configmaps"]
+  verbs: ["create", "list", "watch"]
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
 {{- end -}}
 
-{{/* permissions.CLUSTER: cluster-scoped objects, in every watch scope. */}}
-{{- define "llamajob.rules.clusterScoped" -}}
+{{/* Namespace scope's ClusterRole: permissions.CLUSTER + permissions.NAMESPACE_DISCOVERY
+(only a namespace-confined kopf lists namespaces). */}}
+{{- define "llamajob.rules.clusterForNamespaceScope" -}}
 - apiGroups: [""]
-  resources: ["nodes"]
-  verbs: ["get", "list", "watch"]
+  resources: ["nodes", "namespaces"]
+  verbs: ["list", "watch"]
 - apiGroups: ["apiextensions.k8s.io"]
   resources: ["customresourcedefinitions"]
   verbs: ["list", "watch"]
 {{- end -}}
 
-{{/* permissions.NAMESPACE_DISCOVERY: only a namespace-confined kopf lists namespaces. */}}
-{{- define "llamajob.rules.namespaceDiscovery" -}}
+{{/* Cluster scope's ClusterRole adds permissions.CLUSTER after the namespaced rules. */}}
+{{- define "llamajob.rules.clusterForClusterScope" -}}
 - apiGroups: [""]
-  resources: ["namespaces"]
+  resources: ["nodes"]
+  verbs: ["list", "watch"]
+- apiGroups: ["apiextensions.k8s.io"]
+  resources: ["customresourcedefinitions"]
   verbs: ["list", "watch"]
 {{- end -}}
 

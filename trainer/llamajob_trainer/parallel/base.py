@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from .layout import Layout
@@ -38,6 +41,22 @@ class ParallelModel(ABC):
     def clip_grad_norm(self, max_norm: float) -> float:
         """Global gradient norm across all ranks; scales gradients to ``max_norm`` if it is
         exceeded. ``max_norm <= 0`` only computes the norm."""
+
+    def make_optimizer(
+        self, optimizer_cls: type[torch.optim.Optimizer], params: Iterable[Any], **defaults: Any
+    ) -> torch.optim.Optimizer:
+        """Build the optimizer over ``params`` (parameters or param groups of
+        ``self.parameters()``). The torch backend builds it as is; the neuron backend wraps it
+        in NxD's optimizer (ZeRO-1 sharding, gradient reduction and clipping inside ``step``)."""
+        return optimizer_cls(params, **defaults)
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer, max_norm: float) -> float:
+        """Clip to ``max_norm`` (<= 0: no clipping), step, and return the pre-clip global
+        gradient norm. Works on every backend; ``clip_grad_norm`` + ``optimizer.step()`` is
+        the same thing on the torch backend."""
+        norm = self.clip_grad_norm(max_norm)
+        optimizer.step()
+        return norm
 
     def parameters(self) -> list[nn.Parameter]:
         seen: set[int] = set()

@@ -59,7 +59,8 @@ def make_layout(cfg: TrainerConfig, arch: Architecture, world_size: int) -> Layo
             f"parallelism.pipeline = {tp} x {pp}"
         )
     dp = world_size // (tp * pp)
-    _check_tensor_parallel(arch, tp)
+    neuron = cfg.resolved_backend == "neuron"
+    _check_tensor_parallel(arch, tp, p.kv_replicator if neuron else 1, neuron)
     sp = p.sequence_parallel and tp > 1
     if sp and cfg.data.seq_length % tp:
         raise LayoutError(
@@ -95,24 +96,31 @@ def make_layout(cfg: TrainerConfig, arch: Architecture, world_size: int) -> Layo
     )
 
 
-def _check_tensor_parallel(arch: Architecture, tp: int) -> None:
+def _check_tensor_parallel(arch: Architecture, tp: int, kv_rep: int, neuron: bool) -> None:
     sizes = {
         "model.numHeads": arch.num_heads,
-        "model.numKvHeads": arch.num_kv_heads,
         "model.intermediateSize": arch.intermediate_size,
         "model.vocabSize": arch.vocab_size,
     }
     for name, value in sizes.items():
         if value % tp:
-            hint = (
-                " (the torch backend does not replicate kv heads; use the neuron backend's "
-                "kvReplicator or a smaller tensor degree)"
-                if name == "model.numKvHeads"
-                else ""
-            )
+            raise LayoutError(f"parallelism.tensor ({tp}) must divide {name} ({value})")
+    if (arch.num_kv_heads * kv_rep) % tp:
+        if neuron:
             raise LayoutError(
-                f"parallelism.tensor ({tp}) must divide {name} ({value}){hint}"
+                f"parallelism.tensor ({tp}) must divide model.numKvHeads x "
+                f"parallelism.kvReplicator = {arch.num_kv_heads} x {kv_rep}; raise kvReplicator "
+                f"to {max(1, tp // max(1, arch.num_kv_heads))}"
             )
+        raise LayoutError(
+            f"parallelism.tensor ({tp}) must divide model.numKvHeads ({arch.num_kv_heads}): "
+            "the torch backend does not replicate kv heads (the neuron backend's kvReplicator "
+            "does); lower the tensor degree"
+        )
+    if neuron and tp % kv_rep:
+        raise LayoutError(
+            f"parallelism.kvReplicator ({kv_rep}) must divide parallelism.tensor ({tp})"
+        )
 
 
 def _check_pipeline(layers: int, pp: int, vpp: int, schedule: str, n_micro: int) -> None:

@@ -181,7 +181,7 @@ class TorchParallelModel(ParallelModel):
                 part,
                 process_group=self._dp_group,
                 device_ids=[env.device.index] if env.device.type == "cuda" else None,
-                broadcast_buffers=False,
+                forward_sync_buffers=False,  # only the RoPE tables, identical everywhere
                 gradient_as_bucket_view=True,
             )
             if use_ddp
@@ -191,11 +191,11 @@ class TorchParallelModel(ParallelModel):
         self._tied_group, self._tied_params = self._tied_embedding_sync(arch, mesh)
         self._norm_weights: dict[int, float] = {}
         self._loss_scale: Tensor | None = None
-        self._pp_losses: list[Tensor] = []
         self._schedules: dict[int, object] = {}
+        pp_group = mesh["pp"].get_group()
         self._stages = (
             [
-                PipelineStage(runner, sid, layout.num_stages, env.device, group=mesh["pp"].get_group())
+                PipelineStage(runner, sid, layout.num_stages, env.device, group=pp_group)
                 for runner, sid in zip(self._runners, stage_ids, strict=True)
             ]
             if layout.pp > 1
@@ -215,10 +215,8 @@ class TorchParallelModel(ParallelModel):
         tokens = tokens.clamp_min(1).to(torch.float32)
         # Gradients of sum(CE) / global tokens; DDP/FSDP divide by dp, so pre-multiply.
         self._loss_scale = self._averaging_dp / tokens
-        if self.pp_size > 1:
-            local_sum = self._run_pipeline(batches)
-        else:
-            local_sum = self._run_plain(batches)
+        run = self._run_pipeline if self.pp_size > 1 else self._run_plain
+        local_sum = run(batches)
         self._finish_gradients()
         total = local_sum if self._reports_loss else torch.zeros_like(local_sum)
         if self.env.world_size > 1:
@@ -240,25 +238,27 @@ class TorchParallelModel(ParallelModel):
         schedule = self._schedule(len(batches))
         inputs = torch.cat([x for x, _ in batches])
         targets = torch.cat([y for _, y in batches])
-        self._pp_losses = []
         has_first = 0 in self.stage_ids
         has_last = self.layout.num_stages - 1 in self.stage_ids
+        losses: list[Tensor] = []
         with self._autocast():
             args = (inputs,) if has_first else ()
             schedule.step(  # type: ignore[attr-defined]
-                *args, target=targets if has_last else None, return_outputs=False
+                *args,
+                target=targets if has_last else None,
+                losses=losses if has_last else None,
+                return_outputs=False,
             )
         acc = torch.zeros((), dtype=torch.float32, device=self.env.device)
-        for raw in self._pp_losses:
-            acc += raw
-        self._pp_losses = []
-        return acc
+        for scaled in losses:
+            acc += scaled.detach().float()
+        assert self._loss_scale is not None
+        return acc / self._loss_scale
 
     def _pipeline_loss(self, output: Tensor, target: Tensor) -> Tensor:
-        raw = loss_sum(output, target)
-        self._pp_losses.append(raw.detach())
+        # The schedule may call this for shape inference too, so it must not count anything.
         assert self._loss_scale is not None
-        return raw * self._loss_scale
+        return loss_sum(output, target) * self._loss_scale
 
     def _schedule(self, n_micro: int) -> object:
         if n_micro not in self._schedules:
@@ -292,6 +292,17 @@ class TorchParallelModel(ParallelModel):
 
     @torch.no_grad()
     def _finish_gradients(self) -> None:
+        if self.tp_size > 1 and not self.layout.fsdp:
+            # Tensor parallel leaves some gradients in another layout than their parameter:
+            # Partial sums for replicated norm weights under sequence parallel, a replicated
+            # gradient for the vocabulary-sharded embedding. Settle them once here rather than
+            # letting every optimizer op redistribute them. (FSDP2 does this itself.)
+            for p in self.parameters():
+                g = p.grad
+                if isinstance(g, DTensor) and isinstance(p, DTensor) and (
+                    g.placements != p.placements
+                ):
+                    p.grad = g.redistribute(p.device_mesh, p.placements)
         if self._manual_dp_allreduce:
             grads = [_local(p.grad) for p in self.parameters() if p.grad is not None]
             flat = torch._utils._flatten_dense_tensors(grads)
@@ -338,9 +349,12 @@ class TorchParallelModel(ParallelModel):
         if key not in self._norm_weights:
             copies = self.dp_size * self.tp_size
             if isinstance(p, DTensor):
+                # Mesh dims outside the parameter's mesh and Replicate dims hold copies; every
+                # other placement (Shard, FSDP's _StridedShard) splits the tensor.
+                copies //= p.device_mesh.size()
                 for size, placement in zip(p.device_mesh.shape, p.placements, strict=True):
-                    if placement.is_shard():
-                        copies //= size
+                    if placement.is_replicate():
+                        copies *= size
             if any(p is t for t in self._tied_params):
                 copies *= 2  # the tied weight lives on the first and the last stage
             self._norm_weights[key] = 1.0 / copies

@@ -1,0 +1,895 @@
+"""The operator's decisions: (job with its last status, what is observed, now) -> actions + status.
+
+Pure: no I/O, no clock (``now`` is an argument), no Kubernetes client. The kopf shell
+(``handlers.py``) and the local runner (``local.py``) both feed this function and carry out what
+it returns, so they cannot diverge in their decisions.
+
+Lifecycle (DESIGN section 4):
+
+    Pending -> Compiling -> Training -> Succeeded
+                   \\           \\
+                    +-> Restarting -> (Compiling | Training) ...   -> Failed
+
+Choices worth knowing:
+- **One attempt counter** for both roles: ``attempt = restarts + 1``. Compile and training pods
+  of the same attempt differ by role (``{job}-compile-a1-0``, ``{job}-train-a1-0``). A fault in
+  either role starts attempt+1 in the role that was not finished: compile again if it never
+  completed (condition Compiled is not True), training otherwise.
+- **Level-triggered creation.** Until every pod of the current gang has been seen running at
+  once (condition Running=True), each reconcile asks for the pods it does not observe; the shell
+  treats AlreadyExists as success. So a pod that vanished before the gang formed is simply
+  recreated (the others are still waiting at the rendezvous), and an operator that crashed
+  between creating pod 3 and pod 4 finishes the job on its next pass. After the gang formed, a
+  missing pod is a fault (PodDeleted): the other ranks cannot continue without it.
+- **Faults** end the attempt: a failed pod, an eviction or other node-caused removal, a pod on a
+  node that is unhealthy or gone, a pod deleted by someone else, or no step progress for
+  hangTimeoutSeconds. The whole gang is deleted, the phase is Restarting until the backoff
+  (backoffSeconds * 2^restarts, at most 600 s) has passed and the old pods have stopped, then
+  the next attempt starts. Exit codes in ``protocol.PERMANENT_EXIT_CODES`` or a termination
+  message with ``permanent: true`` fail the job instead.
+- **Faulty nodes** (with avoidFaultyNodes) are only those with a node-level cause: unhealthy or
+  gone node, node lost, eviction, kubelet termination. A crashing process or a hang says nothing
+  reliable about its node (the first rank to die is often the victim, not the cause).
+- **Events** are derived from the old and the new status, never from what the pods look like,
+  so a replayed watch or a second identical call emits nothing.
+
+Idempotency: once the shell has carried out a decision (see :func:`apply_actions`), reconciling
+again with the returned status yields no create, delete or event. Called again with an
+*unchanged* observation, it repeats only the same idempotent requests (creates of pods it does
+not see yet, deletes of pods not yet marked deleting) and no events.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from llamajob_trainer import protocol
+
+from . import render
+from .api import Condition, Fault, LlamaTrainingJob, LlamaTrainingJobStatus
+from .jobfile import SpecError
+from .plan import Plan, make_plan
+
+# --- vocabulary -------------------------------------------------------------------------------
+PENDING, COMPILING, TRAINING, RESTARTING = "Pending", "Compiling", "Training", "Restarting"
+SUCCEEDED, FAILED = "Succeeded", "Failed"
+TERMINAL = (SUCCEEDED, FAILED)
+
+VALIDATED, COMPILED, RUNNING = "Validated", "Compiled", "Running"
+CONDITION_TYPES = (VALIDATED, COMPILED, RUNNING, SUCCEEDED, FAILED)
+
+# Condition / failure reasons
+INVALID_SPEC = "InvalidSpec"
+TRAINER_ERROR = "TrainerError"
+BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
+COMPILE_SKIPPED, COMPILE_FINISHED, COMPILE_DISABLED = (
+    "CompileSkipped",
+    "CompileFinished",
+    "CompileDisabled",
+)
+
+# Fault reasons (status.faults[].reason)
+NODE_UNHEALTHY = "NodeUnhealthy"
+NODE_GONE = render.NODE_GONE
+NODE_LOST = "NodeLost"
+EVICTED = "Evicted"
+POD_FAILED = "PodFailed"
+OOM_KILLED = "OOMKilled"
+POD_DELETED = "PodDeleted"
+HANG = "Hang"
+
+# Pod-level reasons (pod.status.reason or the DisruptionTarget reason) that mean the node, not
+# the job, ended the pod. Reasons starting with "OutOf" (device plugin lost the devices at
+# admission) count too.
+NODE_POD_REASONS = frozenset(
+    {
+        EVICTED,
+        NODE_LOST,
+        NODE_GONE,
+        "NodeNotReady",
+        "NodeShutdown",
+        "Shutdown",
+        "Terminated",
+        "TerminationByKubelet",
+        "UnexpectedAdmissionError",
+    }
+)
+
+MAX_BACKOFF_SECONDS = 600.0
+MAX_FAULTS = 10  # status.faults keeps the most recent ones
+MESSAGE_LIMIT = 512  # termination messages can be long; status and Events stay readable
+
+_STARTED_PHASES = ("Running", "Succeeded")
+_LIVE_PHASES = ("Pending", "Running", "Unknown")
+
+
+def is_node_fault(reason: str | None) -> bool:
+    if not reason:
+        return False
+    return reason in NODE_POD_REASONS or reason == NODE_UNHEALTHY or reason.startswith("OutOf")
+
+
+# --- observations -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ObservedPod:
+    name: str
+    role: str  # "compile" | "train"
+    attempt: int
+    rank: int
+    phase: str  # Pending | Running | Succeeded | Failed | Unknown
+    node: str | None = None
+    exit_code: int | None = None  # the trainer container's terminated exit code
+    reason: str | None = None  # pod.status.reason / disruption reason / container reason
+    termination_message: Mapping[str, Any] = field(default_factory=dict)
+    deleting: bool = False  # metadata.deletionTimestamp is set
+    ip: str | None = None
+
+
+@dataclass(frozen=True)
+class NodeHealth:
+    """A node the job's pods run on. Unhealthy: HyperPod health label not Schedulable, Ready not
+    True, or gone (reason ``NodeGone``). A node absent from ``Observed.nodes`` is unknown and
+    judged healthy: a brand-new node can run a pod before the shell has seen the node itself."""
+
+    name: str
+    healthy: bool
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Rank 0's training metrics as last read by the shell. ``max_steps`` is informational:
+    status.maxSteps comes from the spec, which the trainer reads too."""
+
+    step: int | None
+    loss: float | None
+    tokens_per_second: float | None
+    mfu: float | None
+    last_checkpoint_step: int | None
+    max_steps: int | None
+    observed_at: datetime
+
+
+@dataclass(frozen=True)
+class Observed:
+    pods: tuple[ObservedPod, ...] = ()
+    nodes: Mapping[str, NodeHealth] = field(default_factory=dict)
+    progress: Progress | None = None  # from the training gang's rank 0
+    service: bool = False  # the headless Service exists
+    configmap: bool = False  # the trainer ConfigMap exists
+
+
+# --- actions ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CreateObject:
+    """Create a Service, ConfigMap or Pod. For pods, role/attempt/rank repeat the labels so the
+    local runner need not parse the manifest."""
+
+    manifest: dict[str, Any]
+    role: str | None = None
+    attempt: int | None = None
+    rank: int | None = None
+
+    @property
+    def kind(self) -> str:
+        return str(self.manifest.get("kind", ""))
+
+    @property
+    def name(self) -> str:
+        return str(self.manifest.get("metadata", {}).get("name", ""))
+
+
+@dataclass(frozen=True)
+class DeletePods:
+    names: tuple[str, ...]
+    reason: str
+
+
+@dataclass(frozen=True)
+class EmitEvent:
+    type: str  # Normal | Warning
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class RequeueAfter:
+    """Reconcile again after this long even if nothing changes (backoff expiry, hang timer)."""
+
+    seconds: float
+
+
+Action = CreateObject | DeletePods | EmitEvent | RequeueAfter
+
+
+@dataclass(frozen=True)
+class Decision:
+    actions: tuple[Action, ...]
+    status: LlamaTrainingJobStatus
+
+    @property
+    def creates(self) -> list[CreateObject]:
+        return [a for a in self.actions if isinstance(a, CreateObject)]
+
+    @property
+    def created_pods(self) -> list[CreateObject]:
+        return [a for a in self.creates if a.kind == "Pod"]
+
+    @property
+    def deleted(self) -> list[str]:
+        return [n for a in self.actions if isinstance(a, DeletePods) for n in a.names]
+
+    @property
+    def events(self) -> list[EmitEvent]:
+        return [a for a in self.actions if isinstance(a, EmitEvent)]
+
+    @property
+    def requeue_after(self) -> float | None:
+        times = [a.seconds for a in self.actions if isinstance(a, RequeueAfter)]
+        return min(times) if times else None
+
+
+# --- time -------------------------------------------------------------------------------------
+def _aware(dt: datetime) -> datetime:
+    return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
+
+
+def timestamp(dt: datetime) -> str:
+    """RFC 3339 in UTC with a Z, as Kubernetes writes times (fraction only when present)."""
+    return _aware(dt).astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def parse_time(text: str | None) -> datetime | None:
+    if not text:
+        return None
+    try:
+        return _aware(datetime.fromisoformat(text.replace("Z", "+00:00")))
+    except ValueError:
+        return None
+
+
+def backoff_seconds(base: float, restarts: int) -> float:
+    """Delay before the next attempt after ``restarts`` restarts so far."""
+    if base <= 0:
+        return 0.0
+    # Cap the exponent first: 2**1000 overflows a float.
+    return min(base * 2 ** min(restarts, 32), MAX_BACKOFF_SECONDS)
+
+
+# --- conditions -------------------------------------------------------------------------------
+def get_condition(status: LlamaTrainingJobStatus, type_: str) -> Condition | None:
+    return next((c for c in status.conditions if c.type == type_), None)
+
+
+def set_condition(
+    status: LlamaTrainingJobStatus,
+    type_: str,
+    value: str,
+    reason: str,
+    message: str,
+    now: datetime,
+    generation: int | None,
+) -> None:
+    """Upsert a condition; lastTransitionTime moves only when the status value flips."""
+    old = get_condition(status, type_)
+    since = (
+        old.last_transition_time
+        if old is not None and old.status == value and old.last_transition_time
+        else timestamp(now)
+    )
+    new = Condition(
+        type=type_,
+        status=value,  # type: ignore[arg-type]
+        reason=reason,
+        message=_clip(message),
+        last_transition_time=since,
+        observed_generation=generation,
+    )
+    status.conditions = [new if c.type == type_ else c for c in status.conditions]
+    if old is None:
+        status.conditions.append(new)
+
+
+def _is_true(status: LlamaTrainingJobStatus, type_: str) -> bool:
+    c = get_condition(status, type_)
+    return c is not None and c.status == "True"
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= MESSAGE_LIMIT else text[: MESSAGE_LIMIT - 3] + "..."
+
+
+# --- faults -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Finding:
+    rank: int
+    pod: str
+    node: str | None
+    reason: str
+    message: str
+    permanent: bool = False
+
+    @property
+    def node_level(self) -> bool:
+        return is_node_fault(self.reason)
+
+
+def _pod_finding(pod: ObservedPod, nodes: Mapping[str, NodeHealth]) -> _Finding | None:
+    """Why this pod ends its attempt, or None while it is healthy (or finished)."""
+    if pod.phase == "Succeeded":
+        return None  # its part is done; whatever happens to its node now changes nothing
+
+    def finding(reason: str, message: str, permanent: bool = False) -> _Finding:
+        return _Finding(pod.rank, pod.name, pod.node, reason, message, permanent)
+
+    health = nodes.get(pod.node) if pod.node else None
+    if health is not None and not health.healthy:
+        reason = NODE_GONE if health.reason == NODE_GONE else NODE_UNHEALTHY
+        detail = "is gone" if reason == NODE_GONE else f"is unhealthy ({health.reason or '?'})"
+        return finding(reason, f"node {pod.node} {detail}")
+    if pod.phase == "Unknown":
+        return finding(NODE_LOST, f"pod state unknown: node {pod.node or '?'} stopped reporting")
+    if is_node_fault(pod.reason):
+        return finding(pod.reason, f"pod removed by its node ({pod.reason})")
+    if pod.phase == "Failed":
+        tm = pod.termination_message
+        permanent = pod.exit_code in protocol.PERMANENT_EXIT_CODES or tm.get("permanent") is True
+        parts = [f"exit code {pod.exit_code}" if pod.exit_code is not None else "failed"]
+        cause = tm.get("reason") or pod.reason
+        if cause:
+            parts.append(str(cause))
+        text = ", ".join(parts)
+        if tm.get("message"):
+            text += f": {tm['message']}"
+        if permanent:
+            return finding(TRAINER_ERROR, text, permanent=True)
+        return finding(OOM_KILLED if pod.reason == OOM_KILLED else POD_FAILED, text)
+    if pod.deleting:
+        return finding(POD_DELETED, "deleted while the gang was running")
+    return None
+
+
+# --- the reconciler ---------------------------------------------------------------------------
+class _Pass:
+    """One reconcile pass: a mutable copy of the status and the actions collected so far."""
+
+    def __init__(
+        self,
+        job: LlamaTrainingJob,
+        observed: Observed,
+        now: datetime,
+        old: LlamaTrainingJobStatus,
+        plan: Plan | None,
+    ) -> None:
+        self.job, self.obs, self.now, self.plan = job, observed, _aware(now), plan
+        self.old = old
+        self.st = old.model_copy(deep=True)
+        self.gen = job.metadata.generation
+        self.policy = job.spec.restart_policy
+        self.creates: list[CreateObject] = []
+        self.requeue: list[float] = []
+
+    # helpers
+    def cond(self, type_: str, value: str, reason: str, message: str) -> None:
+        set_condition(self.st, type_, value, reason, message, self.now, self.gen)
+
+    def role(self) -> str:
+        return render.ROLE_COMPILE if self.st.phase == COMPILING else render.ROLE_TRAIN
+
+    def pod_name(self, role: str, attempt: int, rank: int) -> str:
+        return render.pod_name(self.job.metadata.name, role, attempt, rank)
+
+    def current_gang(self) -> dict[int, ObservedPod]:
+        assert self.plan is not None
+        role, attempt = self.role(), self.st.attempt
+        gang: dict[int, ObservedPod] = {}
+        for p in self.obs.pods:
+            if p.role == role and p.attempt == attempt and 0 <= p.rank < self.plan.pods:
+                gang.setdefault(p.rank, p)
+        return gang
+
+    def in_current_gang(self, pod: ObservedPod) -> bool:
+        assert self.plan is not None
+        return (
+            self.st.phase in (COMPILING, TRAINING)
+            and pod.role == self.role()
+            and pod.attempt == self.st.attempt
+            and 0 <= pod.rank < self.plan.pods
+        )
+
+    # entry points
+    def run(self) -> None:
+        """A valid, non-terminal job."""
+        plan, spec, st = self.plan, self.job.spec, self.st
+        assert plan is not None
+        st.observed_generation = self.gen
+        st.world_size = plan.world_size
+        st.pods = plan.pods
+        st.max_steps = spec.total_steps()
+        # The compile pods may report the key they used; theirs wins and is kept.
+        st.compile_key = st.compile_key or spec.compile_key(plan.backend, spec.cluster.image)
+        self.cond(
+            VALIDATED,
+            "True",
+            "Valid",
+            f"world {plan.world_size} = {plan.pods} pod(s) x {plan.processes_per_node} ranks "
+            f"(tensor {plan.tensor}, pipeline {plan.pipeline}, data {plan.data_parallel}) on "
+            f"{plan.instance.name}, backend {plan.backend}",
+        )
+        if not spec.compile.enabled and get_condition(st, COMPILED) is None:
+            self.cond(COMPILED, "True", COMPILE_DISABLED, "spec.compile.enabled is false")
+        if not self.obs.service:
+            self.creates.append(CreateObject(render.render_service(self.job)))
+        if not self.obs.configmap:
+            self.creates.append(CreateObject(render.render_configmap(self.job, plan)))
+
+        if st.phase in (None, PENDING):
+            st.attempt = max(st.attempt, 1)
+            self.start_gang()
+        elif st.phase == RESTARTING:
+            self.restarting()
+        else:
+            self.gang()
+
+    def start_gang(self) -> None:
+        """Enter Compiling or Training for the current attempt (pods follow in gang())."""
+        st = self.st
+        compiled = _is_true(st, COMPILED)
+        st.phase = TRAINING if compiled else COMPILING
+        if not compiled:
+            self.cond(COMPILED, "False", "Compiling", f"attempt {st.attempt}: compiling")
+        st.restart_after = None
+        self.cond(RUNNING, "False", "PodsStarting", f"attempt {st.attempt}: starting pods")
+        if st.start_time is None:
+            st.start_time = timestamp(self.now)
+        self.gang()
+
+    def gang(self) -> None:
+        """Compiling or Training: watch the current gang, create what is missing."""
+        plan, st = self.plan, self.st
+        assert plan is not None
+        role = self.role()
+        gang = self.current_gang()
+        formed = _is_true(st, RUNNING)
+
+        findings: list[_Finding] = []
+        for rank in range(plan.pods):
+            pod = gang.get(rank)
+            if pod is None:
+                if formed:
+                    name = self.pod_name(role, st.attempt, rank)
+                    findings.append(
+                        _Finding(
+                            rank, name, None, POD_DELETED, "pod disappeared after the gang formed"
+                        )
+                    )
+                continue
+            f = _pod_finding(pod, self.obs.nodes)
+            if f is not None:
+                findings.append(f)
+        permanent = [f for f in findings if f.permanent]
+        if permanent:
+            self.fail_trainer(permanent)
+            return
+        if findings:
+            self.fault(findings)
+            return
+
+        if len(gang) == plan.pods and all(p.phase == "Succeeded" for p in gang.values()):
+            if role == render.ROLE_COMPILE:
+                self.compile_done(gang)
+                self.gang()  # the training gang of the same attempt
+            else:
+                self.apply_progress()
+                self.succeed()
+            return
+
+        # Only reached with every rank present or the gang not yet formed (a missing rank of a
+        # formed gang is a fault above), so this never recreates one rank of a running gang.
+        avoid = st.faulty_nodes if self.policy.avoid_faulty_nodes else []
+        for rank in range(plan.pods):
+            if rank not in gang:
+                manifest = render.render_pod(self.job, plan, role, st.attempt, rank, avoid)
+                self.creates.append(CreateObject(manifest, role, st.attempt, rank))
+        started = sum(1 for p in gang.values() if p.phase in _STARTED_PHASES and not p.deleting)
+        what = "compile" if role == render.ROLE_COMPILE else "training"
+        counts = f"attempt {st.attempt}: {started}/{plan.pods} {what} pod(s) running"
+        if started == plan.pods:
+            self.cond(RUNNING, "True", "AllPodsRunning", counts)
+        else:
+            self.cond(RUNNING, "False", "PodsStarting", counts)
+        if role == render.ROLE_TRAIN:
+            self.apply_progress()
+            if self.hang_check(gang):
+                return
+            step = f", step {st.step}/{st.max_steps}" if st.step is not None else ""
+            st.message = counts + step
+        else:
+            st.message = counts
+
+    def hang_check(self, gang: Mapping[int, ObservedPod]) -> bool:
+        timeout = self.policy.hang_timeout_seconds
+        running = get_condition(self.st, RUNNING)
+        if timeout <= 0 or running is None or running.status != "True":
+            return False
+        since = parse_time(running.last_transition_time) or self.now
+        progressed = parse_time(self.st.last_progress_time)
+        ref = max(since, progressed) if progressed else since
+        deadline = ref + timedelta(seconds=timeout)
+        if self.now < deadline:
+            self.requeue.append((deadline - self.now).total_seconds())
+            return False
+        rank0 = gang.get(0)
+        last = f"step {self.st.step}" if self.st.step is not None else "before the first step"
+        self.fault(
+            [
+                _Finding(
+                    0,
+                    rank0.name if rank0 else self.pod_name(render.ROLE_TRAIN, self.st.attempt, 0),
+                    rank0.node if rank0 else None,
+                    HANG,
+                    f"no step progress for {timeout} s (last seen {last})",
+                )
+            ]
+        )
+        return True
+
+    def apply_progress(self) -> None:
+        p, st = self.obs.progress, self.st
+        if p is None:
+            return
+        at = _aware(p.observed_at)
+        total = st.max_steps or self.job.spec.total_steps()
+        if p.step is not None and p.step != st.step:
+            prev_step, prev_time = st.step, parse_time(st.last_progress_time)
+            st.step = p.step
+            st.last_progress_time = timestamp(at)
+            if prev_step is not None and prev_time is not None and p.step > prev_step:
+                elapsed = (at - prev_time).total_seconds()
+                if elapsed > 0:
+                    rate = (p.step - prev_step) / elapsed
+                    st.eta_seconds = round(max(total - p.step, 0) / rate, 1)
+        if p.loss is not None and math.isfinite(p.loss):
+            st.loss = p.loss
+        if p.tokens_per_second is not None:
+            st.tokens_per_second = p.tokens_per_second
+        if p.mfu is not None:
+            st.mfu = p.mfu
+        if p.last_checkpoint_step is not None:
+            st.last_checkpoint_step = p.last_checkpoint_step
+        if st.eta_seconds is None and p.tokens_per_second and st.step is not None:
+            # No step interval measured yet: fall back to the trainer's own throughput.
+            tokens_left = max(total - st.step, 0) * self.job.spec.tokens_per_step()
+            st.eta_seconds = round(tokens_left / p.tokens_per_second, 1)
+
+    def compile_done(self, gang: Mapping[int, ObservedPod]) -> None:
+        st = self.st
+        messages = [gang[r].termination_message for r in sorted(gang)]
+        cached = any(m.get("compileCached") is True for m in messages)
+        key = next((str(m["compileKey"]) for m in messages if m.get("compileKey")), None)
+        st.compile_key = key or st.compile_key
+        if cached:
+            self.cond(
+                COMPILED,
+                "True",
+                COMPILE_SKIPPED,
+                f"graphs for compile key {st.compile_key} already cached",
+            )
+        else:
+            self.cond(
+                COMPILED,
+                "True",
+                COMPILE_FINISHED,
+                f"attempt {st.attempt}: graphs compiled into "
+                f"{self.job.spec.compile.cache_dir} (key {st.compile_key})",
+            )
+        st.phase = TRAINING
+        self.cond(RUNNING, "False", "PodsStarting", f"attempt {st.attempt}: starting pods")
+
+    def succeed(self) -> None:
+        st = self.st
+        st.phase = SUCCEEDED
+        st.completion_time = timestamp(self.now)
+        st.restart_after = None
+        st.eta_seconds = 0.0
+        st.message = f"all {st.pods} training pod(s) finished (attempt {st.attempt})"
+        self.cond(SUCCEEDED, "True", "AllRanksSucceeded", st.message)
+        self.cond(RUNNING, "False", SUCCEEDED, "job finished")
+
+    def fail(self, reason: str, message: str) -> None:
+        st = self.st
+        st.phase = FAILED
+        st.message = _clip(message)
+        st.completion_time = st.completion_time or timestamp(self.now)
+        st.restart_after = None
+        self.cond(FAILED, "True", reason, message)
+        self.cond(RUNNING, "False", FAILED, "job failed")
+
+    def record(self, findings: Iterable[_Finding]) -> None:
+        st = self.st
+        for f in findings:
+            st.faults.append(
+                Fault(
+                    attempt=st.attempt,
+                    pod=f.pod,
+                    node=f.node,
+                    reason=f.reason,
+                    message=_clip(f.message),
+                    time=timestamp(self.now),
+                )
+            )
+        st.faults = st.faults[-MAX_FAULTS:]
+
+    def fail_trainer(self, findings: list[_Finding]) -> None:
+        first = min(findings, key=lambda f: f.rank)
+        self.record([first])
+        self.fail(
+            TRAINER_ERROR,
+            f"pod {first.pod} (rank {first.rank}) stopped with an error restarting cannot fix: "
+            f"{first.message}",
+        )
+
+    def fault(self, findings: list[_Finding]) -> None:
+        st, policy = self.st, self.policy
+        ordered = sorted(findings, key=lambda f: (not f.node_level, f.rank))
+        node_level = [f for f in ordered if f.node_level]
+        recorded = node_level or ordered[:1]
+        self.record(recorded)
+        if policy.avoid_faulty_nodes:
+            for f in node_level:
+                if f.node and f.node not in st.faulty_nodes:
+                    st.faulty_nodes.append(f.node)
+        first = ordered[0]
+        others = len(ordered) - len(recorded)
+        summary = f"attempt {st.attempt}: {first.reason} on pod {first.pod}: {first.message}"
+        if others:
+            summary += f" (and {others} more pod(s))"
+        if st.restarts >= policy.max_restarts:
+            self.fail(
+                BACKOFF_LIMIT_EXCEEDED,
+                f"{summary}; no restarts left after {st.restarts} "
+                f"(maxRestarts {policy.max_restarts})",
+            )
+            return
+        delay = backoff_seconds(policy.backoff_seconds, st.restarts)
+        st.phase = RESTARTING
+        st.restart_after = timestamp(self.now + timedelta(seconds=delay))
+        st.message = _clip(f"{summary}; next attempt in {delay:g} s")
+        self.cond(RUNNING, "False", "Restarting", st.message)
+        if delay > 0:
+            self.requeue.append(delay)
+
+    def restarting(self) -> None:
+        st = self.st
+        self.late_node_faults()
+        ahead = [p.attempt for p in self.obs.pods if p.attempt > st.attempt and not p.deleting]
+        if ahead:
+            # Pods of a later attempt exist: that attempt was started but its status write was
+            # lost (operator crash). Adopt it rather than tear it down and create it again.
+            st.restarts += max(ahead) - st.attempt
+            st.attempt = max(ahead)
+            self.start_gang()
+            return
+        due = parse_time(st.restart_after) or self.now
+        if self.now < due:
+            self.requeue.append((due - self.now).total_seconds())
+            return
+        if any(self.blocks_restart(p) for p in self.obs.pods):
+            return  # their deletion is a pod event: the shell calls again
+        st.attempt += 1
+        st.restarts += 1
+        self.start_gang()
+
+    def late_node_faults(self) -> None:
+        """A node verdict that arrives after the pod failure it explains (the node's watch event
+        and the pod's race each other) still marks the node, as long as the old pod is seen."""
+        st = self.st
+        known = {(f.attempt, f.pod) for f in st.faults if is_node_fault(f.reason)}
+        late = []
+        for pod in self.obs.pods:
+            if pod.attempt != st.attempt or (pod.attempt, pod.name) in known:
+                continue
+            f = _pod_finding(pod, self.obs.nodes)
+            if f is not None and f.reason in (NODE_UNHEALTHY, NODE_GONE):
+                late.append(f)
+        if not late:
+            return
+        self.record(late)
+        if self.policy.avoid_faulty_nodes:
+            for f in late:
+                if f.node and f.node not in st.faulty_nodes:
+                    st.faulty_nodes.append(f.node)
+
+    def blocks_restart(self, pod: ObservedPod) -> bool:
+        """An old pod still running holds its node's devices; wait for it. Pods on a dead node
+        never finish terminating by themselves, and that node is avoided anyway."""
+        if pod.phase not in ("Pending", "Running"):
+            return False
+        health = self.obs.nodes.get(pod.node) if pod.node else None
+        return health is None or health.healthy
+
+    def cleanup(self) -> list[DeletePods]:
+        """Delete every pod that is not part of the current gang (and, when terminal, only those
+        still running: finished pods stay for their logs)."""
+        st = self.st
+        terminal = st.phase in TERMINAL
+        names = sorted(
+            p.name
+            for p in self.obs.pods
+            if not p.deleting
+            and (p.phase in _LIVE_PHASES if terminal else not self.in_current_gang(p))
+        )
+        if not names:
+            return []
+        if st.phase == RESTARTING:
+            why = f"gang restart after attempt {st.attempt}"
+        elif terminal:
+            why = f"job {st.phase.lower()}"
+        else:
+            why = "not part of the current gang"
+        return [DeletePods(tuple(names), why)]
+
+
+def _events(
+    job: LlamaTrainingJob, old: LlamaTrainingJobStatus, new: LlamaTrainingJobStatus
+) -> list[EmitEvent]:
+    """Events for what changed between two statuses, and nothing else."""
+    out: list[EmitEvent] = []
+
+    def flipped(type_: str, value: str) -> Condition | None:
+        n, o = get_condition(new, type_), get_condition(old, type_)
+        if n is not None and n.status == value and (o is None or o.status != value):
+            return n
+        return None
+
+    if c := flipped(VALIDATED, "True"):
+        out.append(EmitEvent("Normal", "Validated", c.message))
+    seen = {(f.attempt, f.pod, f.reason, f.time) for f in old.faults}
+    for f in new.faults:
+        if (f.attempt, f.pod, f.reason, f.time) in seen or f.reason == TRAINER_ERROR:
+            continue
+        reason = "NodeFault" if is_node_fault(f.reason) else f.reason
+        where = f" on node {f.node}" if f.node else ""
+        text = f"attempt {f.attempt}: pod {f.pod}{where}: {f.reason}: {f.message}"
+        if new.phase == RESTARTING and new.restart_after:
+            text += f"; restarting the gang at {new.restart_after}"
+        out.append(EmitEvent("Warning", reason, _clip(text)))
+    c = flipped(COMPILED, "True")
+    if c is not None and c.reason in (COMPILE_SKIPPED, COMPILE_FINISHED):
+        out.append(EmitEvent("Normal", c.reason, c.message))
+    if new.phase in (COMPILING, TRAINING) and (
+        old.phase != new.phase or old.attempt != new.attempt
+    ):
+        role = "compile" if new.phase == COMPILING else "training"
+        gang = f"{new.pods} {role} pod(s)"
+        if new.restarts > old.restarts:
+            avoid = (
+                f", avoiding node(s) {', '.join(new.faulty_nodes)}"
+                if new.faulty_nodes and job.spec.restart_policy.avoid_faulty_nodes
+                else ""
+            )
+            text = (
+                f"attempt {new.attempt}: restart {new.restarts} of at most "
+                f"{job.spec.restart_policy.max_restarts}, recreating {gang}{avoid}"
+            )
+            out.append(EmitEvent("Normal", "Restarting", text))
+        elif new.phase == COMPILING:
+            out.append(EmitEvent("Normal", "CompileStarted", f"attempt {new.attempt}: {gang}"))
+        else:
+            out.append(EmitEvent("Normal", "TrainingStarted", f"attempt {new.attempt}: {gang}"))
+    if new.last_checkpoint_step is not None and (
+        old.last_checkpoint_step is None or new.last_checkpoint_step > old.last_checkpoint_step
+    ):
+        out.append(
+            EmitEvent("Normal", "CheckpointSaved", f"checkpoint at step {new.last_checkpoint_step}")
+        )
+    if new.phase == SUCCEEDED and old.phase != SUCCEEDED:
+        out.append(EmitEvent("Normal", "Succeeded", new.message or "job finished"))
+    if new.phase == FAILED and old.phase != FAILED:
+        c = get_condition(new, FAILED)
+        reason = c.reason if c else "Failed"
+        out.append(EmitEvent("Warning", "Failed", _clip(f"{reason}: {new.message or ''}")))
+    return out
+
+
+def _decide(p: _Pass) -> Decision:
+    actions: list[Action] = [*p.creates, *p.cleanup(), *_events(p.job, p.old, p.st)]
+    if p.requeue:
+        actions.append(RequeueAfter(max(min(p.requeue), 0.0)))
+    return Decision(tuple(actions), p.st)
+
+
+def _invalid_pass(p: _Pass, problems: list[SpecError]) -> Decision:
+    message = "; ".join(str(e) for e in problems) or "invalid spec"
+    st = p.st
+    st.observed_generation = p.gen
+    p.cond(VALIDATED, "False", INVALID_SPEC, message)
+    failed = get_condition(st, FAILED)
+    if st.phase not in TERMINAL or (failed is not None and failed.reason == INVALID_SPEC):
+        p.fail(INVALID_SPEC, message)
+    return _decide(p)
+
+
+def _reopen(job: LlamaTrainingJob, old: LlamaTrainingJobStatus) -> bool:
+    """A job rejected as InvalidSpec starts over once its spec is edited (a new generation)."""
+    failed = get_condition(old, FAILED)
+    return (
+        old.phase == FAILED
+        and failed is not None
+        and failed.reason == INVALID_SPEC
+        and job.metadata.generation is not None
+        and job.metadata.generation != old.observed_generation
+    )
+
+
+def reconcile(job: LlamaTrainingJob, observed: Observed, now: datetime) -> Decision:
+    """Decide what to do for ``job`` (``job.status`` is the last written status, or None)."""
+    old = job.status or LlamaTrainingJobStatus()
+    if old.phase in TERMINAL and not _reopen(job, old):
+        p = _Pass(job, observed, now, old, None)
+        if job.metadata.generation is not None:
+            p.st.observed_generation = job.metadata.generation
+        return _decide(p)
+    plan = make_plan(job.spec)
+    problems = plan.problems()
+    start = old if old.phase not in TERMINAL else LlamaTrainingJobStatus(faults=old.faults)
+    p = _Pass(job, observed, now, start, plan)
+    p.old = old  # events compare with what was written, also when starting over
+    if problems:
+        return _invalid_pass(p, problems)
+    p.run()
+    return _decide(p)
+
+
+def reconcile_invalid(
+    job_name: str,
+    errors: list[SpecError],
+    status: LlamaTrainingJobStatus | None,
+    *,
+    observed: Observed,
+    now: datetime,
+    namespace: str = "default",
+    generation: int | None = None,
+) -> Decision:
+    """For an object whose spec does not even parse (the shell caught the JobFileError):
+    Failed/InvalidSpec with the field-by-field message, and no pod survives."""
+    from .api import LlamaTrainingJobSpec, ObjectMeta
+
+    # A stand-in job: only the name, namespace and generation matter on this path.
+    placeholder = LlamaTrainingJob(
+        api_version="llamajob.dev/v1alpha1",
+        kind="LlamaTrainingJob",
+        metadata=ObjectMeta(name=job_name, namespace=namespace, generation=generation),
+        spec=LlamaTrainingJobSpec(),
+        status=status,
+    )
+    old = status or LlamaTrainingJobStatus()
+    p = _Pass(placeholder, observed, now, old, None)
+    return _invalid_pass(p, errors or [SpecError("spec", "invalid")])
+
+
+def apply_actions(observed: Observed, decision: Decision) -> Observed:
+    """The observation once a shell has carried out ``decision``: created pods appear Pending,
+    deleted pods are marked deleting, Service and ConfigMap exist. Shells can use it to count
+    their own fresh writes as seen (no AlreadyExists storm while the watch catches up), and tests
+    use it to check the fixed point."""
+    pods = {p.name: p for p in observed.pods}
+    service, configmap = observed.service, observed.configmap
+    for a in decision.actions:
+        if isinstance(a, CreateObject):
+            if a.kind == "Service":
+                service = True
+            elif a.kind == "ConfigMap":
+                configmap = True
+            elif a.kind == "Pod" and a.name not in pods:
+                assert a.role is not None and a.attempt is not None and a.rank is not None
+                pods[a.name] = ObservedPod(a.name, a.role, a.attempt, a.rank, "Pending")
+        elif isinstance(a, DeletePods):
+            for name in a.names:
+                if name in pods:
+                    pods[name] = replace(pods[name], deleting=True)
+    return replace(observed, pods=tuple(pods.values()), service=service, configmap=configmap)

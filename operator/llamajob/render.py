@@ -1,0 +1,551 @@
+"""Kubernetes objects for a LlamaTrainingJob, as plain dicts (pure: spec in, manifests out).
+
+One job owns three kinds of children:
+- a headless Service named after the job, so every pod resolves as ``{pod}.{service}.{ns}.svc``
+  and rank 0 is the torchrun rendezvous (``publishNotReadyAddresses`` so the name resolves before
+  any readiness);
+- a ConfigMap with the trainer's config (``TrainerConfig`` as YAML) mounted at /etc/llamajob;
+- one pod per node and gang: ``{job}-{role}-a{attempt}-{rank}``, role ``compile`` or ``train``.
+
+Everything Kubernetes-specific lives here (names, labels, resources, HyperPod labels, and the
+reverse reading of pods and nodes into the core's observations); ``reconcile.py`` only speaks of
+roles, attempts, ranks and phases, so the local runner can drive the same core with processes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import yaml
+from llamajob_trainer import protocol
+from llamajob_trainer.config import TrainerConfig
+
+from .api import API_VERSION, KIND, LlamaTrainingJob
+from .catalogue import EFA_RESOURCE
+from .jobfile import JobFileError
+from .plan import Plan, make_plan
+
+if TYPE_CHECKING:
+    from .reconcile import NodeHealth, ObservedPod
+
+APP = "llamajob"
+LABEL_NAME = "app.kubernetes.io/name"
+LABEL_INSTANCE = "app.kubernetes.io/instance"
+LABEL_COMPONENT = "app.kubernetes.io/component"
+LABEL_JOB = "llamajob.dev/job"
+LABEL_ROLE = "llamajob.dev/role"
+LABEL_ATTEMPT = "llamajob.dev/attempt"
+LABEL_RANK = "llamajob.dev/rank"
+
+ROLE_COMPILE = "compile"
+ROLE_TRAIN = "train"
+ROLES = (ROLE_COMPILE, ROLE_TRAIN)
+
+CONTAINER = "trainer"
+CONFIG_DIR = "/etc/llamajob"
+CONFIG_KEY = "config.yaml"
+CONFIG_PATH = f"{CONFIG_DIR}/{CONFIG_KEY}"
+RENDEZVOUS_PORT = 29500
+METRICS_PORT = protocol.DEFAULT_METRICS_PORT
+# Reserved volume names: user volumes are DNS labels too, so ours carry a prefix no sane claim
+# mount would pick.
+SHM_VOLUME = "llamajob-shm"
+CONFIG_VOLUME = "llamajob-config"
+
+INSTANCE_TYPE_LABEL = "node.kubernetes.io/instance-type"
+HOSTNAME_LABEL = "kubernetes.io/hostname"
+# SageMaker HyperPod's health agent labels every node; only "Schedulable" nodes are healthy
+# (others: UnschedulablePendingReplacement, UnschedulablePendingReboot, Unschedulable).
+HYPERPOD_HEALTH_LABEL = "sagemaker.amazonaws.com/node-health-status"
+HYPERPOD_SCHEDULABLE = "Schedulable"
+NODE_GONE = "NodeGone"
+
+# Values from the Neuron reference training scripts (NxD Llama pre-training).
+NEURON_CC_BASE_FLAGS = "--model-type transformer --distribution-strategy=llm-training"
+NEURON_INFLIGHT_REQUESTS = "3"  # async runtime: overlap host work with device execution
+MALLOC_ARENA_MAX = "64"  # glibc arenas per thread otherwise exhaust host memory with 32 ranks
+
+_MAX_LABEL = 63
+
+
+# --- names ------------------------------------------------------------------------------------
+def _digest(text: str, n: int = 8) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:n]
+
+
+def _dns_label(base: str, suffix: str = "", *, letter_first: bool = False) -> str:
+    """``base + suffix`` as a DNS-1123 label (<= 63 chars, [a-z0-9-]).
+
+    A base that is already clean and short enough is kept verbatim, so names stay readable;
+    otherwise it is cleaned, shortened and given a digest of the original, which keeps distinct
+    jobs ("a.b" vs "a-b", two long names with the same prefix) apart.
+    """
+    clean = re.sub(r"[^a-z0-9-]", "-", base.lower())
+    if letter_first and not clean[:1].isalpha():
+        clean = "j-" + clean
+    if clean == base and len(base) + len(suffix) <= _MAX_LABEL:
+        return base + suffix
+    tag = _digest(base)
+    keep = max(_MAX_LABEL - len(suffix) - len(tag) - 1, 1)
+    head = clean[:keep].strip("-") or "j"
+    return f"{head}-{tag}{suffix}"
+
+
+def label_value(value: str) -> str:
+    """Label values are at most 63 characters; longer job names keep a prefix and a digest."""
+    if len(value) <= _MAX_LABEL:
+        return value
+    return f"{value[: _MAX_LABEL - 9].rstrip('-._')}-{_digest(value)}"
+
+
+def pod_name(job_name: str, role: str, attempt: int, rank: int) -> str:
+    """Deterministic pod name, also its hostname (hence a DNS label of at most 63 characters)."""
+    return _dns_label(job_name, f"-{role}-a{attempt}-{rank}")
+
+
+def service_name(job_name: str) -> str:
+    """Service names are DNS-1035 labels: they must start with a letter."""
+    return _dns_label(job_name, letter_first=True)
+
+
+def configmap_name(job_name: str) -> str:
+    return _dns_label(job_name, "-config")
+
+
+def master_addr(job: LlamaTrainingJob, role: str, attempt: int) -> str:
+    """Stable DNS name of rank 0 of a gang, through the headless Service."""
+    name = job.metadata.name
+    return f"{pod_name(name, role, attempt, 0)}.{service_name(name)}.{job.metadata.namespace}.svc"
+
+
+def labels(
+    job: LlamaTrainingJob,
+    role: str | None = None,
+    attempt: int | None = None,
+    rank: int | None = None,
+) -> dict[str, str]:
+    value = label_value(job.metadata.name)
+    out = {LABEL_NAME: APP, LABEL_INSTANCE: value, LABEL_JOB: value}
+    if role is not None:
+        out[LABEL_COMPONENT] = role
+        out[LABEL_ROLE] = role
+    if attempt is not None:
+        out[LABEL_ATTEMPT] = str(attempt)
+    if rank is not None:
+        out[LABEL_RANK] = str(rank)
+    return out
+
+
+def selector(job: LlamaTrainingJob) -> dict[str, str]:
+    """Every pod of the job, any role and attempt (what the shell lists and the Service selects)."""
+    return {LABEL_NAME: APP, LABEL_JOB: label_value(job.metadata.name)}
+
+
+def owner_references(job: LlamaTrainingJob) -> list[dict[str, Any]]:
+    """Children are garbage-collected with the job. Without a uid (a file rendered offline)
+    there is no owner to point at, so none is written."""
+    if not job.metadata.uid:
+        return []
+    return [
+        {
+            "apiVersion": API_VERSION,
+            "kind": KIND,
+            "name": job.metadata.name,
+            "uid": job.metadata.uid,
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+    ]
+
+
+def _metadata(job: LlamaTrainingJob, name: str, lbls: dict[str, str]) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name, "namespace": job.metadata.namespace, "labels": lbls}
+    owners = owner_references(job)
+    if owners:
+        meta["ownerReferences"] = owners
+    return meta
+
+
+# --- trainer config ---------------------------------------------------------------------------
+def trainer_config(job: LlamaTrainingJob, plan: Plan) -> TrainerConfig:
+    """The training spec plus what the trainer cannot derive: identity, backend, device peak."""
+    spec = job.spec
+    data = spec.model_dump(exclude={"cluster", "restart_policy"})
+    inst = plan.instance
+    data.update(
+        job_name=job.metadata.name,
+        namespace=job.metadata.namespace,
+        resolved_backend=plan.backend,
+        # On CPU the catalogue's peak is a planning placeholder; unset lets the trainer measure.
+        peak_tflops_per_core=inst.peak_tflops_per_core if inst.trainium else None,
+        image=spec.cluster.image,
+        metrics_port=METRICS_PORT,
+    )
+    return TrainerConfig.model_validate(data)
+
+
+def render_configmap(job: LlamaTrainingJob, plan: Plan) -> dict[str, Any]:
+    text = yaml.safe_dump(trainer_config(job, plan).to_wire(), sort_keys=False)
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(job, configmap_name(job.metadata.name), labels(job)),
+        "data": {CONFIG_KEY: text},
+    }
+
+
+def render_service(job: LlamaTrainingJob) -> dict[str, Any]:
+    # The selector covers both roles: a pod's {hostname}.{subdomain} record only exists while a
+    # headless Service of that name selects it, and compile pods rendezvous the same way.
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(job, service_name(job.metadata.name), labels(job)),
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": selector(job),
+            "ports": [
+                {
+                    "name": "rendezvous",
+                    "port": RENDEZVOUS_PORT,
+                    "targetPort": RENDEZVOUS_PORT,
+                    "protocol": "TCP",
+                }
+            ],
+        },
+    }
+
+
+# --- pods -------------------------------------------------------------------------------------
+def command(
+    job: LlamaTrainingJob,
+    plan: Plan,
+    role: str,
+    rank: int,
+    master: str,
+    config_path: str = CONFIG_PATH,
+) -> list[str]:
+    """torchrun with a static rendezvous at rank 0; compile on Neuron under neuron_parallel_compile
+    (it runs the script once to extract graphs, then compiles them in parallel into the cache)."""
+    if role not in ROLES:
+        raise ValueError(f"unknown role {role!r}; expected one of {', '.join(ROLES)}")
+    argv = [
+        "torchrun",
+        "--nnodes", str(plan.nodes),
+        "--nproc_per_node", str(plan.processes_per_node),
+        "--node_rank", str(rank),
+        "--master_addr", master,
+        "--master_port", str(RENDEZVOUS_PORT),
+        "-m", "llamajob.cli", role, "--config", config_path,
+    ]  # fmt: skip
+    if role == ROLE_COMPILE and plan.backend == "neuron":
+        argv.insert(0, "neuron_parallel_compile")
+    return argv
+
+
+def device_resources(job: LlamaTrainingJob, plan: Plan) -> dict[str, int]:
+    """Extended resources per pod: accelerator devices and EFA interfaces (none on CPU)."""
+    inst, cluster = plan.instance, job.spec.cluster
+    out: dict[str, int] = {}
+    if inst.device_resource:
+        name = cluster.device_resource or inst.device_resource
+        if name.endswith("neuroncore"):
+            # The device plugin also counts single cores; one per rank then.
+            out[name] = plan.processes_per_node
+        else:
+            per_device = inst.cores_per_node // inst.devices_per_node
+            out[name] = math.ceil(plan.processes_per_node / per_device)
+    if inst.efa_devices:
+        out[cluster.efa_resource or inst.efa_resource or EFA_RESOURCE] = inst.efa_devices
+    return out
+
+
+def resources(job: LlamaTrainingJob, plan: Plan) -> dict[str, Any]:
+    """Requests equal limits: Guaranteed QoS, and extended resources demand it anyway."""
+    amounts: dict[str, Any] = dict(device_resources(job, plan))
+    if job.spec.cluster.cpu:
+        amounts["cpu"] = job.spec.cluster.cpu
+    if job.spec.cluster.memory:
+        amounts["memory"] = job.spec.cluster.memory
+    if not amounts:
+        return {}
+    return {"requests": dict(amounts), "limits": dict(amounts)}
+
+
+def env(job: LlamaTrainingJob, plan: Plan) -> list[dict[str, Any]]:
+    """Container environment. Secrets only by reference: their values never pass through the
+    operator, so they cannot reach status, Events or logs."""
+    spec, inst = job.spec, plan.instance
+    items: list[dict[str, Any]] = [
+        {"name": protocol.CONFIG_ENV, "value": CONFIG_PATH},
+        {"name": protocol.TERMINATION_LOG_ENV, "value": protocol.DEFAULT_TERMINATION_LOG},
+    ]
+    if inst.trainium:
+        cache = spec.compile.cache_dir
+        items += [
+            {"name": "FI_PROVIDER", "value": "efa"},
+            {"name": "FI_EFA_USE_DEVICE_RDMA", "value": "1"},
+            {"name": "FI_EFA_FORK_SAFE", "value": "1"},
+            # Per process: each torchrun worker drives one NeuronCore (the runtime reserves this
+            # many cores for every process that sets it).
+            {"name": "NEURON_RT_NUM_CORES", "value": "1"},
+            {
+                "name": "NEURON_CC_FLAGS",
+                "value": f"{NEURON_CC_BASE_FLAGS} --cache_dir={cache} --retry_failed_compilation",
+            },
+            {"name": "NEURON_COMPILE_CACHE_URL", "value": cache},
+            {"name": "NEURON_FUSE_SOFTMAX", "value": "1"},
+            {
+                "name": "NEURON_RT_ASYNC_EXEC_MAX_INFLIGHT_REQUESTS",
+                "value": NEURON_INFLIGHT_REQUESTS,
+            },
+            {"name": "MALLOC_ARENA_MAX", "value": MALLOC_ARENA_MAX},
+        ]
+    items += [{"name": e.name, "value": e.value} for e in spec.cluster.env]
+    items += [
+        {"name": s.name, "valueFrom": {"secretKeyRef": {"name": s.secret_name, "key": s.key}}}
+        for s in spec.cluster.secrets
+    ]
+    # Later entries win (the user's env over ours, secrets over plain values), once each.
+    by_name: dict[str, dict[str, Any]] = {}
+    for item in items:
+        by_name.pop(item["name"], None)
+        by_name[item["name"]] = item
+    return list(by_name.values())
+
+
+def node_selector(job: LlamaTrainingJob, plan: Plan) -> dict[str, str]:
+    out: dict[str, str] = {}
+    if plan.instance.trainium:
+        # HyperPod EKS nodes carry the ml.-prefixed name in this label.
+        out[INSTANCE_TYPE_LABEL] = plan.instance.name
+        out[HYPERPOD_HEALTH_LABEL] = HYPERPOD_SCHEDULABLE
+    out.update(job.spec.cluster.node_selector)
+    return out
+
+
+def affinity(
+    job: LlamaTrainingJob, role: str, attempt: int, avoid_nodes: Iterable[str] = ()
+) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        # One pod of a gang per node. Scoped to the gang so a terminating pod of another gang
+        # never blocks its replacement.
+        "podAntiAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": [
+                {
+                    "labelSelector": {
+                        "matchLabels": {
+                            LABEL_JOB: label_value(job.metadata.name),
+                            LABEL_ROLE: role,
+                            LABEL_ATTEMPT: str(attempt),
+                        }
+                    },
+                    "topologyKey": HOSTNAME_LABEL,
+                }
+            ]
+        }
+    }
+    avoid = sorted(set(avoid_nodes))
+    if avoid:
+        # matchFields on metadata.name is exact; the hostname label can differ from the node name.
+        term = {"matchFields": [{"key": "metadata.name", "operator": "NotIn", "values": avoid}]}
+        out["nodeAffinity"] = {
+            "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [term]}
+        }
+    return out
+
+
+def tolerations(job: LlamaTrainingJob, plan: Plan) -> list[dict[str, Any]]:
+    out = [t.to_wire() for t in job.spec.cluster.tolerations]
+    if plan.instance.trainium and plan.instance.device_resource:
+        # Accelerator node groups are commonly tainted with the device resource name; only pods
+        # that request the devices should land there, which these do.
+        taint = {"key": plan.instance.device_resource, "operator": "Exists", "effect": "NoSchedule"}
+        if taint not in out:
+            out.append(taint)
+    return out
+
+
+def volumes(job: LlamaTrainingJob) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(pod volumes, container mounts): /dev/shm in memory, the config, the user's claims."""
+    cluster = job.spec.cluster
+    vols: list[dict[str, Any]] = [
+        {"name": SHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": cluster.shm_size}},
+        {"name": CONFIG_VOLUME, "configMap": {"name": configmap_name(job.metadata.name)}},
+    ]
+    mounts: list[dict[str, Any]] = [
+        {"name": SHM_VOLUME, "mountPath": "/dev/shm"},
+        {"name": CONFIG_VOLUME, "mountPath": CONFIG_DIR, "readOnly": True},
+    ]
+    for v in cluster.volumes:
+        claim: dict[str, Any] = {"claimName": v.claim_name}
+        if v.read_only:
+            claim["readOnly"] = True
+        vols.append({"name": v.name, "persistentVolumeClaim": claim})
+        mount: dict[str, Any] = {"name": v.name, "mountPath": v.mount_path}
+        if v.read_only:
+            mount["readOnly"] = True
+        mounts.append(mount)
+    return vols, mounts
+
+
+def render_pod(
+    job: LlamaTrainingJob,
+    plan: Plan,
+    role: str,
+    attempt: int,
+    rank: int,
+    avoid_nodes: Iterable[str] = (),
+) -> dict[str, Any]:
+    if not 0 <= rank < plan.pods:
+        raise ValueError(f"rank {rank} outside the gang of {plan.pods} pod(s)")
+    cluster = job.spec.cluster
+    name = pod_name(job.metadata.name, role, attempt, rank)
+    vols, mounts = volumes(job)
+    container: dict[str, Any] = {
+        "name": CONTAINER,
+        "image": cluster.image,
+        "imagePullPolicy": cluster.image_pull_policy,
+        "command": command(job, plan, role, rank, master_addr(job, role, attempt)),
+        "env": env(job, plan),
+        "ports": [
+            {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
+            {"name": "rendezvous", "containerPort": RENDEZVOUS_PORT, "protocol": "TCP"},
+        ],
+        "volumeMounts": mounts,
+        "terminationMessagePath": protocol.DEFAULT_TERMINATION_LOG,
+        # The trainer writes a JSON cause there; if it died before writing, the log tail helps.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    res = resources(job, plan)
+    if res:
+        container["resources"] = res
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "hostname": name,
+        "subdomain": service_name(job.metadata.name),
+        # Thousands of service env vars help nobody and slow process start-up.
+        "enableServiceLinks": False,
+        "affinity": affinity(job, role, attempt, avoid_nodes),
+        "containers": [container],
+        "volumes": vols,
+    }
+    selector_ = node_selector(job, plan)
+    if selector_:
+        pod_spec["nodeSelector"] = selector_
+    tols = tolerations(job, plan)
+    if tols:
+        pod_spec["tolerations"] = tols
+    if cluster.service_account_name:
+        pod_spec["serviceAccountName"] = cluster.service_account_name
+    if cluster.priority_class_name:
+        pod_spec["priorityClassName"] = cluster.priority_class_name
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": _metadata(job, name, labels(job, role, attempt, rank)),
+        "spec": pod_spec,
+    }
+
+
+def render_gang(
+    job: LlamaTrainingJob,
+    plan: Plan,
+    role: str,
+    attempt: int,
+    avoid_nodes: Iterable[str] = (),
+) -> list[dict[str, Any]]:
+    avoid = tuple(avoid_nodes)
+    return [render_pod(job, plan, role, attempt, r, avoid) for r in range(plan.pods)]
+
+
+def render_all(
+    job: LlamaTrainingJob, roles: Iterable[str] | None = None, attempt: int = 1
+) -> list[dict[str, Any]]:
+    """Service, ConfigMap and the pods of one attempt: compile (when enabled) and training.
+
+    Raises JobFileError with the planner's problems for a job the operator would reject."""
+    plan = make_plan(job.spec)
+    problems = plan.problems()
+    if problems:
+        raise JobFileError(problems)
+    if roles is None:
+        roles = [ROLE_COMPILE, ROLE_TRAIN] if job.spec.compile.enabled else [ROLE_TRAIN]
+    docs = [render_service(job), render_configmap(job, plan)]
+    for role in roles:
+        docs += render_gang(job, plan, role, attempt)
+    return docs
+
+
+# --- observations: Kubernetes objects back into the core's terms -------------------------------
+# A pod's DisruptionTarget condition says who removed it; these are the node's doing.
+_DISRUPTION_REASONS = {
+    "DeletionByTaintManager": "NodeNotReady",  # NoExecute taint: node not ready/unreachable
+    "DeletionByPodGC": "NodeGone",  # bound to a node that no longer exists
+    "TerminationByKubelet": "TerminationByKubelet",  # node pressure or shutdown
+    "EvictionByEvictionAPI": "Evicted",  # drain
+    "PreemptionByScheduler": "Preempted",
+}
+
+
+def observed_pod(obj: Mapping[str, Any]) -> ObservedPod | None:
+    """Read a pod this operator created (None for anything without our labels)."""
+    from .reconcile import ObservedPod  # reconcile imports this module; keep the edge one-way
+
+    meta = obj.get("metadata") or {}
+    lbls = meta.get("labels") or {}
+    try:
+        role, attempt, rank = lbls[LABEL_ROLE], int(lbls[LABEL_ATTEMPT]), int(lbls[LABEL_RANK])
+    except (KeyError, TypeError, ValueError):
+        return None
+    status = obj.get("status") or {}
+    spec = obj.get("spec") or {}
+    terminated: dict[str, Any] = {}
+    for cs in status.get("containerStatuses") or []:
+        if cs.get("name") == CONTAINER:
+            state = cs.get("state") or {}
+            terminated = state.get("terminated") or {}
+            if not terminated and status.get("phase") in ("Failed", "Succeeded"):
+                terminated = (cs.get("lastState") or {}).get("terminated") or {}
+    reason = status.get("reason")
+    if not reason:
+        for cond in status.get("conditions") or []:
+            if cond.get("type") == "DisruptionTarget" and cond.get("status") == "True":
+                reason = _DISRUPTION_REASONS.get(cond.get("reason", ""), cond.get("reason"))
+    if not reason:
+        reason = terminated.get("reason")
+    return ObservedPod(
+        name=str(meta.get("name", "")),
+        role=role,
+        attempt=attempt,
+        rank=rank,
+        phase=str(status.get("phase") or "Pending"),
+        node=spec.get("nodeName") or None,
+        exit_code=terminated.get("exitCode"),
+        reason=reason or None,
+        termination_message=protocol.parse_termination_message(terminated.get("message")),
+        deleting=bool(meta.get("deletionTimestamp")),
+        ip=status.get("podIP") or None,
+    )
+
+
+def node_health(name: str, obj: Mapping[str, Any] | None) -> NodeHealth:
+    """Healthy unless gone, not Ready, or labelled non-Schedulable by HyperPod. Nodes without
+    the HyperPod label (plain EKS, kind) are judged by Ready alone."""
+    from .reconcile import NodeHealth
+
+    if obj is None:
+        return NodeHealth(name, False, NODE_GONE)
+    meta = obj.get("metadata") or {}
+    health = (meta.get("labels") or {}).get(HYPERPOD_HEALTH_LABEL)
+    if health is not None and health != HYPERPOD_SCHEDULABLE:
+        return NodeHealth(name, False, health)
+    for cond in (obj.get("status") or {}).get("conditions") or []:
+        if cond.get("type") == "Ready" and cond.get("status") != "True":
+            return NodeHealth(name, False, f"NotReady ({cond.get('reason') or 'no reason'})")
+    return NodeHealth(name, True)

@@ -1,0 +1,263 @@
+"""`llamajob run`: the whole lifecycle as local processes, with injected faults.
+
+Determinism conditions for the bit-identical comparisons: same job file, same layout and world
+size, CPU, OMP_NUM_THREADS=1, fp32. Under those the trainer restores model, optimizer, scheduler,
+data position and RNG state exactly, so a resumed run repeats the uninterrupted run's numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from conftest import ROOT
+
+from llamajob.jobfile import load_job, parse_job
+from llamajob.local import observed_pod_from_process, scaled_down
+from llamajob.plan import make_plan
+from llamajob.reconcile import Observed, reconcile
+from llamajob.render import CONTAINER, labels, observed_pod, pod_name
+
+pytestmark = pytest.mark.slow
+
+STEPS = 40
+EVERY = 10
+
+
+def _job_yaml(tmp: Path, data_dir: Path, name: str = "t") -> Path:
+    obj = yaml.safe_load((ROOT / "examples" / "tiny.yaml").read_text())
+    obj["metadata"]["name"] = name
+    spec = obj["spec"]
+    spec["maxSteps"] = STEPS
+    spec["data"]["path"] = str(data_dir)
+    spec["checkpoint"].update(dir=str(tmp / "ckpt"), everySteps=EVERY, keep=2)
+    spec["compile"]["cacheDir"] = str(tmp / "cache")
+    spec["restartPolicy"].update(backoffSeconds=0, hangTimeoutSeconds=300)
+    path = tmp / "job.yaml"
+    path.write_text(yaml.safe_dump(obj))
+    return path
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("data") / "pydoc"
+    subprocess.run(
+        [sys.executable, "-m", "llamajob.cli", "prepare-data", "--output", str(out),
+         "--seq-length", "128", "--no-progress"],
+        check=True, timeout=300,
+    )
+    return out
+
+
+def _run(tmp: Path, job: Path, *extra: str, timeout: float = 600) -> tuple[dict[str, Any], str]:
+    summary = tmp / "summary.json"
+    res = subprocess.run(
+        [sys.executable, "-m", "llamajob.cli", "run", str(job), "--no-progress",
+         "--summary-json", str(summary), "--run-dir", str(tmp / "run"), *extra],
+        capture_output=True, text=True, timeout=timeout, cwd=tmp, check=False,
+    )
+    assert summary.exists(), res.stdout + res.stderr
+    return json.loads(summary.read_text()), res.stdout + res.stderr
+
+
+def _losses(tmp: Path) -> dict[int, float]:
+    """step -> loss of the last attempt that logged the step."""
+    out: dict[int, float] = {}
+    for line in (tmp / "run" / "steps.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        out[rec["step"]] = rec["loss"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory: pytest.TempPathFactory, dataset: Path) -> dict[str, Any]:
+    tmp = tmp_path_factory.mktemp("baseline")
+    summary, out = _run(tmp, _job_yaml(tmp, dataset))
+    assert summary["phase"] == "Succeeded", out
+    return {"summary": summary, "losses": _losses(tmp)}
+
+
+def test_uninterrupted_run_succeeds_and_loss_falls(baseline: dict[str, Any]) -> None:
+    s, losses = baseline["summary"], baseline["losses"]
+    assert s["restarts"] == 0 and s["final_step"] == STEPS
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    assert losses[STEPS] < losses[1] - 1.0, losses
+    assert s["checkpoints"] == [f"step_{STEPS - EVERY}", f"step_{STEPS}"]  # keep: 2
+
+
+def test_kill_at_step_resumes_to_the_same_loss(
+    tmp_path: Path, dataset: Path, baseline: dict[str, Any]
+) -> None:
+    summary, out = _run(tmp_path, _job_yaml(tmp_path, dataset), "--chaos-kill-at-step", "25")
+    assert summary["phase"] == "Succeeded", out
+    assert summary["restarts"] == 1
+    assert summary["faults"][0]["attempt"] == 1
+    assert summary["final_loss"] == baseline["summary"]["final_loss"]  # bit-identical
+    assert _losses(tmp_path) == baseline["losses"]
+    # Attempt 2 resumed from step 20 (the newest complete checkpoint), not from scratch.
+    second = (tmp_path / "run" / "attempt-2" / "train.log").read_text()
+    assert "step_20" in second, second[-2000:]
+
+
+def test_kill_during_checkpoint_write_resumes_from_a_complete_checkpoint(
+    tmp_path: Path, dataset: Path, baseline: dict[str, Any]
+) -> None:
+    summary, out = _run(tmp_path, _job_yaml(tmp_path, dataset), "--chaos-kill-during-checkpoint")
+    assert summary["phase"] == "Succeeded", out
+    assert summary["restarts"] == 1
+    assert summary["final_loss"] == baseline["summary"]["final_loss"]
+    assert _losses(tmp_path) == baseline["losses"]
+    ckpt = tmp_path / "ckpt"
+    leftovers = [p.name for p in ckpt.iterdir() if p.is_dir() and not (p / "done").exists()]
+    assert leftovers == [], leftovers
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if text in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def test_ctrl_c_stops_everything_and_a_rerun_resumes(tmp_path: Path, dataset: Path) -> None:
+    job = _job_yaml(tmp_path, dataset)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llamajob.cli", "run", str(job), "--no-progress",
+         "--run-dir", str(tmp_path / "run")],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    first_done = tmp_path / "ckpt" / f"step_{EVERY}" / "done"
+    deadline = time.monotonic() + 300
+    while not first_done.exists():
+        assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
+        assert time.monotonic() < deadline, "no checkpoint within 300 s"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    output = proc.communicate(timeout=120)[0].decode()
+    assert proc.returncode == 130, output
+    assert "interrupted" in output
+    time.sleep(0.5)
+    assert _processes_mentioning(str(tmp_path / "run")) == [], "orphan processes left behind"
+
+    summary, out = _run(tmp_path, job)
+    assert summary["phase"] == "Succeeded", out
+    steps = sorted(_losses(tmp_path))
+    assert steps[0] > EVERY, f"started over instead of resuming: first step {steps[0]}"
+    assert steps[-1] == STEPS
+
+
+def test_trainium_job_is_refused_with_a_hint(tmp_path: Path) -> None:
+    res = subprocess.run(
+        [sys.executable, "-m", "llamajob.cli", "run", str(ROOT / "examples" / "llama3-70b.yaml")],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path, check=False,
+    )
+    assert res.returncode == 2
+    assert "Local runs use the CPU backend" in res.stderr and "--scale-down" in res.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("name", ["llama3-70b", "llama3-8b"])
+def test_scaled_down_job_keeps_the_family_and_is_valid(name: str) -> None:
+    job = load_job(ROOT / "examples" / f"{name}.yaml")
+    small = scaled_down(job)
+    big, tiny = job.spec.model.architecture(), small.spec.model.architecture()
+    assert big.num_heads // big.num_kv_heads == tiny.num_heads // tiny.num_kv_heads
+    assert tiny.rope_theta == big.rope_theta
+    assert make_plan(small.spec).valid
+    assert small.spec.cluster.instance_type == "cpu"
+
+
+def test_invalid_job_gives_the_planner_messages(tmp_path: Path) -> None:
+    obj = yaml.safe_load((ROOT / "examples" / "tiny.yaml").read_text())
+    obj["spec"]["parallelism"]["tensor"] = 3
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(obj))
+    res = subprocess.run(
+        [sys.executable, "-m", "llamajob.cli", "run", str(path)],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path, check=False,
+    )
+    assert res.returncode == 2
+    assert "spec.parallelism.tensor: 3 does not divide" in res.stderr
+
+
+# --- one core, two shells: the same observation gives the same decision -----------------------
+def _k8s_pod(job_name: str, exit_code: int | None, message: str | None) -> dict[str, Any]:
+    job = parse_job(yaml.safe_load((ROOT / "examples" / "tiny.yaml").read_text()))
+    if exit_code is None:
+        phase, state = "Running", {"running": {"startedAt": "2026-01-01T00:00:00Z"}}
+    else:
+        phase = "Succeeded" if exit_code == 0 else "Failed"
+        term: dict[str, Any] = {
+            "exitCode": exit_code, "reason": "Completed" if exit_code == 0 else "Error",
+        }
+        if message is not None:
+            term["message"] = message
+        state = {"terminated": term}
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": pod_name(job_name, "train", 1, 0),
+                     "labels": labels(job, role="train", attempt=1, rank=0)},
+        "spec": {"nodeName": "localhost"},
+        "status": {"phase": phase, "podIP": "127.0.0.1",
+                   "containerStatuses": [{"name": CONTAINER, "state": state}]},
+    }
+
+
+SHELL_TABLE = [
+    ("running", None, None),
+    ("worker crashed (torchrun exits 1)", 1, None),
+    ("killed by SIGKILL", 137, None),
+    ("permanent exit code", 78, None),
+    ("permanent via termination message", 1, {"permanent": True, "reason": "ConfigError",
+                                              "message": "spec.data.path: missing"}),
+    ("finished", 0, None),
+]
+
+
+@pytest.mark.parametrize(("case", "exit_code", "message"), SHELL_TABLE,
+                         ids=[row[0] for row in SHELL_TABLE])
+def test_local_and_kubernetes_shells_decide_alike(
+    case: str, exit_code: int | None, message: dict[str, Any] | None
+) -> None:
+    obj = yaml.safe_load((ROOT / "examples" / "tiny.yaml").read_text())
+    obj["spec"]["compile"]["enabled"] = False  # straight to training for this comparison
+    job = parse_job(obj)
+    text = json.dumps(message) if message is not None else None
+    from_k8s = observed_pod(_k8s_pod(job.metadata.name, exit_code, text))
+    from_local = observed_pod_from_process(
+        name=pod_name(job.metadata.name, "train", 1, 0), role="train", attempt=1, rank=0,
+        exit_code=exit_code, termination_message=message or {},
+    )
+    assert from_k8s == from_local
+
+    # Drive the core to "training, gang formed", then compare the two shells' decisions.
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    running = observed_pod(_k8s_pod(job.metadata.name, None, None))
+    assert running is not None
+    status = None
+    for _ in range(4):
+        job = job.model_copy(update={"status": status})
+        base = Observed(pods=(running,), service=True, configmap=True)
+        status = reconcile(job, base, now).status
+    job = job.model_copy(update={"status": status})
+    assert status is not None and status.phase == "Training"
+    d_k8s = reconcile(job, Observed(pods=(from_k8s,), service=True, configmap=True), now)
+    d_local = reconcile(job, Observed(pods=(from_local,), service=True, configmap=True), now)
+    assert d_k8s == d_local

@@ -1,0 +1,584 @@
+"""The operator over HTTP: kopf (in-process, via kopf.testing.KopfRunner) against kmock's
+Kubernetes emulator with the realism layer of ``kube_emulator``, driven by the real ``kubectl``.
+
+Pods never run here: the tests play the scheduler and kubelet by binding pods to nodes and
+patching pod status, and stand in for rank 0's metrics endpoint with the trainer's own metrics
+module served on 127.0.0.1 (every pod gets that IP). What this cannot show: real scheduling,
+a real API server's admission chain, and anything on Trainium.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kopf.testing import KopfRunner
+from kube_emulator import (
+    HEALTH_LABEL,
+    ROOT,
+    ApiError,
+    Client,
+    Cluster,
+    EmulatorThread,
+    Kubelet,
+    RecordedRequest,
+    TrainerMetrics,
+    cluster_fixture,  # noqa: F401  (the `cluster` fixture)
+    label_matcher,
+    wait_for,
+)
+from llamajob import handlers, metrics
+from llamajob.permissions import grants, triples
+
+JOB = "llm"
+OPERATOR_AGENTS = ("kopf/", "llamajob-operator/")
+
+
+# --- helpers ------------------------------------------------------------------------------------
+def example(name: str, *, job: str = JOB, nodes: int | None = None,
+            **restart: Any) -> dict[str, Any]:
+    """An example job with a test-friendly restart policy (no backoff unless asked)."""
+    doc = yaml.safe_load((ROOT / "examples" / name).read_text())
+    doc["metadata"] = {"name": job}
+    policy = doc["spec"].setdefault("restartPolicy", {})
+    policy.update({"backoffSeconds": 0, **restart})
+    if nodes is not None:
+        doc["spec"]["cluster"]["nodes"] = nodes
+    return doc
+
+
+def apply(cluster: Cluster, doc: dict[str, Any], tmp_path: Path) -> str:
+    path = tmp_path / f"{doc['metadata']['name']}.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return cluster.kubectl("apply", "-f", str(path))
+
+
+def status(cluster: Cluster, job: str = JOB) -> dict[str, Any]:
+    return cluster.client.get("llamatrainingjobs", job).get("status") or {}
+
+
+def condition(st: dict[str, Any], type_: str) -> dict[str, Any]:
+    return next((c for c in st.get("conditions", []) if c["type"] == type_), {})
+
+
+def pods(cluster: Cluster, job: str = JOB, **labels: Any) -> list[dict[str, Any]]:
+    selector = ",".join([f"llamajob.dev/job={job}"] + [
+        f"llamajob.dev/{k}={v}" for k, v in labels.items()
+    ])
+    found = cluster.client.list("pods", labels=selector)
+    return sorted(found, key=lambda p: int(p["metadata"]["labels"]["llamajob.dev/rank"]))
+
+
+def gang(cluster: Cluster, role: str, attempt: int, size: int, job: str = JOB) -> list[dict]:
+    return wait_for(
+        lambda: (found := pods(cluster, job, role=role, attempt=attempt)) and len(found) == size
+        and found,
+        what=f"{size} {role} pod(s) of attempt {attempt}",
+    )
+
+
+def run_all(cluster: Cluster, members: list[dict[str, Any]], nodes: list[str]) -> None:
+    for pod, node in zip(members, nodes, strict=True):
+        cluster.kubelet.run(pod["metadata"]["name"], node)
+
+
+def finish_all(cluster: Cluster, members: list[dict[str, Any]], code: int = 0,
+               message: dict[str, Any] | None = None) -> None:
+    for pod in members:
+        cluster.kubelet.finish(pod["metadata"]["name"], code, message=message)
+
+
+def wait_phase(cluster: Cluster, phase: str, job: str = JOB, timeout: float = 30) -> dict:
+    return wait_for(lambda: (st := status(cluster, job)).get("phase") == phase and st,
+                    timeout=timeout, what=f"phase {phase}")
+
+
+def events(cluster: Cluster, job: str = JOB) -> list[dict[str, Any]]:
+    return cluster.client.list("events", fields=f"involvedObject.name={job}")
+
+
+def reasons(cluster: Cluster, job: str = JOB) -> list[str]:
+    return [e["reason"] for e in sorted(events(cluster, job),
+                                        key=lambda e: e["metadata"]["resourceVersion"])]
+
+
+def env_of(pod: dict[str, Any]) -> dict[str, Any]:
+    return {e["name"]: e.get("value", e.get("valueFrom"))
+            for e in pod["spec"]["containers"][0]["env"]}
+
+
+def operator_requests(cluster: Cluster) -> list[RecordedRequest]:
+    return [r for r in cluster.emu.requests() if r.user_agent.startswith(OPERATOR_AGENTS)]
+
+
+def assert_permitted(requests: list[RecordedRequest], *, scope: str,
+                     namespaces: set[str] | None = None, peering: bool = False) -> None:
+    """Every request the operator made is allowed by permissions.py, with RBAC's scoping: a
+    namespaced request may use the Role and the ClusterRole, a cluster-wide one only the
+    ClusterRole."""
+    g = grants(scope, peering=peering)  # type: ignore[arg-type]
+    cluster_wide, in_namespace = triples(g.cluster), triples(g.cluster) | triples(g.namespaced)
+    denied = set()
+    for r in requests:
+        if r.rbac is None:
+            continue  # discovery (/api, /apis, /version) is open to every authenticated user
+        ok = in_namespace if r.namespace and (namespaces is None or r.namespace in namespaces) \
+            else cluster_wide
+        if r.rbac not in ok:
+            denied.add((r.rbac, r.namespace or "<cluster>"))
+    assert not denied, f"requests not covered by permissions.py: {sorted(denied)}"
+    assert any(r.rbac and r.rbac[2] == "create" for r in requests), "no writes recorded at all"
+
+
+@contextlib.contextmanager
+def run_operator(cluster: Cluster, monkeypatch: pytest.MonkeyPatch,
+                 *args: str, **config: Any) -> Iterator[KopfRunner]:
+    monkeypatch.setenv("KUBECONFIG", str(cluster.kubeconfig))
+    saved = handlers.CONFIG
+    handlers.CONFIG = handlers.OperatorConfig(**{"progress_interval": 0.3, **config})
+    scope = list(args) or ["--all-namespaces"]
+    try:
+        with KopfRunner(["run", "--standalone", *scope, "-m", "llamajob.handlers"],
+                        timeout=60) as runner:
+            yield runner
+    finally:
+        handlers.CONFIG = saved
+    assert runner.exception is None, runner.output
+
+
+@pytest.fixture
+def trainer() -> Iterator[TrainerMetrics]:
+    with TrainerMetrics(JOB) as server:
+        yield server
+
+
+@pytest.fixture
+def operator(cluster: Cluster, trainer: TrainerMetrics,
+             monkeypatch: pytest.MonkeyPatch) -> Iterator[KopfRunner]:
+    with run_operator(cluster, monkeypatch, trainer_metrics_port=trainer.port) as runner:
+        yield runner
+
+
+def sample(name: str) -> float:
+    value = metrics.REGISTRY.get_sample_value(name)
+    return value or 0.0
+
+
+# --- the emulator's realism layer, on its own -----------------------------------------------
+def test_emulator_metadata_selectors_status_subresource_and_gc(cluster: Cluster) -> None:
+    c = cluster.client
+    owner = c.create("configmaps", {"metadata": {"name": "owner", "labels": {"a": "1"}}})
+    assert owner["metadata"]["uid"] and owner["metadata"]["resourceVersion"]
+    assert owner["metadata"]["creationTimestamp"].endswith("Z")
+    ref = {"apiVersion": "v1", "kind": "ConfigMap", "name": "owner",
+           "uid": owner["metadata"]["uid"]}
+    pod = c.create("pods", {"metadata": {"generateName": "p-", "labels": {"a": "2"},
+                                         "ownerReferences": [ref]},
+                            "spec": {"containers": []}, "status": {"phase": "Running"}})
+    name = pod["metadata"]["name"]
+    assert name.startswith("p-") and len(name) == 7
+    assert pod["status"] == {"phase": "Pending"}, "the API server owns a new pod's status"
+    with pytest.raises(ApiError) as err:
+        c.create("pods", {"metadata": {"name": name}, "spec": {}})
+    assert err.value.status == 409
+
+    assert [p["metadata"]["name"] for p in c.list("pods", labels="a in (2,3)")] == [name]
+    assert c.list("pods", labels="a!=2") == []
+    assert c.list("pods", fields=f"metadata.name={name}")[0]["metadata"]["name"] == name
+
+    rv = pod["metadata"]["resourceVersion"]
+    same = c.patch("pods", name, {"status": {"phase": "Pending"}}, sub="status")
+    assert same["metadata"]["resourceVersion"] == rv, "a no-op patch is no new version"
+    moved = c.patch("pods", name, {"spec": {"nodeName": "n1"}, "status": {"phase": "Failed"}})
+    assert moved["status"]["phase"] == "Pending", "status changes only through /status"
+    assert moved["metadata"]["generation"] == 2
+    ran = c.patch("pods", name, {"spec": {"nodeName": "n2"}, "status": {"phase": "Running"}},
+                  sub="status")
+    assert ran["status"]["phase"] == "Running" and ran["spec"]["nodeName"] == "n1"
+
+    c.delete("configmaps", "owner")
+    assert c.find("pods", name) is None, "dependents are garbage-collected with their owner"
+
+
+def test_emulator_watch_resumes_from_resource_version(cluster: Cluster) -> None:
+    import urllib.request
+
+    c = cluster.client
+    first = c.create("configmaps", {"metadata": {"name": "one"}})
+    c.create("configmaps", {"metadata": {"name": "two", "labels": {"x": "y"}}})
+    c.patch("configmaps", "one", {"metadata": {"labels": {"x": "y"}}})
+    url = (f"{cluster.emu.url}/api/v1/namespaces/default/configmaps?watch=true&labelSelector=x"
+           f"&resourceVersion={first['metadata']['resourceVersion']}&timeoutSeconds=1")
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        assert resp.headers["Content-Type"].startswith("application/json")
+        lines = [json.loads(line) for line in resp.read().splitlines() if line.strip()]
+    seen = [(e["type"], e["object"]["metadata"]["name"]) for e in lines]
+    # "one" was created before the given version (not replayed) and entered the selector later.
+    assert seen == [("ADDED", "two"), ("ADDED", "one")]
+
+
+def test_label_matcher_grammar() -> None:
+    match = label_matcher("a=1,b!=2,c in (x, y),d notin (z),e,!f")
+    assert match({"a": "1", "b": "3", "c": "y", "d": "w", "e": ""})
+    assert not match({"a": "1", "b": "3", "c": "y", "d": "w", "e": "", "f": "1"})
+    assert not match({"a": "1", "b": "2", "c": "y", "e": ""})
+    assert not match({"a": "1", "c": "q", "e": ""})
+
+
+# --- scenarios --------------------------------------------------------------------------------
+def test_happy_path_70b_compile_train_succeed(
+    cluster: Cluster, operator: KopfRunner, trainer: TrainerMetrics, tmp_path: Path
+) -> None:
+    nodes = cluster.add_nodes(16)
+    created_before = sample("llamajob_pods_created_total")
+    doc = example("llama3-70b.yaml")
+    assert "created" in apply(cluster, doc, tmp_path)
+    job = cluster.client.get("llamatrainingjobs", JOB)
+
+    compile_pods = gang(cluster, "compile", 1, 16)
+    assert status(cluster)["phase"] == "Compiling"
+    assert cluster.client.find("services", JOB) is not None
+    config = cluster.client.get("configmaps", f"{JOB}-config")
+    assert "llama3-70b" in config["data"]["config.yaml"]
+    for rank, pod in enumerate(compile_pods):
+        spec = pod["spec"]
+        container = spec["containers"][0]
+        assert pod["metadata"]["name"] == f"{JOB}-compile-a1-{rank}"
+        assert pod["metadata"]["ownerReferences"][0]["uid"] == job["metadata"]["uid"]
+        resources = container["resources"]
+        assert resources["requests"] == resources["limits"]
+        assert resources["limits"]["aws.amazon.com/neuron"] == 16
+        assert resources["limits"]["vpc.amazonaws.com/efa"] == 8
+        cmd = container["command"]
+        assert cmd[:2] == ["neuron_parallel_compile", "torchrun"]
+        assert cmd[cmd.index("--nnodes") + 1] == "16"
+        assert cmd[cmd.index("--nproc_per_node") + 1] == "32"
+        assert cmd[cmd.index("--node_rank") + 1] == str(rank)
+        assert cmd[cmd.index("--master_addr") + 1].startswith(f"{JOB}-compile-a1-0.{JOB}.")
+        env = env_of(pod)
+        assert env["FI_PROVIDER"] == "efa" and env["FI_EFA_USE_DEVICE_RDMA"] == "1"
+        assert "--cache_dir=/fsx/neuron-cache" in env["NEURON_CC_FLAGS"]
+        assert env["HF_TOKEN"] == {"secretKeyRef": {"name": "hf-token", "key": "token"}}
+        assert spec["nodeSelector"] == {"node.kubernetes.io/instance-type": "ml.trn1.32xlarge",
+                                        HEALTH_LABEL: "Schedulable"}
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        assert volumes["fsx"]["persistentVolumeClaim"]["claimName"] == "fsx-claim"
+        assert any(v.get("emptyDir", {}).get("medium") == "Memory" for v in volumes.values())
+        assert spec["restartPolicy"] == "Never"
+
+    run_all(cluster, compile_pods, nodes)
+    wait_for(lambda: condition(status(cluster), "Running").get("status") == "True",
+             what="compile gang running")
+    finish_all(cluster, compile_pods, 0, {"compileCached": False, "compileKey": "k70b"})
+    train_pods = gang(cluster, "train", 1, 16)
+    st = wait_phase(cluster, "Training")
+    assert condition(st, "Compiled")["reason"] == "CompileFinished"
+    assert st["compileKey"] == "k70b"
+    for rank, pod in enumerate(train_pods):
+        cmd = pod["spec"]["containers"][0]["command"]
+        assert cmd[0] == "torchrun" and cmd[cmd.index("--node_rank") + 1] == str(rank)
+        assert cmd[cmd.index("train") - 1] == "llamajob.cli"
+
+    trainer.set(step=10, loss=2.5, tokens_per_second=33000.0, mfu=0.31, max_steps=1000)
+    run_all(cluster, train_pods, nodes)
+    st = wait_for(lambda: (s := status(cluster)).get("step") == 10 and s, what="step 10")
+    assert st["loss"] == 2.5 and st["tokensPerSecond"] == 33000.0 and st["mfu"] == 0.31
+    table = cluster.kubectl("get", "ltj")
+    header, row = table.splitlines()[:2]
+    assert header.split()[:5] == ["NAME", "PHASE", "STEP", "LOSS", "TOKENS/S"]
+    assert "RESTARTS" in header
+    assert row.split()[:6] == [JOB, "Training", "10", "2.5", "33000", "0"]
+
+    trainer.set(step=20, loss=2.25, last_checkpoint_step=20)
+    st = wait_for(lambda: (s := status(cluster)).get("lastCheckpointStep") == 20 and s,
+                  what="checkpoint 20")
+    assert st["step"] == 20 and st["etaSeconds"] > 0
+    finish_all(cluster, train_pods, 0)
+    st = wait_phase(cluster, "Succeeded")
+    assert st["restarts"] == 0 and st["completionTime"]
+    assert condition(st, "Succeeded")["status"] == "True"
+    got = reasons(cluster)
+    for reason in ("Validated", "CompileStarted", "CompileFinished", "TrainingStarted",
+                   "CheckpointSaved", "Succeeded"):
+        assert reason in got
+    assert sample("llamajob_pods_created_total") - created_before == 32
+    everything = json.dumps([status(cluster), events(cluster)])
+    assert "hf-token" not in everything  # secrets are referenced by pods only
+    # Compile pods went when training started; finished training pods stay for their logs.
+    assert [p["metadata"]["name"] for p in pods(cluster)] == [
+        f"{JOB}-train-a1-{r}" for r in range(16)
+    ]
+    assert_permitted(operator_requests(cluster), scope="cluster")
+
+
+def test_compile_skipped_on_cached_marker(
+    cluster: Cluster, operator: KopfRunner, tmp_path: Path
+) -> None:
+    nodes = cluster.add_nodes(1)
+    apply(cluster, example("llama3-8b.yaml"), tmp_path)
+    compile_pods = gang(cluster, "compile", 1, 1)
+    run_all(cluster, compile_pods, nodes)
+    finish_all(cluster, compile_pods, 0, {"compileCached": True, "compileKey": "cached-key"})
+    gang(cluster, "train", 1, 1)
+    st = wait_phase(cluster, "Training")
+    assert condition(st, "Compiled") | {"reason": "CompileSkipped", "status": "True"} == \
+        condition(st, "Compiled")
+    assert "CompileSkipped" in reasons(cluster)
+    assert "CompileFinished" not in reasons(cluster)
+
+
+def test_worker_on_unhealthy_node_gang_restart_avoids_node(
+    cluster: Cluster, operator: KopfRunner, tmp_path: Path
+) -> None:
+    nodes = cluster.add_nodes(5)
+    apply(cluster, example("llama3-8b.yaml", nodes=4, maxRestarts=3), tmp_path)
+    first = gang(cluster, "compile", 1, 4)
+    run_all(cluster, first, nodes[:4])
+    finish_all(cluster, first, 0, {"compileCached": False})
+    train = gang(cluster, "train", 1, 4)
+    run_all(cluster, train, nodes[:4])
+    wait_for(lambda: condition(status(cluster), "Running").get("status") == "True",
+             what="training gang running")
+    restarts_before = metrics.REGISTRY.get_sample_value(
+        "llamajob_job_restarts_total", {"job": JOB, "namespace": "default"}) or 0.0
+    latency_before = sample("llamajob_restart_latency_seconds_count")
+
+    # HyperPod's health agent marks node 2 for replacement; its worker dies with it.
+    cluster.client.patch("nodes", nodes[2], {"metadata": {"labels": {
+        HEALTH_LABEL: "UnschedulablePendingReplacement"}}})
+    cluster.kubelet.finish(train[2]["metadata"]["name"], 137, reason="Error")
+
+    second = gang(cluster, "train", 2, 4)
+    st = wait_phase(cluster, "Training")
+    assert st["attempt"] == 2 and st["restarts"] == 1
+    assert nodes[2] in st["faultyNodes"]
+    assert st["faults"][-1]["node"] == nodes[2]
+    for pod in second:
+        terms = pod["spec"]["affinity"]["nodeAffinity"][
+            "requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+        assert {"key": "metadata.name", "operator": "NotIn", "values": [nodes[2]]} in \
+            terms[0]["matchFields"]
+    wait_for(lambda: not pods(cluster, attempt=1, role="train"), what="old gang deleted")
+    got = reasons(cluster)
+    assert "NodeFault" in got and "Restarting" in got
+    assert (metrics.REGISTRY.get_sample_value(
+        "llamajob_job_restarts_total", {"job": JOB, "namespace": "default"}) or 0) == \
+        restarts_before + 1
+    assert sample("llamajob_restart_latency_seconds_count") == latency_before + 1
+    assert_permitted(operator_requests(cluster), scope="cluster")
+
+
+def test_plain_crash_restarts_without_blaming_the_node(
+    cluster: Cluster, operator: KopfRunner, tmp_path: Path
+) -> None:
+    nodes = cluster.add_nodes(2)
+    doc = example("llama3-8b.yaml", nodes=2)
+    doc["spec"]["compile"]["enabled"] = False
+    apply(cluster, doc, tmp_path)
+    train = gang(cluster, "train", 1, 2)
+    run_all(cluster, train, nodes)
+    detection_before = sample("llamajob_fault_detection_seconds_count")
+    detection_sum = sample("llamajob_fault_detection_seconds_sum")
+    cluster.kubelet.finish(train[1]["metadata"]["name"], 1,
+                           message={"reason": "RuntimeError", "message": "NaN loss"})
+    second = gang(cluster, "train", 2, 2)
+    st = wait_phase(cluster, "Training")
+    assert st["restarts"] == 1 and st["faultyNodes"] == []
+    assert "NaN loss" in st["faults"][-1]["message"]
+    assert "nodeAffinity" not in second[0]["spec"]["affinity"]
+    # Detection is measured from the container's finishedAt (whole seconds) to the decision.
+    assert sample("llamajob_fault_detection_seconds_count") == detection_before + 1
+    assert 0 <= sample("llamajob_fault_detection_seconds_sum") - detection_sum < 2.5
+
+
+def test_permanent_error_fails_without_restart(
+    cluster: Cluster, operator: KopfRunner, tmp_path: Path
+) -> None:
+    nodes = cluster.add_nodes(2)
+    doc = example("llama3-8b.yaml", nodes=2)
+    doc["spec"]["compile"]["enabled"] = False
+    apply(cluster, doc, tmp_path)
+    train = gang(cluster, "train", 1, 2)
+    run_all(cluster, train, nodes)
+    cluster.kubelet.finish(train[0]["metadata"]["name"], 78, message={
+        "reason": "ConfigError", "permanent": True, "message": "tokenizer not found"})
+    st = wait_phase(cluster, "Failed")
+    assert condition(st, "Failed")["reason"] == "TrainerError"
+    assert st["restarts"] == 0 and "tokenizer not found" in st["message"]
+    time.sleep(0.5)  # give a wrong restart the chance to show up
+    assert pods(cluster, attempt=2) == []
+    assert "Failed" in reasons(cluster)
+    # The still-running rank is stopped; the failed one stays for its logs.
+    wait_for(lambda: [p["metadata"]["name"] for p in pods(cluster)] ==
+             [train[0]["metadata"]["name"]], what="running pods stopped")
+
+
+def test_max_restarts_exhausted(cluster: Cluster, operator: KopfRunner, tmp_path: Path) -> None:
+    nodes = cluster.add_nodes(1)
+    doc = example("llama3-8b.yaml", maxRestarts=1)
+    doc["spec"]["compile"]["enabled"] = False
+    apply(cluster, doc, tmp_path)
+    for attempt in (1, 2):
+        (pod,) = gang(cluster, "train", attempt, 1)
+        run_all(cluster, [pod], nodes)
+        cluster.kubelet.finish(pod["metadata"]["name"], 137, reason="OOMKilled")
+    st = wait_phase(cluster, "Failed")
+    assert condition(st, "Failed")["reason"] == "BackoffLimitExceeded"
+    assert st["restarts"] == 1 and st["attempt"] == 2
+    time.sleep(0.5)
+    assert pods(cluster, attempt=3) == []
+
+
+def test_hang_detected_from_metrics_restarts_gang(
+    cluster: Cluster, operator: KopfRunner, trainer: TrainerMetrics, tmp_path: Path
+) -> None:
+    nodes = cluster.add_nodes(1)
+    doc = example("llama3-8b.yaml", hangTimeoutSeconds=2)
+    doc["spec"]["compile"]["enabled"] = False
+    apply(cluster, doc, tmp_path)
+    (pod,) = gang(cluster, "train", 1, 1)
+    trainer.set(step=5, loss=3.0)
+    run_all(cluster, [pod], nodes)
+    wait_for(lambda: status(cluster).get("step") == 5, what="step 5")
+    scrapes = trainer.requests
+    # The step stops moving: after hangTimeoutSeconds the gang is restarted.
+    (second,) = gang(cluster, "train", 2, 1)
+    st = status(cluster)
+    assert st["restarts"] == 1
+    assert st["faults"][-1]["reason"] == "Hang"
+    assert trainer.requests > scrapes, "the timer kept reading rank 0 while the step was stuck"
+    assert "Hang" in reasons(cluster)
+    assert second["metadata"]["name"] == f"{JOB}-train-a2-0"
+
+
+@pytest.mark.parametrize(
+    ("mutate", "field"),
+    [
+        # Passes the CRD schema, fails the models (a cross-field check): the shell's parse.
+        (lambda d: d["spec"]["optimizer"].update(lr=0.0001, minLr=0.01), "spec.optimizer"),
+        # Valid object, impossible layout: the planner.
+        (lambda d: d["spec"]["parallelism"].update(tensor=7), "spec.parallelism"),
+    ],
+    ids=["model-validation", "planner"],
+)
+def test_invalid_spec_fails_with_event_and_no_pods(
+    cluster: Cluster, operator: KopfRunner, tmp_path: Path, mutate: Any, field: str
+) -> None:
+    doc = example("llama3-8b.yaml")
+    mutate(doc)
+    apply(cluster, doc, tmp_path)
+    st = wait_phase(cluster, "Failed")
+    failed = condition(st, "Failed")
+    assert failed["reason"] == "InvalidSpec"
+    assert field in st["message"]
+    assert condition(st, "Validated")["status"] == "False"
+    warning = wait_for(lambda: [e for e in events(cluster) if e["type"] == "Warning"],
+                       what="a Warning event")
+    assert "InvalidSpec" in warning[0]["message"]
+    time.sleep(0.5)
+    assert pods(cluster) == []
+
+
+def test_operator_restart_mid_run_converges_without_duplicates(
+    cluster: Cluster, trainer: TrainerMetrics, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    nodes = cluster.add_nodes(4)
+    created_before = sample("llamajob_pods_created_total")
+    config = {"trainer_metrics_port": trainer.port}
+    with run_operator(cluster, monkeypatch, **config):
+        apply(cluster, example("llama3-8b.yaml", nodes=4), tmp_path)
+        compile_pods = gang(cluster, "compile", 1, 4)
+        run_all(cluster, compile_pods, nodes)
+    # While no operator runs, the compile step finishes.
+    finish_all(cluster, compile_pods, 0, {"compileCached": False})
+    with run_operator(cluster, monkeypatch, **config):
+        train = gang(cluster, "train", 1, 4)
+        run_all(cluster, train, nodes)
+        wait_for(lambda: condition(status(cluster), "Running").get("status") == "True",
+                 what="training running")
+    # Down again: a worker dies meanwhile; the next operator restarts the gang exactly once.
+    cluster.kubelet.finish(train[3]["metadata"]["name"], 1)
+    with run_operator(cluster, monkeypatch, **config):
+        gang(cluster, "train", 2, 4)
+        st = wait_phase(cluster, "Training")
+        assert st["restarts"] == 1 and st["attempt"] == 2
+        wait_for(lambda: len(pods(cluster)) == 4, what="old pods cleaned up")
+        time.sleep(0.5)  # room for a wrong extra create or restart to show
+    st = status(cluster)
+    assert st["restarts"] == 1 and st["attempt"] == 2
+    assert [p["metadata"]["name"] for p in pods(cluster)] == [
+        f"{JOB}-train-a2-{r}" for r in range(4)
+    ]
+    # Three operator processes, one compile gang and two training gangs: 12 pods created,
+    # none of them twice (a duplicate POST would have been answered 409 and not counted).
+    assert sample("llamajob_pods_created_total") - created_before == 12
+    assert len([e for e in events(cluster) if e["reason"] == "Restarting"]) == 1
+
+
+def test_deleting_the_job_removes_its_children(
+    cluster: Cluster, operator: KopfRunner, tmp_path: Path
+) -> None:
+    cluster.add_nodes(1)
+    apply(cluster, example("llama3-8b.yaml"), tmp_path)
+    gang(cluster, "compile", 1, 1)
+    assert cluster.client.find("configmaps", f"{JOB}-config") is not None
+    cluster.kubectl("delete", "ltj", JOB)
+    assert pods(cluster) == []
+    assert cluster.client.find("services", JOB) is None
+    assert cluster.client.find("configmaps", f"{JOB}-config") is None
+    time.sleep(0.5)
+    assert cluster.client.find("services", JOB) is None, "no worker recreated children"
+    assert cluster.kubectl("get", "ltj", check=False).strip().startswith("No resources")
+
+
+def test_namespaced_operator_only_uses_role_permissions(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with EmulatorThread() as emu:
+        emu.install_crd()
+        client = Client(emu.url)
+        for ns in ("team-a", "team-b"):
+            client.create("namespaces", {"metadata": {"name": ns}})
+        kubeconfig = emu.write_kubeconfig(tmp_path / "kubeconfig", namespace="team-a")
+        cluster_ = Cluster(emu, client, Kubelet(client, "team-a"), kubeconfig)
+        nodes = cluster_.add_nodes(1)
+        with run_operator(cluster_, monkeypatch, "--namespace", "team-a"):
+            for ns in ("team-a", "team-b"):
+                doc = example("llama3-8b.yaml")
+                doc["metadata"]["namespace"] = ns
+                doc["spec"]["compile"]["enabled"] = False
+                client.create("llamatrainingjobs", doc, ns)
+            (pod,) = wait_for(lambda: client.list("pods", "team-a"), what="team-a pod")
+            cluster_.kubelet.run(pod["metadata"]["name"], nodes[0])
+            cluster_.kubelet.finish(pod["metadata"]["name"], 0)
+            wait_for(lambda: (client.get("llamatrainingjobs", JOB, "team-a").get("status") or {})
+                     .get("phase") == "Succeeded", what="team-a job succeeded")
+            time.sleep(0.3)
+            assert client.list("pods", "team-b") == [], "a job outside --namespace is ignored"
+            assert "status" not in client.get("llamatrainingjobs", JOB, "team-b")
+        assert_permitted(operator_requests(cluster_), scope="namespace", namespaces={"team-a"})
+
+
+def test_idle_job_makes_no_api_requests(
+    cluster: Cluster, operator: KopfRunner, trainer: TrainerMetrics, tmp_path: Path
+) -> None:
+    nodes = cluster.add_nodes(1)
+    doc = example("llama3-8b.yaml", hangTimeoutSeconds=0)
+    doc["spec"]["compile"]["enabled"] = False
+    apply(cluster, doc, tmp_path)
+    (pod,) = gang(cluster, "train", 1, 1)
+    trainer.set(step=7, loss=2.0)
+    run_all(cluster, [pod], nodes)
+    wait_for(lambda: status(cluster).get("step") == 7, what="step 7")
+    time.sleep(0.5)
+    cluster.emu.clear_requests()
+    scrapes = trainer.requests
+    time.sleep(2.0)  # several progress intervals of 0.3 s
+    assert trainer.requests >= scrapes + 3, "the progress timer keeps reading rank 0"
+    assert operator_requests(cluster) == [], "nothing changed, so nothing was written"

@@ -1,0 +1,246 @@
+"""`llamajob operator` as a real process against the emulated cluster, with a kubeconfig.
+
+Covers what only a process shows: the console script and its flags, the metrics and liveness
+endpoints, peering, and being killed (SIGKILL, no clean-up) and started again mid-run.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from kube_emulator import (
+    ROOT,
+    Cluster,
+    TrainerMetrics,
+    cluster_fixture,  # noqa: F401  (the `cluster` fixture)
+    wait_for,
+)
+from llamajob import operator_cli
+from test_operator_http import (
+    JOB,
+    apply,
+    assert_permitted,
+    condition,
+    example,
+    finish_all,
+    gang,
+    operator_requests,
+    pods,
+    run_all,
+    status,
+    wait_phase,
+)
+
+BIN = Path(sys.executable).parent / "llamajob"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class OperatorProcess:
+    def __init__(self, cluster: Cluster, log: Path, *args: str) -> None:
+        self.metrics_port, self.liveness_port = free_port(), free_port()
+        self.argv = [
+            str(BIN), "operator", "--verbose",
+            "--metrics-port", str(self.metrics_port),
+            "--liveness-port", str(self.liveness_port),
+            "--progress-interval", "0.3",
+            *args,
+        ]
+        self.env = dict(os.environ, KUBECONFIG=str(cluster.kubeconfig))
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> OperatorProcess:
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(self.argv, env=self.env, stdout=out,
+                                         stderr=subprocess.STDOUT)
+        wait_for(self.healthy, timeout=60, what="the operator's liveness endpoint")
+        return self
+
+    def healthy(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"operator exited with {self.proc.returncode}:\n"
+                                 f"{self.log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(
+                f"http://127.0.0.1:{self.liveness_port}/healthz", timeout=2
+            ) as resp:
+                return resp.status == 200
+        except OSError:
+            return False
+
+    def scrape(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics",
+                                    timeout=5) as resp:
+            return resp.read().decode()
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(30)
+
+    def stop(self) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        return self.proc.returncode
+
+
+Starter = Callable[..., OperatorProcess]
+
+
+@pytest.fixture
+def start_operator(cluster: Cluster, tmp_path: Path) -> Iterator[Starter]:
+    started: list[OperatorProcess] = []
+
+    def start(*args: str) -> OperatorProcess:
+        proc = OperatorProcess(cluster, tmp_path / "operator.log", *args).start()
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        if proc.proc is not None and proc.proc.poll() is None:
+            proc.stop()
+
+
+def test_killed_and_restarted_mid_run_converges_without_duplicates(
+    cluster: Cluster, start_operator: Starter, tmp_path: Path
+) -> None:
+    nodes = cluster.add_nodes(4)
+    with TrainerMetrics(JOB) as trainer:
+        args = ("--trainer-metrics-port", str(trainer.port))
+        first = start_operator(*args)
+        apply(cluster, example("llama3-8b.yaml", nodes=4), tmp_path)
+        compile_pods = gang(cluster, "compile", 1, 4)
+        run_all(cluster, compile_pods, nodes)
+        finish_all(cluster, compile_pods[:2], 0, {"compileCached": False})
+        first.kill()  # SIGKILL: no clean-up, no goodbye
+
+        # The rest of the compile gang finishes while nobody watches.
+        finish_all(cluster, compile_pods[2:], 0, {"compileCached": False})
+        second = start_operator(*args)
+        train = gang(cluster, "train", 1, 4)
+        trainer.set(step=3, loss=4.0)
+        run_all(cluster, train, nodes)
+        wait_for(lambda: status(cluster).get("step") == 3, what="progress from rank 0")
+        second.kill()
+        third = start_operator(*args)
+        finish_all(cluster, train, 0)
+        st = wait_phase(cluster, "Succeeded")
+        text = third.scrape()
+        assert 'llamajob_jobs{namespace="default",phase="Succeeded"} 1.0' in text
+    assert st["restarts"] == 0 and st["attempt"] == 1
+    assert condition(st, "Compiled")["reason"] == "CompileFinished"
+    creates = [r for r in cluster.emu.requests()
+               if r.method == "POST" and r.plural == "pods"]
+    # Three processes, eight pods, each created exactly once: nothing re-created, and the
+    # restarted processes did not even try (their indices were complete before deciding).
+    assert len(creates) == 8, [r.path for r in creates]
+    assert [p["metadata"]["name"] for p in pods(cluster)] == [
+        f"{JOB}-train-a1-{r}" for r in range(4)
+    ]
+    assert_permitted(operator_requests(cluster), scope="cluster")
+
+
+def test_metrics_and_liveness_endpoints(cluster: Cluster, start_operator: Starter,
+                                        tmp_path: Path) -> None:
+    nodes = cluster.add_nodes(1)
+    proc = start_operator()
+    doc = example("llama3-8b.yaml")
+    doc["spec"]["compile"]["enabled"] = False
+    apply(cluster, doc, tmp_path)
+    (pod,) = gang(cluster, "train", 1, 1)
+    run_all(cluster, [pod], nodes)
+    wait_for(lambda: 'llamajob_jobs{namespace="default",phase="Training"} 1.0' in proc.scrape(),
+             what="the jobs gauge")
+    text = proc.scrape()
+    for name in ("llamajob_job_restarts_total", "llamajob_reconcile_duration_seconds_bucket",
+                 "llamajob_fault_detection_seconds_count", "llamajob_restart_latency_seconds",
+                 "llamajob_pods_created_total 1.0", "llamajob_api_errors_total 0.0"):
+        assert name in text
+    assert proc.stop() == 0, "SIGTERM is a clean shutdown"
+
+
+def test_namespace_flag_confines_the_operator(cluster: Cluster, start_operator: Starter) -> None:
+    client = cluster.client
+    client.create("namespaces", {"metadata": {"name": "team-a"}})
+    cluster.add_nodes(1)
+    start_operator("--namespace", "team-a")
+    for ns in ("default", "team-a"):
+        doc = example("llama3-8b.yaml")
+        doc["metadata"]["namespace"] = ns
+        client.create("llamatrainingjobs", doc, ns)
+    wait_for(lambda: client.list("pods", "team-a"), what="a pod in team-a")
+    time.sleep(0.5)
+    assert client.list("pods", "default") == []
+    assert "status" not in client.get("llamatrainingjobs", JOB, "default")
+
+
+def test_peering_mode(cluster: Cluster, start_operator: Starter) -> None:
+    crd = yaml.safe_load((ROOT / "charts/llamajob/crds/clusterkopfpeerings.kopf.dev.yaml")
+                         .read_text())
+    cluster.emu.call(cluster.emu.emulator.install_crd, crd)
+    from kube_emulator import API_PATHS, CLUSTER_SCOPED
+
+    API_PATHS["clusterkopfpeerings"] = "apis/kopf.dev/v1"
+    CLUSTER_SCOPED.add("clusterkopfpeerings")
+    cluster.client.create("clusterkopfpeerings", {
+        "apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering",
+        "metadata": {"name": "llamajob"},
+    })
+    cluster.add_nodes(1)
+    start_operator("--peering", "llamajob")
+    peering = wait_for(
+        lambda: (cluster.client.get("clusterkopfpeerings", "llamajob").get("status") or None),
+        what="the operator's heartbeat in the peering object")
+    assert len(peering) == 1
+    cluster.client.create("llamatrainingjobs", example("llama3-8b.yaml"))
+    wait_for(lambda: pods(cluster), what="pods created by the peered operator")
+    assert_permitted(operator_requests(cluster), scope="cluster", peering=True)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--namespace", "a", "--all-namespaces"], "not allowed with argument"),
+        (["--peering", "p", "--standalone"], "not allowed with argument"),
+        (["--metrics-port", "70000"], "--metrics-port must be a port number"),
+        (["--progress-interval", "0"], "--progress-interval must be positive"),
+    ],
+)
+def test_bad_flags_are_usage_errors(argv: list[str], message: str,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        operator_cli.main(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_help_lists_the_flags(llamajob_bin: str) -> None:
+    out = subprocess.run([llamajob_bin, "operator", "--help"], capture_output=True, text=True,
+                         timeout=60, cwd=ROOT)
+    assert out.returncode == 0
+    for flag in ("--namespace", "--all-namespaces", "--peering", "--standalone",
+                 "--metrics-port", "--liveness-port", "--verbose"):
+        assert flag in out.stdout

@@ -1,0 +1,546 @@
+"""render.py: the Service, ConfigMap and pods a job becomes, checked field by field and against
+the Kubernetes OpenAPI schema (kubernetes-validate, strict). Pure and fast."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+from conftest import ROOT
+from llamajob import render
+from llamajob.api import LlamaTrainingJob
+from llamajob.jobfile import JobFileError, load_job, parse_job
+from llamajob.plan import make_plan
+from llamajob.render_cli import main as render_main
+from llamajob_trainer import protocol
+from llamajob_trainer.config import TrainerConfig
+
+K8S_VERSION = "1.31.0"
+UID = "0b9f4d1e-7d4e-4b43-9d4f-5a1d2c3b4a5f"
+
+
+def example(name: str, uid: str | None = UID, **cluster: Any) -> LlamaTrainingJob:
+    obj = yaml.safe_load((ROOT / "examples" / f"{name}.yaml").read_text())
+    obj["spec"].setdefault("cluster", {}).update(cluster)
+    if uid:
+        obj["metadata"]["uid"] = uid
+        obj["metadata"]["namespace"] = "training"
+    return parse_job(obj)
+
+
+def env_of(pod: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {e["name"]: e for e in pod["spec"]["containers"][0]["env"]}
+
+
+def container(pod: dict[str, Any]) -> dict[str, Any]:
+    return pod["spec"]["containers"][0]
+
+
+def valid_k8s(doc: dict[str, Any]) -> None:
+    kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+# --- the 70B example: 16 pods on trn1 -----------------------------------------------------------
+@pytest.fixture(scope="module")
+def job70() -> LlamaTrainingJob:
+    return example("llama3-70b")
+
+
+@pytest.fixture(scope="module")
+def gang70(job70: LlamaTrainingJob) -> list[dict[str, Any]]:
+    return render.render_gang(job70, make_plan(job70.spec), render.ROLE_TRAIN, 1)
+
+
+def test_70b_renders_service_configmap_and_both_gangs(job70: LlamaTrainingJob) -> None:
+    docs = render.render_all(job70)
+    kinds = [d["kind"] for d in docs]
+    assert kinds[:2] == ["Service", "ConfigMap"]
+    pods = docs[2:]
+    assert len(pods) == 32 and {d["kind"] for d in pods} == {"Pod"}
+    names = [p["metadata"]["name"] for p in pods]
+    assert names[:16] == [f"llama3-70b-compile-a1-{r}" for r in range(16)]
+    assert names[16:] == [f"llama3-70b-train-a1-{r}" for r in range(16)]
+    assert len(set(names)) == 32
+
+
+def test_70b_training_pod_resources_requests_equal_limits(gang70: list[dict[str, Any]]) -> None:
+    assert len(gang70) == 16
+    for pod in gang70:
+        res = container(pod)["resources"]
+        assert (
+            res["requests"]
+            == res["limits"]
+            == {
+                "aws.amazon.com/neuron": 16,
+                "vpc.amazonaws.com/efa": 8,
+            }
+        )
+
+
+@pytest.mark.parametrize(
+    ("instance", "neuron", "efa"),
+    [("ml.trn1.32xlarge", 16, 8), ("ml.trn1n.32xlarge", 16, 16), ("ml.trn2.48xlarge", 16, 16)],
+)
+def test_device_and_efa_counts_follow_the_catalogue(instance: str, neuron: int, efa: int) -> None:
+    job = example("llama3-70b", instanceType=instance)
+    plan = make_plan(job.spec)
+    assert plan.valid, plan.problems()
+    res = container(render.render_pod(job, plan, "train", 1, 0))["resources"]
+    assert res["limits"] == {"aws.amazon.com/neuron": neuron, "vpc.amazonaws.com/efa": efa}
+    assert res["requests"] == res["limits"]
+
+
+def test_resource_names_overridable_and_cpu_memory_added() -> None:
+    job = example(
+        "llama3-70b",
+        deviceResource="aws.amazon.com/neuroncore",
+        efaResource="example.com/efa",
+        cpu="120",
+        memory="480Gi",
+    )
+    res = container(render.render_pod(job, make_plan(job.spec), "train", 1, 3))["resources"]
+    expected = {
+        "aws.amazon.com/neuroncore": 32,  # counted in cores (one per rank), not devices
+        "example.com/efa": 8,
+        "cpu": "120",
+        "memory": "480Gi",
+    }
+    assert res["requests"] == res["limits"] == expected
+
+
+def test_70b_command_is_torchrun_with_rendezvous_at_pod_0(gang70: list[dict[str, Any]]) -> None:
+    master = "llama3-70b-train-a1-0.llama3-70b.training.svc"
+    for rank, pod in enumerate(gang70):
+        cmd = container(pod)["command"]
+        assert cmd == [
+            "torchrun",
+            "--nnodes", "16",
+            "--nproc_per_node", "32",
+            "--node_rank", str(rank),
+            "--master_addr", master,
+            "--master_port", "29500",
+            "-m", "llamajob.cli", "train", "--config", "/etc/llamajob/config.yaml",
+        ]  # fmt: skip
+        # The master name resolves only if hostname/subdomain match the headless Service.
+        assert pod["spec"]["hostname"] == pod["metadata"]["name"]
+        assert pod["spec"]["subdomain"] == "llama3-70b"
+
+
+def test_compile_pods_run_under_neuron_parallel_compile(job70: LlamaTrainingJob) -> None:
+    pod = render.render_pod(job70, make_plan(job70.spec), "compile", 2, 5)
+    cmd = container(pod)["command"]
+    assert cmd[:2] == ["neuron_parallel_compile", "torchrun"]
+    assert cmd[cmd.index("--node_rank") + 1] == "5"
+    assert cmd[cmd.index("--master_addr") + 1] == "llama3-70b-compile-a2-0.llama3-70b.training.svc"
+    assert cmd[-3:] == ["compile", "--config", render.CONFIG_PATH]
+
+
+def test_70b_env(gang70: list[dict[str, Any]], job70: LlamaTrainingJob) -> None:
+    env = env_of(gang70[0])
+    plain = {k: v["value"] for k, v in env.items() if "value" in v}
+    assert plain["FI_PROVIDER"] == "efa"
+    assert plain["FI_EFA_USE_DEVICE_RDMA"] == "1"
+    assert plain["FI_EFA_FORK_SAFE"] == "1"
+    assert plain["NEURON_RT_NUM_CORES"] == "1"
+    assert "--cache_dir=/fsx/neuron-cache" in plain["NEURON_CC_FLAGS"].split()
+    assert plain["NEURON_RT_ASYNC_EXEC_MAX_INFLIGHT_REQUESTS"] == "3"
+    assert plain["MALLOC_ARENA_MAX"] == "64"
+    assert plain[protocol.TERMINATION_LOG_ENV] == protocol.DEFAULT_TERMINATION_LOG
+    assert plain[protocol.CONFIG_ENV] == render.CONFIG_PATH
+    assert env["HF_TOKEN"] == {
+        "name": "HF_TOKEN",
+        "valueFrom": {"secretKeyRef": {"name": "hf-token", "key": "token"}},
+    }
+    assert len(env) == len(container(gang70[0])["env"])  # each name once
+
+
+def test_user_env_overrides_ours_and_secrets_stay_references() -> None:
+    job = example(
+        "llama3-70b",
+        env=[{"name": "MALLOC_ARENA_MAX", "value": "8"}, {"name": "EXTRA", "value": "x"}],
+        secrets=[{"name": "WANDB_API_KEY", "secretName": "wandb", "key": "api-key"}],
+    )
+    pod = render.render_pod(job, make_plan(job.spec), "train", 1, 0)
+    env = env_of(pod)
+    names = [e["name"] for e in container(pod)["env"]]
+    assert names.count("MALLOC_ARENA_MAX") == 1 and env["MALLOC_ARENA_MAX"]["value"] == "8"
+    assert env["EXTRA"]["value"] == "x"
+    assert env["WANDB_API_KEY"] == {
+        "name": "WANDB_API_KEY",
+        "valueFrom": {"secretKeyRef": {"name": "wandb", "key": "api-key"}},
+    }
+
+
+def test_secret_values_are_never_rendered(job70: LlamaTrainingJob) -> None:
+    """The job only names Secrets; every occurrence of a secret env var in every object is a
+    secretKeyRef, and no object carries a `value` for it or embeds Secret data."""
+    docs = render.render_all(job70)
+    secret_names = {s.name for s in job70.spec.cluster.secrets}
+    seen = 0
+    for doc in docs:
+        assert doc["kind"] != "Secret"
+        for c in doc.get("spec", {}).get("containers", []):
+            for e in c["env"]:
+                if e["name"] in secret_names:
+                    seen += 1
+                    assert set(e) == {"name", "valueFrom"}
+                    assert set(e["valueFrom"]) == {"secretKeyRef"}
+    assert seen == 32
+    config = yaml.safe_load(docs[1]["data"]["config.yaml"])
+    assert "secrets" not in json.dumps(config) and "hf-token" not in json.dumps(config)
+
+
+def test_70b_node_selection_and_scheduling(gang70: list[dict[str, Any]]) -> None:
+    spec = gang70[0]["spec"]
+    assert spec["restartPolicy"] == "Never"
+    assert spec["nodeSelector"] == {
+        "node.kubernetes.io/instance-type": "ml.trn1.32xlarge",
+        "sagemaker.amazonaws.com/node-health-status": "Schedulable",
+    }
+    anti = spec["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert anti == [
+        {
+            "labelSelector": {
+                "matchLabels": {
+                    "llamajob.dev/job": "llama3-70b",
+                    "llamajob.dev/role": "train",
+                    "llamajob.dev/attempt": "1",
+                }
+            },
+            "topologyKey": "kubernetes.io/hostname",
+        }
+    ]
+    assert "nodeAffinity" not in spec["affinity"]
+    assert {"key": "aws.amazon.com/neuron", "operator": "Exists", "effect": "NoSchedule"} in spec[
+        "tolerations"
+    ]
+
+
+def test_faulty_nodes_are_excluded_by_node_name(job70: LlamaTrainingJob) -> None:
+    plan = make_plan(job70.spec)
+    gang = render.render_gang(job70, plan, "train", 3, avoid_nodes=["node-b", "node-a", "node-b"])
+    for pod in gang:
+        terms = pod["spec"]["affinity"]["nodeAffinity"][
+            "requiredDuringSchedulingIgnoredDuringExecution"
+        ]["nodeSelectorTerms"]
+        assert terms == [
+            {
+                "matchFields": [
+                    {"key": "metadata.name", "operator": "NotIn", "values": ["node-a", "node-b"]}
+                ]
+            }
+        ]
+
+
+def test_spec_node_selector_and_tolerations_are_added() -> None:
+    job = example(
+        "llama3-70b",
+        nodeSelector={"team": "llm", "node.kubernetes.io/instance-type": "trn1.32xlarge"},
+        tolerations=[
+            {"key": "dedicated", "operator": "Equal", "value": "llm", "effect": "NoSchedule"}
+        ],
+        serviceAccountName="trainer",
+        priorityClassName="high",
+    )
+    spec = render.render_pod(job, make_plan(job.spec), "train", 1, 0)["spec"]
+    # The user's value wins (plain EKS nodes carry the name without the ml. prefix).
+    assert spec["nodeSelector"]["node.kubernetes.io/instance-type"] == "trn1.32xlarge"
+    assert spec["nodeSelector"]["team"] == "llm"
+    assert spec["nodeSelector"]["sagemaker.amazonaws.com/node-health-status"] == "Schedulable"
+    assert spec["tolerations"][0] == {
+        "key": "dedicated",
+        "operator": "Equal",
+        "value": "llm",
+        "effect": "NoSchedule",
+    }
+    assert spec["serviceAccountName"] == "trainer" and spec["priorityClassName"] == "high"
+
+
+def test_volumes_shm_config_and_claims(gang70: list[dict[str, Any]]) -> None:
+    pod = gang70[7]
+    vols = {v["name"]: v for v in pod["spec"]["volumes"]}
+    assert vols["llamajob-shm"] == {
+        "name": "llamajob-shm",
+        "emptyDir": {"medium": "Memory", "sizeLimit": "64Gi"},
+    }
+    assert vols["llamajob-config"]["configMap"] == {"name": "llama3-70b-config"}
+    assert vols["fsx"]["persistentVolumeClaim"] == {"claimName": "fsx-claim"}
+    mounts = {m["mountPath"]: m["name"] for m in container(pod)["volumeMounts"]}
+    assert mounts == {"/dev/shm": "llamajob-shm", "/etc/llamajob": "llamajob-config", "/fsx": "fsx"}
+
+
+def test_container_contract(gang70: list[dict[str, Any]]) -> None:
+    c = container(gang70[0])
+    assert c["terminationMessagePolicy"] == "FallbackToLogsOnError"
+    assert c["terminationMessagePath"] == protocol.DEFAULT_TERMINATION_LOG
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports == {"metrics": 9400, "rendezvous": 29500}
+    assert c["image"] == "ghcr.io/llamajob/trainer:0.1.0"
+
+
+def test_labels_and_owner_references(gang70: list[dict[str, Any]]) -> None:
+    rank0 = gang70[0]["metadata"]
+    assert rank0["labels"] == {
+        "app.kubernetes.io/name": "llamajob",
+        "app.kubernetes.io/instance": "llama3-70b",
+        "app.kubernetes.io/component": "train",
+        "llamajob.dev/job": "llama3-70b",
+        "llamajob.dev/role": "train",
+        "llamajob.dev/attempt": "1",
+        "llamajob.dev/rank": "0",
+    }
+    assert rank0["namespace"] == "training"
+    assert rank0["ownerReferences"] == [
+        {
+            "apiVersion": "llamajob.dev/v1alpha1",
+            "kind": "LlamaTrainingJob",
+            "name": "llama3-70b",
+            "uid": UID,
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+    ]
+    # Only one pod per job carries what the chart's PodMonitor selects (role=train, rank=0).
+    monitored = [
+        p for p in gang70
+        if p["metadata"]["labels"]["llamajob.dev/role"] == "train"
+        and p["metadata"]["labels"]["llamajob.dev/rank"] == "0"
+    ]  # fmt: skip
+    assert len(monitored) == 1
+
+
+def test_offline_render_has_no_owner_references() -> None:
+    job = example("tiny", uid=None)
+    for doc in render.render_all(job):
+        assert "ownerReferences" not in doc["metadata"]
+
+
+def test_service_is_headless_and_selects_every_pod_of_the_job(
+    job70: LlamaTrainingJob, gang70: list[dict[str, Any]]
+) -> None:
+    svc = render.render_service(job70)
+    assert svc["metadata"]["name"] == gang70[0]["spec"]["subdomain"]
+    assert svc["spec"]["clusterIP"] == "None"
+    assert svc["spec"]["publishNotReadyAddresses"] is True
+    assert svc["spec"]["ports"] == [
+        {"name": "rendezvous", "port": 29500, "targetPort": 29500, "protocol": "TCP"}
+    ]
+    selector = svc["spec"]["selector"].items()
+    compile_pod = render.render_pod(job70, make_plan(job70.spec), "compile", 1, 0)
+    for pod in [*gang70, compile_pod]:
+        assert selector <= pod["metadata"]["labels"].items()
+    other = example("llama3-8b")
+    assert not selector <= render.labels(other, "train", 1, 0).items()
+
+
+def test_configmap_holds_the_trainer_config(job70: LlamaTrainingJob) -> None:
+    cm = render.render_configmap(job70, make_plan(job70.spec))
+    assert cm["metadata"]["name"] == "llama3-70b-config"
+    cfg = TrainerConfig.model_validate(yaml.safe_load(cm["data"]["config.yaml"]))
+    assert cfg.job_name == "llama3-70b" and cfg.namespace == "training"
+    assert cfg.resolved_backend == "neuron"
+    assert cfg.peak_tflops_per_core == pytest.approx(3040 / 32)
+    assert cfg.image == "ghcr.io/llamajob/trainer:0.1.0"
+    assert cfg.metrics_port == 9400
+    assert cfg.parallelism.tensor == 32 and cfg.parallelism.pipeline == 8
+    assert cfg.max_steps == 1000 and cfg.checkpoint.dir == "/fsx/checkpoints/llama3-70b"
+
+
+@pytest.mark.parametrize("name", ["llama3-70b", "tiny"])
+def test_manifests_pass_strict_kubernetes_schema(name: str) -> None:
+    job = example(name, cpu="4", memory="8Gi")
+    plan = make_plan(job.spec)
+    docs = [
+        render.render_service(job),
+        render.render_configmap(job, plan),
+        render.render_pod(job, plan, "compile", 1, 0),
+        render.render_pod(job, plan, "train", 4, 0, avoid_nodes=["ip-10-0-0-1"]),
+    ]
+    for doc in docs:
+        valid_k8s(doc)
+
+
+# --- the tiny example: CPU ----------------------------------------------------------------------
+def test_tiny_cpu_pod_has_no_accelerator_parts() -> None:
+    job = example("tiny")
+    plan = make_plan(job.spec)
+    pod = render.render_pod(job, plan, "train", 1, 0)
+    c = container(pod)
+    assert "resources" not in c
+    env = env_of(pod)
+    assert not [n for n in env if n.startswith(("FI_", "NEURON_"))]
+    assert "nodeSelector" not in pod["spec"] and "tolerations" not in pod["spec"]
+    assert c["command"][:7] == [
+        "torchrun",
+        "--nnodes",
+        "1",
+        "--nproc_per_node",
+        "2",
+        "--node_rank",
+        "0",
+    ]
+    compile_cmd = container(render.render_pod(job, plan, "compile", 1, 0))["command"]
+    assert compile_cmd[0] == "torchrun"  # no neuron_parallel_compile off Trainium
+    cfg = render.trainer_config(job, plan)
+    assert cfg.resolved_backend == "torch" and cfg.peak_tflops_per_core is None
+
+
+def test_render_all_rejects_invalid_jobs() -> None:
+    obj = yaml.safe_load((ROOT / "examples" / "tiny.yaml").read_text())
+    obj["spec"]["parallelism"]["tensor"] = 3
+    with pytest.raises(JobFileError) as err:
+        render.render_all(parse_job(obj))
+    assert err.value.errors[0].field == "spec.parallelism.tensor"
+    assert "nearest valid" in err.value.errors[0].message
+
+
+def test_rank_outside_the_gang_is_refused() -> None:
+    job = example("tiny")
+    with pytest.raises(ValueError, match="outside the gang"):
+        render.render_pod(job, make_plan(job.spec), "train", 1, 1)
+
+
+# --- names ------------------------------------------------------------------------------------
+def test_pod_names_are_dns_labels_even_for_long_or_dotted_job_names() -> None:
+    long_a = "a" * 70 + "-x"
+    long_b = "a" * 70 + "-y"
+    for job_name in [long_a, long_b, "llama.v2", "7b-run"]:
+        for attempt in (1, 999):
+            name = render.pod_name(job_name, "compile", attempt, 1023)
+            assert len(name) <= 63
+            assert name.endswith(f"-compile-a{attempt}-1023")
+            assert all(ch.isalnum() or ch == "-" for ch in name) and name[0].isalnum()
+            assert name == render.pod_name(job_name, "compile", attempt, 1023)  # deterministic
+    assert render.pod_name(long_a, "train", 1, 0) != render.pod_name(long_b, "train", 1, 0)
+    assert render.pod_name("llama.v2", "train", 1, 0) != render.pod_name("llama-v2", "train", 1, 0)
+    assert render.pod_name("short", "train", 2, 3) == "short-train-a2-3"
+    assert render.service_name("7b-run")[0].isalpha()
+    assert render.service_name("short") == "short"
+    assert len(render.label_value("b" * 100)) <= 63
+
+
+def test_long_job_name_renders_a_valid_pod() -> None:
+    obj = yaml.safe_load((ROOT / "examples" / "tiny.yaml").read_text())
+    obj["metadata"]["name"] = "pretrain-" + "x" * 80
+    obj["metadata"]["uid"] = UID
+    job = parse_job(obj)
+    pod = render.render_pod(job, make_plan(job.spec), "train", 1, 0)
+    valid_k8s(pod)
+    valid_k8s(render.render_service(job))
+    assert pod["spec"]["subdomain"] == render.render_service(job)["metadata"]["name"]
+
+
+# --- reading Kubernetes objects back --------------------------------------------------------------
+def _k8s_pod(**status: Any) -> dict[str, Any]:
+    job = example("tiny")
+    pod = copy.deepcopy(render.render_pod(job, make_plan(job.spec), "train", 2, 0))
+    pod["spec"]["nodeName"] = "node-1"
+    pod["status"] = status
+    return pod
+
+
+def test_observed_pod_reads_exit_code_and_termination_message() -> None:
+    msg = json.dumps({"reason": "ConfigError", "permanent": True, "message": "bad tokenizer"})
+    pod = _k8s_pod(
+        phase="Failed",
+        podIP="10.0.0.5",
+        containerStatuses=[
+            {
+                "name": "trainer",
+                "state": {"terminated": {"exitCode": 78, "reason": "Error", "message": msg}},
+            }
+        ],
+    )
+    pod["metadata"]["deletionTimestamp"] = "2025-01-01T00:00:00Z"
+    seen = render.observed_pod(pod)
+    assert seen is not None
+    assert (seen.name, seen.role, seen.attempt, seen.rank) == ("tiny-train-a2-0", "train", 2, 0)
+    assert (seen.phase, seen.node, seen.exit_code, seen.reason) == ("Failed", "node-1", 78, "Error")
+    assert seen.termination_message == {
+        "reason": "ConfigError",
+        "permanent": True,
+        "message": "bad tokenizer",
+    }
+    assert seen.deleting is True and seen.ip == "10.0.0.5"
+
+
+def test_observed_pod_prefers_the_pod_reason_and_disruption_target() -> None:
+    evicted = render.observed_pod(_k8s_pod(phase="Failed", reason="Evicted"))
+    assert evicted is not None and evicted.reason == "Evicted"
+    gc = _k8s_pod(
+        phase="Running",
+        conditions=[{"type": "DisruptionTarget", "status": "True", "reason": "DeletionByPodGC"}],
+    )
+    seen = render.observed_pod(gc)
+    assert seen is not None and seen.reason == "NodeGone"
+    assert render.observed_pod({"metadata": {"name": "unrelated", "labels": {}}}) is None
+
+
+def test_node_health_from_hyperpod_label_and_ready_condition() -> None:
+    def node(label: str | None, ready: str = "True") -> dict[str, Any]:
+        labels = {} if label is None else {render.HYPERPOD_HEALTH_LABEL: label}
+        return {
+            "metadata": {"name": "n", "labels": labels},
+            "status": {"conditions": [{"type": "Ready", "status": ready, "reason": "KubeletDown"}]},
+        }
+
+    assert render.node_health("n", node("Schedulable")).healthy
+    assert render.node_health("n", node(None)).healthy  # plain EKS: Ready decides
+    bad = render.node_health("n", node("UnschedulablePendingReplacement"))
+    assert not bad.healthy and bad.reason == "UnschedulablePendingReplacement"
+    not_ready = render.node_health("n", node("Schedulable", ready="Unknown"))
+    assert not not_ready.healthy and "NotReady" in not_ready.reason
+    gone = render.node_health("n", None)
+    assert not gone.healthy and gone.reason == render.NODE_GONE
+
+
+# --- llamajob render --------------------------------------------------------------------------
+def test_render_cli_prints_a_yaml_stream(capsys: pytest.CaptureFixture[str]) -> None:
+    assert render_main([str(ROOT / "examples" / "llama3-70b.yaml"), "--role", "train"]) == 0
+    docs = list(yaml.safe_load_all(capsys.readouterr().out))
+    assert [d["kind"] for d in docs] == ["Service", "ConfigMap"] + ["Pod"] * 16
+    cfg = yaml.safe_load(docs[1]["data"]["config.yaml"])
+    assert cfg["resolvedBackend"] == "neuron"
+
+
+def test_render_cli_invalid_job_exits_2_with_the_planner_message(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    obj = yaml.safe_load((ROOT / "examples" / "llama3-8b.yaml").read_text())
+    obj["spec"]["parallelism"]["tensor"] = 8  # does not fit in 16 GiB per core
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(obj))
+    assert render_main([str(bad)]) == 2
+    out = capsys.readouterr()
+    assert out.out == ""
+    assert "error: spec.parallelism:" in out.err and "GiB" in out.err
+
+
+def test_render_cli_unreadable_file(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert render_main([str(tmp_path / "missing.yaml")]) == 2
+    assert "cannot read" in capsys.readouterr().err
+
+
+def test_llamajob_render_console_script(llamajob_bin: str) -> None:
+    res = subprocess.run(
+        [llamajob_bin, "render", str(ROOT / "examples" / "tiny.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert res.returncode == 0, res.stderr
+    docs = list(yaml.safe_load_all(res.stdout))
+    assert [d["metadata"]["name"] for d in docs] == [
+        "tiny",
+        "tiny-config",
+        "tiny-compile-a1-0",
+        "tiny-train-a1-0",
+    ]
+    assert load_job(ROOT / "examples" / "tiny.yaml").metadata.name == "tiny"

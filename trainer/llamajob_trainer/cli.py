@@ -1,0 +1,269 @@
+"""Trainer-side commands: `llamajob train | compile | prepare-data | export-hf`.
+
+Each `*_main(argv) -> int` parses its own arguments and returns the process exit code. A user
+error (bad config, missing dataset, incompatible checkpoint, ...) prints one line naming the
+field or file and the fix, writes the termination message with `"permanent": true` and returns
+the protocol exit code; restarting cannot fix it. Any other failure is treated as transient:
+traceback, termination message with `"permanent": false`, exit code 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NoReturn
+
+from . import protocol
+from .errors import ConfigError, DependencyError, TrainerUserError
+
+
+class UsageError(TrainerUserError):
+    exit_code = protocol.EXIT_USAGE
+    reason = "Usage"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports bad usage with the protocol's EXIT_USAGE instead of exiting 2."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+_CONFIG_HELP = f"TrainerConfig YAML/JSON file (default: ${protocol.CONFIG_ENV})"
+
+
+# --- config ------------------------------------------------------------------------------------
+
+
+def load_config(path: str | os.PathLike[str] | None) -> Any:
+    """Read a TrainerConfig from YAML or JSON (camelCase, as `TrainerConfig.to_wire()` writes)."""
+    import yaml
+    from pydantic import ValidationError
+
+    from .config import TrainerConfig
+
+    if path is None:
+        path = os.environ.get(protocol.CONFIG_ENV)
+    if not path:
+        raise UsageError(f"--config FILE is required (or set {protocol.CONFIG_ENV})")
+    file = Path(path)
+    try:
+        raw = yaml.safe_load(file.read_text())
+    except OSError as exc:
+        raise ConfigError(f"config file {file}: cannot read it ({exc.strerror})") from exc
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"config file {file}: not valid YAML/JSON{where}: {problem}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {file}: expected a mapping of TrainerConfig fields")
+    try:
+        return TrainerConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '(root)'}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise ConfigError(f"config file {file}: {problems}") from exc
+
+
+def _as_user_error(exc: BaseException) -> TrainerUserError | None:
+    """User errors raised by other modules under their own types, mapped to exit codes."""
+    if isinstance(exc, TrainerUserError):
+        return exc
+    from .parallel.layout import LayoutError
+
+    if isinstance(exc, LayoutError):
+        return ConfigError(str(exc))
+    if getattr(exc, "exit_code", None) == protocol.EXIT_DEPENDENCY:
+        return DependencyError(str(exc))
+    return None
+
+
+def _local_rank0() -> bool:
+    # One termination log per container: the first local process writes it.
+    return os.environ.get("LOCAL_RANK", "0") == "0"
+
+
+def _run(prog: str, body: Callable[[], int]) -> int:
+    try:
+        return body()
+    except UsageError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except Exception as exc:
+        user = _as_user_error(exc)
+        if user is None:
+            traceback.print_exc()
+            if _local_rank0():
+                protocol.write_termination_message(
+                    reason="Error", permanent=False, message=f"{type(exc).__name__}: {exc}"[:2000]
+                )
+            return 1
+        message = " ".join(str(user).split())  # one line, whatever the cause's formatting
+        print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+        if _local_rank0():
+            protocol.write_termination_message(
+                reason=user.reason, permanent=True, message=message[:2000]
+            )
+        return user.exit_code
+
+
+# --- train -------------------------------------------------------------------------------------
+
+
+def train_main(argv: list[str]) -> int:
+    prog = "llamajob train"
+
+    def body() -> int:
+        ap = _Parser(prog=prog, description="Run one training rank (start it with torchrun).")
+        ap.add_argument("--config", help=_CONFIG_HELP)
+        ap.add_argument("--log-jsonl", metavar="PATH", help="append one JSON record per step")
+        ap.add_argument("--chaos-kill-at-step", type=int, metavar="N",
+                        help=f"SIGKILL rank 0 right after step N, once per job "
+                        f"(or ${protocol.CHAOS_KILL_AT_STEP_ENV})")
+        ap.add_argument("--chaos-kill-during-checkpoint", action="store_true",
+                        help="SIGKILL rank 0 in its next checkpoint write before `done`, once "
+                        f"per job (or ${protocol.CHAOS_KILL_DURING_CHECKPOINT_ENV}=1)")
+        args = ap.parse_args(argv)
+        cfg = load_config(args.config)
+
+        from .chaos import chaos_from
+        from .train import TrainOptions, train
+
+        chaos = chaos_from(args.chaos_kill_at_step, args.chaos_kill_during_checkpoint, os.environ)
+        train(cfg, TrainOptions(log_jsonl=args.log_jsonl, chaos=chaos))
+        return 0
+
+    return _run(prog, body)
+
+
+# --- compile -----------------------------------------------------------------------------------
+
+
+def compile_main(argv: list[str]) -> int:
+    prog = "llamajob compile"
+
+    def body() -> int:
+        ap = _Parser(prog=prog, description="Compile the job's graphs once per compile key "
+                     "(neuron: under neuron_parallel_compile; torch: one validation step).")
+        ap.add_argument("--config", help=_CONFIG_HELP)
+        args = ap.parse_args(argv)
+        cfg = load_config(args.config)
+
+        from .compile import run_compile
+
+        fields = run_compile(cfg)
+        if _local_rank0():
+            protocol.write_termination_message(**fields)
+        return 0
+
+    return _run(prog, body)
+
+
+# --- prepare-data --------------------------------------------------------------------------------
+
+
+def prepare_data_main(argv: list[str]) -> int:
+    prog = "llamajob prepare-data"
+
+    def body() -> int:
+        from .data import BUILTIN_PYDOC
+
+        ap = _Parser(
+            prog=prog,
+            description="Tokenize text into fixed-length packed sequences for training. "
+            f"Without --input it uses the built-in corpus ({BUILTIN_PYDOC}: the Python help "
+            "topics shipped with every Python install).",
+        )
+        ap.add_argument("--input", action="append", metavar="PATH",
+                        help="text file (.txt/.md/.rst), .jsonl (field text), .parquet (column "
+                        f"text) or a directory of them; repeatable (default {BUILTIN_PYDOC})")
+        ap.add_argument("--output", metavar="DIR",
+                        help="dataset directory (default: data.path of --config, else data/pydoc)")
+        ap.add_argument("--tokenizer", metavar="FILE",
+                        help="HF tokenizer.json; default: model.tokenizer of --config, else the "
+                        "built-in byte-level tokenizer")
+        ap.add_argument("--seq-length", type=int, metavar="N",
+                        help="tokens per sequence (default: data.seqLength of --config, else 128)")
+        ap.add_argument("--config", help="take the defaults above from a TrainerConfig file")
+        ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+        args = ap.parse_args(argv)
+        cfg = load_config(args.config) if args.config else None
+        output = args.output or (cfg.data.path if cfg else "data/pydoc")
+        seq = args.seq_length or (cfg.data.seq_length if cfg else 128)
+        if seq < 1:
+            raise UsageError("--seq-length must be at least 1")
+        tok_spec = args.tokenizer or (cfg.model.tokenizer if cfg else None)
+
+        from .data import prepare_data
+        from .tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(tok_spec)
+        meta = prepare_data(
+            args.input or [BUILTIN_PYDOC], output, tokenizer, seq,
+            progress=not args.no_progress and sys.stderr.isatty(),
+        )
+        print(
+            f"wrote {meta['num_sequences']:,} sequences of {seq}+1 tokens "
+            f"({meta['documents']:,} documents, tokenizer {meta['tokenizer']['identity']}, "
+            f"vocab {meta['tokenizer']['vocab_size']:,}, {meta['dtype']}) to {output}"
+        )
+        return 0
+
+    return _run(prog, body)
+
+
+# --- export-hf ---------------------------------------------------------------------------------
+
+
+def export_hf_main(argv: list[str]) -> int:
+    prog = "llamajob export-hf"
+
+    def body() -> int:
+        ap = _Parser(prog=prog, description="Export a checkpoint as Hugging Face safetensors "
+                     "+ config.json (loadable by transformers' LlamaForCausalLM).")
+        ap.add_argument("--config", help=_CONFIG_HELP)
+        ap.add_argument("--output", required=True, metavar="DIR", help="output directory")
+        ap.add_argument("--checkpoint-dir", metavar="DIR",
+                        help="default: checkpoint.dir of the config")
+        ap.add_argument("--step", type=int, metavar="N", help="default: the newest complete one")
+        ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+        args = ap.parse_args(argv)
+        cfg = load_config(args.config)
+
+        from .hf import export_checkpoint
+
+        out = export_checkpoint(
+            args.checkpoint_dir or cfg.checkpoint.dir,
+            args.step,
+            cfg.model.architecture(),
+            cfg.training_fingerprint(),
+            args.output,
+            dtype=args.dtype,
+            tokenizer=cfg.model.tokenizer,
+        )
+        print(f"exported to {out}")
+        return 0
+
+    return _run(prog, body)
+
+
+_COMMANDS: dict[str, Callable[[list[str]], int]] = {
+    "train": train_main,
+    "compile": compile_main,
+    "prepare-data": prepare_data_main,
+    "export-hf": export_hf_main,
+}
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2 or sys.argv[1] not in _COMMANDS:
+        print(f"usage: python -m llamajob_trainer.cli {{{','.join(_COMMANDS)}}} ...",
+              file=sys.stderr)
+        sys.exit(protocol.EXIT_USAGE)
+    sys.exit(_COMMANDS[sys.argv[1]](sys.argv[2:]))

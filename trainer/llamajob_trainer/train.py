@@ -1,0 +1,368 @@
+"""The training loop of one rank (`llamajob train --config FILE`, started by torchrun).
+
+Per step: the data-parallel rank's micro-batches -> `forward_backward` (gradient accumulation,
+global mean loss) -> clip -> AdamW step -> learning-rate schedule -> log/metrics -> checkpoint
+every `checkpoint.everySteps` steps and at the end -> fault injection hook.
+
+Resume and determinism. A resumed run restores parameters, optimizer moments, the step (the
+learning rate is a pure function of it), the data position (consumed samples) and every rank's
+RNG state, so the steps after a resume see the same batches and start from the same bits as the
+uninterrupted run would. Per-step losses are then bit-identical to the uninterrupted run when all
+of these hold (tests/test_train_resume.py checks it):
+- the same layout and world size (a different layout reshards correctly but changes the order
+  of floating-point reductions, so losses agree only to rounding);
+- the same torch build, the same intra-op thread count (OMP_NUM_THREADS; torchrun sets 1 per
+  process when it starts several) and the same hardware;
+- the CPU torch backend (gloo reductions and CPU kernels are deterministic); GPU runs would also
+  need `torch.use_deterministic_algorithms(True)`, which this trainer does not set;
+- the same training config, maxSteps included (it shapes the learning-rate decay); checkpoint,
+  metrics and logging settings may differ. The fingerprint refuses a different model.
+Model initialisation depends only on the seed (per-parameter generators), never on the layout.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from . import metrics as m
+from .chaos import Chaos, ChaosConfig
+from .checkpoint import CheckpointManager
+from .config import OptimizerSpec, TrainerConfig
+from .data import BatchSource, DataState, PackedDataset, check_compatible, read_metadata
+from .errors import ConfigError
+from .presets import Architecture
+from .tokenizer import load_tokenizer
+
+if TYPE_CHECKING:
+    from .parallel import DistEnv, ParallelModel
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    log_jsonl: str | None = None
+    chaos: ChaosConfig = field(default_factory=ChaosConfig)
+    log: Callable[[str], None] = lambda line: print(line, flush=True)
+
+
+# --- pure pieces -------------------------------------------------------------------------------
+
+
+def lr_at(step: int, spec: OptimizerSpec, max_steps: int) -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warmup, then decay to minLr."""
+    if spec.warmup_steps and step < spec.warmup_steps:
+        return spec.lr * (step + 1) / spec.warmup_steps
+    if spec.schedule == "constant":
+        return spec.lr
+    span = max(1, max_steps - spec.warmup_steps)
+    progress = min(1.0, max(0.0, (step - spec.warmup_steps) / span))
+    if spec.schedule == "linear":
+        shape = 1.0 - progress
+    else:
+        shape = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return spec.min_lr + (spec.lr - spec.min_lr) * shape
+
+
+def schedule_state(step: int, spec: OptimizerSpec, max_steps: int) -> dict[str, Any]:
+    """The schedule's position, saved for the record: the rate is recomputed from the step, so a
+    resumed run with a changed maxSteps or schedule follows the new one from where it is."""
+    return {
+        "step": step,
+        "schedule": spec.schedule,
+        "warmup_steps": spec.warmup_steps,
+        "max_steps": max_steps,
+        "next_lr": lr_at(step, spec, max_steps),
+    }
+
+
+def set_lr(optimizers: Sequence[torch.optim.Optimizer], lr: float) -> None:
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = lr
+
+
+def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices (projections, embeddings), none on norm gains and biases."""
+    decay, no_decay = [], []
+    for p in module.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def to_batch(rows: np.ndarray) -> tuple[Tensor, Tensor]:
+    """Rows of seq_length + 1 tokens -> (input_ids, labels), each [rows, seq_length]."""
+    tokens = torch.from_numpy(rows)
+    return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+
+
+def is_checkpoint_step(step: int, every: int, max_steps: int) -> bool:
+    return step % every == 0 or step == max_steps
+
+
+# --- preflight: the user errors we can find before joining the process group ------------------
+
+
+def open_dataset(cfg: TrainerConfig) -> PackedDataset:
+    arch = cfg.model.architecture()
+    identity = load_tokenizer(cfg.model.tokenizer).identity if cfg.model.tokenizer else None
+    meta = read_metadata(cfg.data.path)
+    check_compatible(
+        meta,
+        seq_length=cfg.data.seq_length,
+        vocab_size=arch.vocab_size,
+        global_batch_size=cfg.batch.global_batch_size,
+        tokenizer_identity=identity,
+    )
+    if cfg.data.seq_length > arch.max_position_embeddings:
+        raise ConfigError(
+            f"data.seqLength ({cfg.data.seq_length}) exceeds model.maxPositionEmbeddings "
+            f"({arch.max_position_embeddings})"
+        )
+    return PackedDataset(cfg.data.path)
+
+
+def check_resume(cfg: TrainerConfig) -> int | None:
+    """Resolve checkpoint.resume and verify that checkpoint (fingerprint, files). Read-only."""
+    reader = CheckpointManager(
+        cfg.checkpoint.dir, keep=cfg.checkpoint.keep, fingerprint=cfg.training_fingerprint()
+    )
+    step = reader.resolve(cfg.checkpoint.resume)
+    if step is not None:
+        reader.verify(step)
+    return step
+
+
+# --- the loop --------------------------------------------------------------------------------
+
+
+class _Rank0:
+    """Logging, JSONL and Prometheus, active on global rank 0 only."""
+
+    def __init__(self, cfg: TrainerConfig, options: TrainOptions, active: bool) -> None:
+        self.active = active
+        self.log = options.log if active else (lambda line: None)
+        self.jsonl = m.JsonlLog(options.log_jsonl if active else None)
+        self.metrics: m.TrainerMetrics | None = None
+        self.server: Any = None
+        if active:
+            registry, self.metrics = m.build_registry(cfg.job_name, cfg.namespace)
+            if cfg.metrics_port:
+                try:
+                    self.server = m.serve(registry, cfg.metrics_port)
+                except OSError as exc:
+                    # Usually a previous attempt still holding the port: retryable, not permanent.
+                    raise RuntimeError(
+                        f"metricsPort {cfg.metrics_port}: cannot serve metrics ({exc}); pick a "
+                        "free port or 0 to disable"
+                    ) from exc
+
+    def close(self) -> None:
+        self.jsonl.close()
+        if self.server is not None:
+            self.server.shutdown()
+            self.server = None
+
+
+def train(cfg: TrainerConfig, options: TrainOptions | None = None) -> int:
+    """Run (or resume) the job; returns the last completed step."""
+    from .parallel import init_distributed, parallelize, shutdown_distributed
+
+    options = options or TrainOptions()
+    dataset = open_dataset(cfg)
+    check_resume(cfg)
+    arch = cfg.model.architecture()
+    env = init_distributed(cfg.resolved_backend)
+    torch.manual_seed(cfg.seed)
+    rank0 = _Rank0(cfg, options, env.rank == 0)
+    try:
+        step = _loop(cfg, options, dataset, arch, env, parallelize(cfg, arch, env), rank0)
+    finally:
+        rank0.close()
+    # Only on success: after an error, shutdown's barrier would wait for peers that may be
+    # stuck in a collective; the process exits and torchrun tears the group down instead.
+    shutdown_distributed()
+    return step
+
+
+def _loop(
+    cfg: TrainerConfig,
+    options: TrainOptions,
+    dataset: PackedDataset,
+    arch: Architecture,
+    env: DistEnv,
+    pm: ParallelModel,
+    rank0: _Rank0,
+) -> int:
+    log = rank0.log
+    max_steps = cfg.total_steps()
+    spec = cfg.optimizer
+    optimizers = build_optimizers(pm, spec)
+    chaos = Chaos(options.chaos, cfg.checkpoint.dir, env.rank)
+    ckpt = CheckpointManager(
+        cfg.checkpoint.dir,
+        keep=cfg.checkpoint.keep,
+        fingerprint=cfg.training_fingerprint(),
+        rank=env.rank,
+        world_size=env.world_size,
+        async_save=cfg.checkpoint.async_save,
+        before_done=chaos.before_checkpoint_done,
+        log=log,
+    )
+    ckpt.prepare()
+    resume_step = ckpt.resolve(cfg.checkpoint.resume)
+    if resume_step is not None and isinstance(cfg.checkpoint.resume, int):
+        ckpt.set_aside_later(resume_step)
+    grad_accum = cfg.batch.global_batch_size // (cfg.batch.micro_batch_size * pm.dp_size)
+    n_params = sum(p.numel() for p in pm.parameters())
+    log(
+        f"llamajob train: job {cfg.namespace}/{cfg.job_name}, backend {cfg.resolved_backend} "
+        f"({env.backend}), world {env.world_size} = pp {pm.pp_size} x dp {pm.dp_size} x tp "
+        f"{pm.tp_size}, fsdp {cfg.parallelism.fsdp}, grad accum {grad_accum}, "
+        f"{arch.num_params() / 1e6:.2f}M params ({n_params / 1e6:.2f}M on rank 0), "
+        f"{cfg.tokens_per_step():,} tokens/step, {max_steps} steps, threads "
+        f"{torch.get_num_threads()}"
+    )
+
+    step, data_state = 0, DataState()
+    if resume_step is not None:
+        started = time.perf_counter()
+        state = ckpt.load(resume_step, pm.model_parts, optimizers)
+        step, data_state = int(state["step"]), DataState.from_state_dict(state["data"])
+        seconds = time.perf_counter() - started
+        if rank0.metrics:
+            rank0.metrics.checkpoint_load_seconds.observe(seconds)
+            rank0.metrics.last_checkpoint_step.set(step)
+        log(f"resumed from step_{step} ({data_state.consumed_samples} samples consumed) "
+            f"in {seconds:.2f} s")
+    elif cfg.model.pretrained:
+        from .hf import apply_full_state_dict, load_pretrained
+
+        count = apply_full_state_dict(pm.model_parts, load_pretrained(cfg.model.pretrained, arch))
+        log(f"fresh start from pretrained weights {cfg.model.pretrained} ({count} tensors)")
+    else:
+        log(f"fresh start (seed {cfg.seed})")
+
+    source = BatchSource(
+        dataset,
+        seed=cfg.seed,
+        global_batch_size=cfg.batch.global_batch_size,
+        micro_batch_size=cfg.batch.micro_batch_size,
+        dp_rank=pm.dp_rank,
+        dp_size=pm.dp_size,
+        state=data_state,
+    )
+    tokens_per_step = cfg.tokens_per_step()
+    fpt = m.flops_per_token(arch, cfg.data.seq_length)
+    peak = 0.0
+    if rank0.active:
+        measured = None
+        if cfg.peak_tflops_per_core is None and env.device.type == "cpu":
+            measured = m.measure_cpu_peak_flops()
+        peak = m.peak_flops_total(cfg.peak_tflops_per_core, env.world_size, measured)
+        log(f"MFU peak: {peak / 1e12:.3f} TFLOP/s for {env.world_size} rank(s) "
+            f"({'catalogue' if cfg.peak_tflops_per_core else 'measured fp32 matmul'}); "
+            f"{fpt / 1e6:.2f} MFLOP per token")
+    if rank0.metrics:
+        rank0.metrics.max_steps.set(max_steps)
+        rank0.metrics.step.set(step)
+    if step >= max_steps:
+        log(f"nothing to do: step {step} >= maxSteps {max_steps}")
+        return step
+
+    def extra_state(at: int) -> dict[str, Any]:
+        return {
+            "data": source.state.state_dict(),
+            "scheduler": schedule_state(at, spec, max_steps),
+            "layout": {"pp": pm.pp_size, "dp": pm.dp_size, "tp": pm.tp_size,
+                       "fsdp": cfg.parallelism.fsdp},
+            "tokens_seen": source.state.consumed_samples * cfg.data.seq_length,
+        }
+
+    def save(at: int) -> None:
+        seconds = ckpt.save(at, pm.model_parts, optimizers, extra_state(at))
+        if rank0.metrics:
+            rank0.metrics.checkpoint_save_seconds.observe(seconds)
+        if not cfg.checkpoint.async_save:
+            _saved(at)
+        log(f"checkpoint step_{at} {'started' if cfg.checkpoint.async_save else 'saved'} "
+            f"in {seconds:.2f} s")
+
+    def _saved(at: int | None) -> None:
+        if at is not None and rank0.metrics:
+            rank0.metrics.last_checkpoint_step.set(at)
+
+    while step < max_steps:
+        started = time.perf_counter()
+        lr = lr_at(step, spec, max_steps)
+        set_lr(optimizers, lr)
+        micro_batches = [to_batch(rows) for rows in source.next_micro_batches()]
+        loss = pm.forward_backward(micro_batches)
+        grad_norm = optimizer_step(pm, optimizers, spec.grad_clip)
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        step += 1
+        seconds = time.perf_counter() - started
+        if rank0.active:
+            tps = tokens_per_step / seconds
+            record = m.StepRecord(
+                step=step,
+                max_steps=max_steps,
+                loss=loss,
+                lr=lr,
+                grad_norm=grad_norm,
+                tokens_per_second=tps,
+                samples_per_second=cfg.batch.global_batch_size / seconds,
+                mfu=m.mfu(tps, fpt, peak),
+                step_seconds=seconds,
+                consumed_samples=source.state.consumed_samples,
+            )
+            log(record.log_line())
+            rank0.jsonl.write(record)
+            if rank0.metrics:
+                rank0.metrics.record_step(record)
+        if is_checkpoint_step(step, cfg.checkpoint.every_steps, max_steps):
+            save(step)
+        elif cfg.checkpoint.async_save:
+            _saved(ckpt.poll())
+        chaos.after_step(step)
+    _saved(ckpt.wait())
+    log(f"done: {step} steps")
+    return step
+
+
+def build_optimizers(pm: ParallelModel, spec: OptimizerSpec) -> list[torch.optim.Optimizer]:
+    """One AdamW per model part (pipeline stages may hold several), as DCP expects; the backend
+    may wrap it (NxD's ZeRO-1 optimizer on Neuron)."""
+    return [
+        pm.make_optimizer(
+            torch.optim.AdamW,
+            param_groups(part, spec.weight_decay),
+            lr=spec.lr,
+            betas=spec.betas,
+            eps=spec.eps,
+        )
+        for part in pm.model_parts
+    ]
+
+
+def optimizer_step(
+    pm: ParallelModel, optimizers: Sequence[torch.optim.Optimizer], max_norm: float
+) -> float:
+    """Clip the global gradient norm once, step every optimizer; returns the pre-clip norm."""
+    if len(optimizers) == 1:
+        return pm.optimizer_step(optimizers[0], max_norm)
+    norm = pm.clip_grad_norm(max_norm)
+    for opt in optimizers:
+        opt.step()
+    return norm
