@@ -41,9 +41,8 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from kube_emulator import EmulatorThread, node_manifest  # noqa: E402
-
 import kmock  # noqa: E402
+from kube_emulator import EmulatorThread, node_manifest  # noqa: E402
 
 PODS = kmock.resource("", "v1", "pods")
 NODES = kmock.resource("", "v1", "nodes")
@@ -186,6 +185,8 @@ class Bench:
             for r in self.e._requests:
                 if r.headers.get("User-Agent", "").startswith(OPERATOR_AGENTS):
                     plural = r.resource.plural if r.resource is not None else None
+                    if plural and r.subresource:
+                        plural = f"{plural}/{r.subresource}"
                     out.append((str(r.method.value).upper(), r.url.path, plural))
             return out
 

@@ -31,27 +31,35 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from llamajob_trainer.presets import Architecture
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="short run (fewer steps, smaller save)")
-    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--hidden", type=int, default=None, help="default 1024 (--quick: 512)")
     p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=16)
-    p.add_argument("--kv-heads", type=int, default=4)
+    p.add_argument("--heads", type=int, default=None, help="default hidden / 64")
+    p.add_argument("--kv-heads", type=int, default=None, help="default heads / 4")
     p.add_argument("--intermediate", type=int, default=None, help="default: 3 x hidden")
     p.add_argument("--vocab", type=int, default=512)
     p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--seq", type=int, default=None, help="default 512 (--quick: 256)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per model")
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument(
+        "--threads", type=int, default=1,
+        help="intra-op threads for every measurement (default 1: per-core figures stay "
+        "meaningful on a machine shared with other work; raise it on a dedicated one)",
+    )
     p.add_argument("--precision", choices=["fp32", "bf16-mixed"], default="fp32")
     p.add_argument("--skip-checkpoint", action="store_true")
     p.add_argument("--checkpoint-worker", metavar="OUT", help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.hidden = args.hidden or (512 if args.quick else 1024)
+    args.heads = args.heads or max(1, args.hidden // 64)
+    args.kv_heads = args.kv_heads or max(1, args.heads // 4)
+    args.seq = args.seq or (256 if args.quick else 512)
+    return args
 
 
 def arch_from(args: argparse.Namespace) -> Architecture:
@@ -152,7 +160,7 @@ def hf_step(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return float(loss)
+        return loss.item()
 
     return step
 
@@ -176,15 +184,14 @@ def time_steps(
 # --- checkpoint save (2 ranks, run under torchrun) ---------------------------------------------
 def checkpoint_worker(args: argparse.Namespace) -> None:
     import torch.distributed as dist
+    from llamajob_trainer.checkpoint import CheckpointManager
+    from llamajob_trainer.config import TrainerConfig
+    from llamajob_trainer.parallel import init_distributed, parallelize, shutdown_distributed
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         get_model_state_dict,
         get_optimizer_state_dict,
     )
-
-    from llamajob_trainer.checkpoint import CheckpointManager
-    from llamajob_trainer.config import TrainerConfig
-    from llamajob_trainer.parallel import init_distributed, parallelize, shutdown_distributed
 
     env = init_distributed()
     arch = ckpt_arch(args.quick)
@@ -236,7 +243,7 @@ def checkpoint_worker(args: argparse.Namespace) -> None:
                 {
                     "sharded": sharded,
                     "gathered": gathered,
-                    "params": sum(p.numel() for p in pm.parameters()) * env.world_size,
+                    "params": sum(p.numel() for p in pm.parameters()),  # global (DTensor) sizes
                     "bytes": state_bytes,
                 }
             )
@@ -290,14 +297,16 @@ def main(argv: list[str] | None = None) -> None:
         "hf_eager": hf_step(arch, args, "eager"),
         "hf_sdpa": hf_step(arch, args, "sdpa"),
     }
+    peak_dtype = torch.bfloat16 if args.precision == "bf16-mixed" else torch.float32
+    peak_before = matmul_peak_gflops(peak_dtype)
     times = time_steps(contenders, batches, warmup)
     tps = {name: tokens_per_step / statistics.median(t) for name, t in times.items()}
     for name, t in times.items():
         print(f"  {name:9s} median step {statistics.median(t):.3f}s  {tps[name]:9.1f} tokens/s "
               f"(steps: {', '.join(f'{x:.2f}' for x in t)})")
-
-    peak_dtype = torch.bfloat16 if args.precision == "bf16-mixed" else torch.float32
-    peak = matmul_peak_gflops(peak_dtype)
+    # Measured before and after the steps; the higher one is the fairer (harsher) peak when
+    # other work on the machine slowed one of them.
+    peak = max(peak_before, matmul_peak_gflops(peak_dtype))
     model_gflops = flops_per_token(arch, args.seq) * tps["ours"] / 1e9
     mfu = model_gflops / peak
     print(f"matmul peak ({peak_dtype}, {args.threads} threads): {peak:.1f} GFLOP/s; "

@@ -22,8 +22,13 @@ operator and ``kubectl`` rely on, and nothing else:
   ``timeoutSeconds``; periodic BOOKMARKs; ``sendInitialEvents``.
 - server-side printing: ``Table`` responses for ``kubectl get``, with a CRD's
   ``additionalPrinterColumns`` (priority, ``date`` columns as ages).
-- discovery for installed CRDs (kind, short names, categories, status subresource) and for the
-  core resources registered here.
+- discovery for installed CRDs (kind, short names, categories, status subresource), for the
+  core resources registered here (with the core group's ``groupVersion: v1``, which kmock
+  writes as ``/v1``), and the OpenAPI v3 entries kubectl reads to decide that the server
+  validates fields itself; ``/api/v1/namespaces`` read as the namespaces resource, not as a
+  namespace prefix.
+- speed: the API verbs are answered directly instead of through kmock's reaction matching
+  (tens of milliseconds a request); ``use_reactions=True`` restores kmock's DSL.
 - garbage collection: deleting an object deletes its dependents (``ownerReferences`` by uid,
   background propagation; ``propagationPolicy: Orphan`` keeps them); finalizers are respected
   (``deletionTimestamp`` first, removal when the last finalizer goes).
@@ -48,6 +53,7 @@ import copy
 import datetime
 import http.server
 import json
+import logging
 import os
 import random
 import re
@@ -72,6 +78,7 @@ import kmock
 import pytest
 import yaml
 from kmock._internal import apps, enums, k8s, parsing, rendering
+from llamajob.permissions import grants, triples
 
 ROOT = Path(__file__).resolve().parent.parent
 CRD_FILE = ROOT / "crds" / "llamatrainingjobs.llamajob.dev.yaml"
@@ -141,6 +148,8 @@ def _parse_path(path: str) -> parsing.ParsedPath:
 
 
 parsing.parse_path = _parse_path
+# One access-log line per request of the emulator drowns a failing test's output.
+logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 
 # --- selectors ----------------------------------------------------------------------------------
@@ -368,6 +377,7 @@ class Emulator(k8s.KubernetesEmulator):
 
     async def _serve_version(self, request: rendering.Request) -> rendering.Payload:
         served: Any = await super()._serve_version(request)
+        served["groupVersion"] = served["groupVersion"].lstrip("/")  # the core group is "v1"
         for entry in served.get("resources", []):
             if "/" in entry["name"]:  # a subresource has no short names or categories of its own
                 entry["shortNames"] = []
@@ -1259,6 +1269,108 @@ class Cluster:
 
     def kubectl(self, *args: str, check: bool = True) -> str:
         return kubectl(self.kubeconfig, *args, check=check)
+
+
+# --- scenario helpers (shared by the operator tests) ----------------------------------------
+JOB = "llm"
+OPERATOR_AGENTS = ("kopf/", "llamajob-operator/")
+
+
+# --- helpers ------------------------------------------------------------------------------------
+def example(name: str, *, job: str = JOB, nodes: int | None = None,
+            **restart: Any) -> dict[str, Any]:
+    """An example job with a test-friendly restart policy (no backoff unless asked)."""
+    doc = yaml.safe_load((ROOT / "examples" / name).read_text())
+    doc["metadata"] = {"name": job}
+    policy = doc["spec"].setdefault("restartPolicy", {})
+    policy.update({"backoffSeconds": 0, **restart})
+    if nodes is not None:
+        doc["spec"]["cluster"]["nodes"] = nodes
+    return doc
+
+
+def apply(cluster: Cluster, doc: dict[str, Any], tmp_path: Path) -> str:
+    path = tmp_path / f"{doc['metadata']['name']}.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return cluster.kubectl("apply", "-f", str(path))
+
+
+def status(cluster: Cluster, job: str = JOB) -> dict[str, Any]:
+    return cluster.client.get("llamatrainingjobs", job).get("status") or {}
+
+
+def condition(st: dict[str, Any], type_: str) -> dict[str, Any]:
+    return next((c for c in st.get("conditions", []) if c["type"] == type_), {})
+
+
+def pods(cluster: Cluster, job: str = JOB, **labels: Any) -> list[dict[str, Any]]:
+    selector = ",".join([f"llamajob.dev/job={job}"] + [
+        f"llamajob.dev/{k}={v}" for k, v in labels.items()
+    ])
+    found = cluster.client.list("pods", labels=selector)
+    return sorted(found, key=lambda p: int(p["metadata"]["labels"]["llamajob.dev/rank"]))
+
+
+def gang(cluster: Cluster, role: str, attempt: int, size: int, job: str = JOB) -> list[dict]:
+    return wait_for(
+        lambda: (found := pods(cluster, job, role=role, attempt=attempt)) and len(found) == size
+        and found,
+        what=f"{size} {role} pod(s) of attempt {attempt}",
+    )
+
+
+def run_all(cluster: Cluster, members: list[dict[str, Any]], nodes: list[str]) -> None:
+    for pod, node in zip(members, nodes, strict=True):
+        cluster.kubelet.run(pod["metadata"]["name"], node)
+
+
+def finish_all(cluster: Cluster, members: list[dict[str, Any]], code: int = 0,
+               message: dict[str, Any] | None = None) -> None:
+    for pod in members:
+        cluster.kubelet.finish(pod["metadata"]["name"], code, message=message)
+
+
+def wait_phase(cluster: Cluster, phase: str, job: str = JOB, timeout: float = 30) -> dict:
+    return wait_for(lambda: (st := status(cluster, job)).get("phase") == phase and st,
+                    timeout=timeout, what=f"phase {phase}")
+
+
+def events(cluster: Cluster, job: str = JOB) -> list[dict[str, Any]]:
+    return cluster.client.list("events", fields=f"involvedObject.name={job}")
+
+
+def reasons(cluster: Cluster, job: str = JOB) -> list[str]:
+    return [e["reason"] for e in sorted(events(cluster, job),
+                                        key=lambda e: e["metadata"]["resourceVersion"])]
+
+
+def env_of(pod: dict[str, Any]) -> dict[str, Any]:
+    return {e["name"]: e.get("value", e.get("valueFrom"))
+            for e in pod["spec"]["containers"][0]["env"]}
+
+
+def operator_requests(cluster: Cluster) -> list[RecordedRequest]:
+    return [r for r in cluster.emu.requests() if r.user_agent.startswith(OPERATOR_AGENTS)]
+
+
+def assert_permitted(requests: list[RecordedRequest], *, scope: str,
+                     namespaces: set[str] | None = None, peering: bool = False) -> None:
+    """Every request the operator made is allowed by permissions.py, with RBAC's scoping: a
+    namespaced request may use the Role and the ClusterRole, a cluster-wide one only the
+    ClusterRole."""
+    g = grants(scope, peering=peering)  # type: ignore[arg-type]
+    cluster_wide, in_namespace = triples(g.cluster), triples(g.cluster) | triples(g.namespaced)
+    denied = set()
+    for r in requests:
+        if r.rbac is None:
+            continue  # discovery (/api, /apis, /version) is open to every authenticated user
+        ok = in_namespace if r.namespace and (namespaces is None or r.namespace in namespaces) \
+            else cluster_wide
+        if r.rbac not in ok:
+            denied.add((r.rbac, r.namespace or "<cluster>"))
+    assert not denied, f"requests not covered by permissions.py: {sorted(denied)}"
+    assert any(r.rbac and r.rbac[2] == "create" for r in requests), "no writes recorded at all"
+
 
 
 @pytest.fixture(name="cluster")

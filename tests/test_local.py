@@ -20,7 +20,6 @@ from typing import Any
 import pytest
 import yaml
 from conftest import ROOT
-
 from llamajob.jobfile import load_job, parse_job
 from llamajob.local import observed_pod_from_process, scaled_down
 from llamajob.plan import make_plan
@@ -51,9 +50,19 @@ def _job_yaml(tmp: Path, data_dir: Path, name: str = "t") -> Path:
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("data") / "pydoc"
     subprocess.run(
-        [sys.executable, "-m", "llamajob.cli", "prepare-data", "--output", str(out),
-         "--seq-length", "128", "--no-progress"],
-        check=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "llamajob.cli",
+            "prepare-data",
+            "--output",
+            str(out),
+            "--seq-length",
+            "128",
+            "--no-progress",
+        ],
+        check=True,
+        timeout=300,
     )
     return out
 
@@ -61,9 +70,24 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _run(tmp: Path, job: Path, *extra: str, timeout: float = 600) -> tuple[dict[str, Any], str]:
     summary = tmp / "summary.json"
     res = subprocess.run(
-        [sys.executable, "-m", "llamajob.cli", "run", str(job), "--no-progress",
-         "--summary-json", str(summary), "--run-dir", str(tmp / "run"), *extra],
-        capture_output=True, text=True, timeout=timeout, cwd=tmp, check=False,
+        [
+            sys.executable,
+            "-m",
+            "llamajob.cli",
+            "run",
+            str(job),
+            "--no-progress",
+            "--summary-json",
+            str(summary),
+            "--run-dir",
+            str(tmp / "run"),
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=tmp,
+        check=False,
     )
     assert summary.exists(), res.stdout + res.stderr
     return json.loads(summary.read_text()), res.stdout + res.stderr
@@ -105,17 +129,21 @@ def test_kill_at_step_resumes_to_the_same_loss(
     assert _losses(tmp_path) == baseline["losses"]
     # Attempt 2 resumed from step 20 (the newest complete checkpoint), not from scratch.
     second = (tmp_path / "run" / "attempt-2" / "train.log").read_text()
-    assert "step_20" in second, second[-2000:]
+    assert "resumed from step_20 " in second, second[-3000:]
 
 
 def test_kill_during_checkpoint_write_resumes_from_a_complete_checkpoint(
     tmp_path: Path, dataset: Path, baseline: dict[str, Any]
 ) -> None:
-    summary, out = _run(tmp_path, _job_yaml(tmp_path, dataset), "--chaos-kill-during-checkpoint")
+    job = _job_yaml(tmp_path, dataset)
+    summary, out = _run(tmp_path, job, "--chaos-kill-during-checkpoint", "20")
     assert summary["phase"] == "Succeeded", out
     assert summary["restarts"] == 1
     assert summary["final_loss"] == baseline["summary"]["final_loss"]
     assert _losses(tmp_path) == baseline["losses"]
+    # The torn step_20 was skipped: attempt 2 resumed from step_10, the last complete one.
+    second = (tmp_path / "run" / "attempt-2" / "train.log").read_text()
+    assert "resumed from step_10 " in second, second[-3000:]
     ckpt = tmp_path / "ckpt"
     leftovers = [p.name for p in ckpt.iterdir() if p.is_dir() and not (p / "done").exists()]
     assert leftovers == [], leftovers
@@ -138,9 +166,19 @@ def _processes_mentioning(text: str) -> list[int]:
 def test_ctrl_c_stops_everything_and_a_rerun_resumes(tmp_path: Path, dataset: Path) -> None:
     job = _job_yaml(tmp_path, dataset)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "llamajob.cli", "run", str(job), "--no-progress",
-         "--run-dir", str(tmp_path / "run")],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        [
+            sys.executable,
+            "-m",
+            "llamajob.cli",
+            "run",
+            str(job),
+            "--no-progress",
+            "--run-dir",
+            str(tmp_path / "run"),
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
     )
     first_done = tmp_path / "ckpt" / f"step_{EVERY}" / "done"
     deadline = time.monotonic() + 300
@@ -165,7 +203,11 @@ def test_ctrl_c_stops_everything_and_a_rerun_resumes(tmp_path: Path, dataset: Pa
 def test_trainium_job_is_refused_with_a_hint(tmp_path: Path) -> None:
     res = subprocess.run(
         [sys.executable, "-m", "llamajob.cli", "run", str(ROOT / "examples" / "llama3-70b.yaml")],
-        capture_output=True, text=True, timeout=120, cwd=tmp_path, check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        check=False,
     )
     assert res.returncode == 2
     assert "Local runs use the CPU backend" in res.stderr and "--scale-down" in res.stderr
@@ -190,7 +232,11 @@ def test_invalid_job_gives_the_planner_messages(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump(obj))
     res = subprocess.run(
         [sys.executable, "-m", "llamajob.cli", "run", str(path)],
-        capture_output=True, text=True, timeout=120, cwd=tmp_path, check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        check=False,
     )
     assert res.returncode == 2
     assert "spec.parallelism.tensor: 3 does not divide" in res.stderr
@@ -204,7 +250,8 @@ def _k8s_pod(job_name: str, exit_code: int | None, message: str | None) -> dict[
     else:
         phase = "Succeeded" if exit_code == 0 else "Failed"
         term: dict[str, Any] = {
-            "exitCode": exit_code, "reason": "Completed" if exit_code == 0 else "Error",
+            "exitCode": exit_code,
+            "reason": "Completed" if exit_code == 0 else "Error",
         }
         if message is not None:
             term["message"] = message
@@ -212,11 +259,16 @@ def _k8s_pod(job_name: str, exit_code: int | None, message: str | None) -> dict[
     return {
         "apiVersion": "v1",
         "kind": "Pod",
-        "metadata": {"name": pod_name(job_name, "train", 1, 0),
-                     "labels": labels(job, role="train", attempt=1, rank=0)},
+        "metadata": {
+            "name": pod_name(job_name, "train", 1, 0),
+            "labels": labels(job, role="train", attempt=1, rank=0),
+        },
         "spec": {"nodeName": "localhost"},
-        "status": {"phase": phase, "podIP": "127.0.0.1",
-                   "containerStatuses": [{"name": CONTAINER, "state": state}]},
+        "status": {
+            "phase": phase,
+            "podIP": "127.0.0.1",
+            "containerStatuses": [{"name": CONTAINER, "state": state}],
+        },
     }
 
 
@@ -225,14 +277,18 @@ SHELL_TABLE = [
     ("worker crashed (torchrun exits 1)", 1, None),
     ("killed by SIGKILL", 137, None),
     ("permanent exit code", 78, None),
-    ("permanent via termination message", 1, {"permanent": True, "reason": "ConfigError",
-                                              "message": "spec.data.path: missing"}),
+    (
+        "permanent via termination message",
+        1,
+        {"permanent": True, "reason": "ConfigError", "message": "spec.data.path: missing"},
+    ),
     ("finished", 0, None),
 ]
 
 
-@pytest.mark.parametrize(("case", "exit_code", "message"), SHELL_TABLE,
-                         ids=[row[0] for row in SHELL_TABLE])
+@pytest.mark.parametrize(
+    ("case", "exit_code", "message"), SHELL_TABLE, ids=[row[0] for row in SHELL_TABLE]
+)
 def test_local_and_kubernetes_shells_decide_alike(
     case: str, exit_code: int | None, message: dict[str, Any] | None
 ) -> None:
@@ -242,8 +298,12 @@ def test_local_and_kubernetes_shells_decide_alike(
     text = json.dumps(message) if message is not None else None
     from_k8s = observed_pod(_k8s_pod(job.metadata.name, exit_code, text))
     from_local = observed_pod_from_process(
-        name=pod_name(job.metadata.name, "train", 1, 0), role="train", attempt=1, rank=0,
-        exit_code=exit_code, termination_message=message or {},
+        name=pod_name(job.metadata.name, "train", 1, 0),
+        role="train",
+        attempt=1,
+        rank=0,
+        exit_code=exit_code,
+        termination_message=message or {},
     )
     assert from_k8s == from_local
 

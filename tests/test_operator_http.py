@@ -17,123 +17,35 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from kopf.testing import KopfRunner
 from kube_emulator import (
     HEALTH_LABEL,
-    ROOT,
+    JOB,
     ApiError,
     Client,
     Cluster,
     EmulatorThread,
     Kubelet,
-    RecordedRequest,
     TrainerMetrics,
+    apply,
+    assert_permitted,
     cluster_fixture,  # noqa: F401  (the `cluster` fixture)
+    condition,
+    env_of,
+    events,
+    example,
+    finish_all,
+    gang,
     label_matcher,
+    operator_requests,
+    pods,
+    reasons,
+    run_all,
+    status,
     wait_for,
+    wait_phase,
 )
 from llamajob import handlers, metrics
-from llamajob.permissions import grants, triples
-
-JOB = "llm"
-OPERATOR_AGENTS = ("kopf/", "llamajob-operator/")
-
-
-# --- helpers ------------------------------------------------------------------------------------
-def example(name: str, *, job: str = JOB, nodes: int | None = None,
-            **restart: Any) -> dict[str, Any]:
-    """An example job with a test-friendly restart policy (no backoff unless asked)."""
-    doc = yaml.safe_load((ROOT / "examples" / name).read_text())
-    doc["metadata"] = {"name": job}
-    policy = doc["spec"].setdefault("restartPolicy", {})
-    policy.update({"backoffSeconds": 0, **restart})
-    if nodes is not None:
-        doc["spec"]["cluster"]["nodes"] = nodes
-    return doc
-
-
-def apply(cluster: Cluster, doc: dict[str, Any], tmp_path: Path) -> str:
-    path = tmp_path / f"{doc['metadata']['name']}.yaml"
-    path.write_text(yaml.safe_dump(doc))
-    return cluster.kubectl("apply", "-f", str(path))
-
-
-def status(cluster: Cluster, job: str = JOB) -> dict[str, Any]:
-    return cluster.client.get("llamatrainingjobs", job).get("status") or {}
-
-
-def condition(st: dict[str, Any], type_: str) -> dict[str, Any]:
-    return next((c for c in st.get("conditions", []) if c["type"] == type_), {})
-
-
-def pods(cluster: Cluster, job: str = JOB, **labels: Any) -> list[dict[str, Any]]:
-    selector = ",".join([f"llamajob.dev/job={job}"] + [
-        f"llamajob.dev/{k}={v}" for k, v in labels.items()
-    ])
-    found = cluster.client.list("pods", labels=selector)
-    return sorted(found, key=lambda p: int(p["metadata"]["labels"]["llamajob.dev/rank"]))
-
-
-def gang(cluster: Cluster, role: str, attempt: int, size: int, job: str = JOB) -> list[dict]:
-    return wait_for(
-        lambda: (found := pods(cluster, job, role=role, attempt=attempt)) and len(found) == size
-        and found,
-        what=f"{size} {role} pod(s) of attempt {attempt}",
-    )
-
-
-def run_all(cluster: Cluster, members: list[dict[str, Any]], nodes: list[str]) -> None:
-    for pod, node in zip(members, nodes, strict=True):
-        cluster.kubelet.run(pod["metadata"]["name"], node)
-
-
-def finish_all(cluster: Cluster, members: list[dict[str, Any]], code: int = 0,
-               message: dict[str, Any] | None = None) -> None:
-    for pod in members:
-        cluster.kubelet.finish(pod["metadata"]["name"], code, message=message)
-
-
-def wait_phase(cluster: Cluster, phase: str, job: str = JOB, timeout: float = 30) -> dict:
-    return wait_for(lambda: (st := status(cluster, job)).get("phase") == phase and st,
-                    timeout=timeout, what=f"phase {phase}")
-
-
-def events(cluster: Cluster, job: str = JOB) -> list[dict[str, Any]]:
-    return cluster.client.list("events", fields=f"involvedObject.name={job}")
-
-
-def reasons(cluster: Cluster, job: str = JOB) -> list[str]:
-    return [e["reason"] for e in sorted(events(cluster, job),
-                                        key=lambda e: e["metadata"]["resourceVersion"])]
-
-
-def env_of(pod: dict[str, Any]) -> dict[str, Any]:
-    return {e["name"]: e.get("value", e.get("valueFrom"))
-            for e in pod["spec"]["containers"][0]["env"]}
-
-
-def operator_requests(cluster: Cluster) -> list[RecordedRequest]:
-    return [r for r in cluster.emu.requests() if r.user_agent.startswith(OPERATOR_AGENTS)]
-
-
-def assert_permitted(requests: list[RecordedRequest], *, scope: str,
-                     namespaces: set[str] | None = None, peering: bool = False) -> None:
-    """Every request the operator made is allowed by permissions.py, with RBAC's scoping: a
-    namespaced request may use the Role and the ClusterRole, a cluster-wide one only the
-    ClusterRole."""
-    g = grants(scope, peering=peering)  # type: ignore[arg-type]
-    cluster_wide, in_namespace = triples(g.cluster), triples(g.cluster) | triples(g.namespaced)
-    denied = set()
-    for r in requests:
-        if r.rbac is None:
-            continue  # discovery (/api, /apis, /version) is open to every authenticated user
-        ok = in_namespace if r.namespace and (namespaces is None or r.namespace in namespaces) \
-            else cluster_wide
-        if r.rbac not in ok:
-            denied.add((r.rbac, r.namespace or "<cluster>"))
-    assert not denied, f"requests not covered by permissions.py: {sorted(denied)}"
-    assert any(r.rbac and r.rbac[2] == "create" for r in requests), "no writes recorded at all"
 
 
 @contextlib.contextmanager
@@ -229,6 +141,27 @@ def test_label_matcher_grammar() -> None:
     assert not match({"a": "1", "b": "3", "c": "y", "d": "w", "e": "", "f": "1"})
     assert not match({"a": "1", "b": "2", "c": "y", "e": ""})
     assert not match({"a": "1", "c": "q", "e": ""})
+
+
+# --- pure helpers of the shell ----------------------------------------------------------------
+def test_merge_diff_is_a_json_merge_patch() -> None:
+    old = {"phase": "Training", "step": 3, "conditions": [{"type": "A"}], "x": {"a": 1, "b": 2}}
+    new = {"phase": "Training", "step": 4, "conditions": [{"type": "B"}], "x": {"a": 1}}
+    patch = handlers._merge_diff(old, new)
+    assert patch == {"step": 4, "conditions": [{"type": "B"}], "x": {"b": None}}
+    assert handlers._merge_diff(new, new) == {}
+
+
+def test_failure_time_prefers_the_containers_finish() -> None:
+    pod = {"status": {"phase": "Failed", "containerStatuses": [{"name": "trainer", "state": {
+        "terminated": {"finishedAt": "2026-01-01T00:00:10Z"}}}], "conditions": [
+        {"type": "Ready", "status": "False", "lastTransitionTime": "2026-01-01T00:00:12Z"}]}}
+    assert handlers.failure_time(pod) == 1767225610.0
+    evicted = {"status": {"phase": "Failed", "conditions": [
+        {"type": "DisruptionTarget", "status": "True", "lastTransitionTime":
+         "2026-01-01T00:00:05Z"}]}}
+    assert handlers.failure_time(evicted) == 1767225605.0
+    assert handlers.failure_time({"status": {"phase": "Running"}}) is None
 
 
 # --- scenarios --------------------------------------------------------------------------------
@@ -327,8 +260,9 @@ def test_compile_skipped_on_cached_marker(
     finish_all(cluster, compile_pods, 0, {"compileCached": True, "compileKey": "cached-key"})
     gang(cluster, "train", 1, 1)
     st = wait_phase(cluster, "Training")
-    assert condition(st, "Compiled") | {"reason": "CompileSkipped", "status": "True"} == \
-        condition(st, "Compiled")
+    compiled = condition(st, "Compiled")
+    assert (compiled["status"], compiled["reason"]) == ("True", "CompileSkipped")
+    assert st["compileKey"] == "cached-key"
     assert "CompileSkipped" in reasons(cluster)
     assert "CompileFinished" not in reasons(cluster)
 
@@ -372,6 +306,27 @@ def test_worker_on_unhealthy_node_gang_restart_avoids_node(
         restarts_before + 1
     assert sample("llamajob_restart_latency_seconds_count") == latency_before + 1
     assert_permitted(operator_requests(cluster), scope="cluster")
+
+
+def test_lost_node_restarts_the_gang_elsewhere(
+    cluster: Cluster, operator: KopfRunner, tmp_path: Path
+) -> None:
+    nodes = cluster.add_nodes(3)
+    doc = example("llama3-8b.yaml", nodes=2)
+    doc["spec"]["compile"]["enabled"] = False
+    apply(cluster, doc, tmp_path)
+    train = gang(cluster, "train", 1, 2)
+    run_all(cluster, train, nodes[:2])
+    wait_for(lambda: condition(status(cluster), "Running").get("status") == "True",
+             what="gang running")
+    cluster.kubectl("delete", "node", nodes[1])  # the instance is gone, its pods with it
+    second = gang(cluster, "train", 2, 2)
+    st = status(cluster)
+    assert st["faults"][-1]["reason"] == "NodeGone" and st["faultyNodes"] == [nodes[1]]
+    values = second[0]["spec"]["affinity"]["nodeAffinity"][
+        "requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"][0][
+        "matchFields"][0]["values"]
+    assert values == [nodes[1]]
 
 
 def test_plain_crash_restarts_without_blaming_the_node(

@@ -257,7 +257,10 @@ def test_chaos_settings_from_flags_or_environment() -> None:
     from llamajob_trainer.chaos import ChaosConfig, chaos_from
 
     env = {protocol.CHAOS_KILL_AT_STEP_ENV: "12", protocol.CHAOS_KILL_DURING_CHECKPOINT_ENV: "1"}
-    assert chaos_from(None, False, env) == ChaosConfig(12, True)
-    assert chaos_from(3, False, env) == ChaosConfig(3, True)  # the flag wins
-    assert chaos_from(None, False, {}) == ChaosConfig(None, False)
-    assert not chaos_from(None, False, {protocol.CHAOS_KILL_AT_STEP_ENV: "x"}).enabled
+    assert chaos_from(None, None, env) == ChaosConfig(12, 0)
+    assert chaos_from(3, None, env) == ChaosConfig(3, 0)  # the flag wins
+    assert chaos_from(None, None, {}) == ChaosConfig(None, None)
+    assert not chaos_from(None, None, {protocol.CHAOS_KILL_AT_STEP_ENV: "x"}).enabled
+    at_20 = {protocol.CHAOS_KILL_DURING_CHECKPOINT_ENV: "20"}
+    assert chaos_from(None, None, at_20) == ChaosConfig(None, 20)
+    assert chaos_from(None, 7, at_20) == ChaosConfig(None, 7)

@@ -8,6 +8,7 @@ operator needs, all requests visible in one place (``permissions.py`` lists the 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
 from collections.abc import Callable, Mapping
@@ -123,7 +124,11 @@ class KubeClient:
                     headers={"Content-Type": content_type} if body is not None else None,
                     timeout=aiohttp.ClientTimeout(total=30),
                 ) as resp:
-                    payload = await resp.json(content_type=None) if resp.content_length != 0 else {}
+                    text = await resp.text()
+                    try:
+                        payload = json.loads(text) if text else {}
+                    except ValueError:  # a proxy's HTML error page, say
+                        payload = {"message": text[:200]}
                     if resp.status < 400:
                         return payload
                     if resp.status == 401 and not relogged and self._relogin is not None:

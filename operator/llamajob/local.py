@@ -135,7 +135,7 @@ def observed_pod_from_process(
 @dataclass
 class RunOptions:
     chaos_kill_at_step: int | None = None
-    chaos_kill_during_checkpoint: bool = False
+    chaos_kill_during_checkpoint: int | None = None  # 0: the next write; N: at step >= N
     metrics_port: int | None = None
     operator_metrics_port: int | None = None
     progress: bool = True
@@ -275,8 +275,9 @@ class LocalRunner:
         if role == "train":
             if self.options.chaos_kill_at_step is not None:
                 env[protocol.CHAOS_KILL_AT_STEP_ENV] = str(self.options.chaos_kill_at_step)
-            if self.options.chaos_kill_during_checkpoint:
-                env[protocol.CHAOS_KILL_DURING_CHECKPOINT_ENV] = "1"
+            at = self.options.chaos_kill_during_checkpoint
+            if at is not None:
+                env[protocol.CHAOS_KILL_DURING_CHECKPOINT_ENV] = str(at) if at > 1 else "1"
         log = log_path.open("ab")
         try:
             proc = subprocess.Popen(
@@ -500,8 +501,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument(
         "--chaos-kill-during-checkpoint",
-        action="store_true",
-        help="kill a training process in the middle of its first checkpoint write",
+        nargs="?",
+        const=0,
+        type=int,
+        metavar="STEP",
+        help="kill a training process in the middle of a checkpoint write, once: the first "
+        "write, or the first at STEP or later",
     )
     ap.add_argument(
         "--scale-down",

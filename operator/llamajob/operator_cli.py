@@ -84,6 +84,10 @@ def main(argv: list[str]) -> int:
 
     kopf.configure(verbose=args.verbose, log_prefix=True)
     logging.getLogger("llamajob").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    if not args.verbose:
+        # kopf reports every handled pod event at INFO; the operator's own log says what
+        # matters (transitions, faults, restarts) at INFO.
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     handlers.CONFIG = handlers.OperatorConfig(
         progress_interval=args.progress_interval,
         trainer_metrics_port=args.trainer_metrics_port,

@@ -3,8 +3,9 @@
 - kill at step N: right after step N has fully completed (logged, metrics set and, when N is a
   checkpoint step, its checkpoint saved), rank 0 kills itself with SIGKILL: no cleanup, no
   flush, as a node loss would. torchrun then tears down the other ranks.
-- kill during checkpoint: rank 0 kills itself in the middle of its next checkpoint write, after
-  every rank's shards are on disk and before the `done` marker.
+- kill during checkpoint: rank 0 kills itself in the middle of a checkpoint write, after every
+  rank's shards are on disk and before the `done` marker: the next write, or with a step N the
+  first write at step N or later (so a complete checkpoint can exist before the torn one).
 
 Each fault fires once per job: before dying, rank 0 records it in the CHAOS_MARKER file in the
 checkpoint directory, which survives restarts, so the resumed run does not die again.
@@ -28,23 +29,32 @@ KILL_DURING_CHECKPOINT = "killDuringCheckpoint"
 @dataclass(frozen=True)
 class ChaosConfig:
     kill_at_step: int | None = None
-    kill_during_checkpoint: bool = False
+    # None: off; 0: the next checkpoint write; N: the first write at step N or later.
+    kill_during_checkpoint: int | None = None
 
     @property
     def enabled(self) -> bool:
-        return self.kill_at_step is not None or self.kill_during_checkpoint
+        return self.kill_at_step is not None or self.kill_during_checkpoint is not None
+
+
+def parse_checkpoint_kill(raw: str) -> int | None:
+    """Environment form: 1/true/yes = the next write, an integer N >= 2 = at step N or later."""
+    raw = raw.strip().lower()
+    if raw in {"1", "true", "yes"}:
+        return 0
+    return int(raw) if raw.isdigit() and int(raw) > 1 else None
 
 
 def chaos_from(
-    kill_at_step: int | None, kill_during_checkpoint: bool, environ: Mapping[str, str]
+    kill_at_step: int | None, kill_during_checkpoint: int | None, environ: Mapping[str, str]
 ) -> ChaosConfig:
     """Command-line flags win; otherwise the environment (set by the operator or local runner)."""
     if kill_at_step is None:
         raw = environ.get(protocol.CHAOS_KILL_AT_STEP_ENV, "").strip()
         kill_at_step = int(raw) if raw.isdigit() and int(raw) > 0 else None
-    if not kill_during_checkpoint:
-        raw = environ.get(protocol.CHAOS_KILL_DURING_CHECKPOINT_ENV, "").strip().lower()
-        kill_during_checkpoint = raw in {"1", "true", "yes"}
+    if kill_during_checkpoint is None:
+        raw = environ.get(protocol.CHAOS_KILL_DURING_CHECKPOINT_ENV, "")
+        kill_during_checkpoint = parse_checkpoint_kill(raw)
     return ChaosConfig(kill_at_step, kill_during_checkpoint)
 
 
@@ -74,8 +84,10 @@ class Chaos:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, self.marker)
-        print(f"chaos: injecting {fault} ({detail}): SIGKILL to rank 0 (pid {os.getpid()})",
-              flush=True)
+        print(
+            f"chaos: injecting {fault} ({detail}): SIGKILL to rank 0 (pid {os.getpid()})",
+            flush=True,
+        )
         os.kill(os.getpid(), signal.SIGKILL)
 
     def after_step(self, step: int) -> None:
@@ -86,7 +98,8 @@ class Chaos:
         self._fire(KILL_AT_STEP, step)
 
     def before_checkpoint_done(self, step: int) -> None:
-        if not self.active or not self.config.kill_during_checkpoint:
+        threshold = self.config.kill_during_checkpoint
+        if not self.active or threshold is None or step < threshold:
             return
         if KILL_DURING_CHECKPOINT in read_fired(self.marker):
             return

@@ -127,9 +127,11 @@ def train_main(argv: list[str]) -> int:
         ap.add_argument("--chaos-kill-at-step", type=int, metavar="N",
                         help=f"SIGKILL rank 0 right after step N, once per job "
                         f"(or ${protocol.CHAOS_KILL_AT_STEP_ENV})")
-        ap.add_argument("--chaos-kill-during-checkpoint", action="store_true",
-                        help="SIGKILL rank 0 in its next checkpoint write before `done`, once "
-                        f"per job (or ${protocol.CHAOS_KILL_DURING_CHECKPOINT_ENV}=1)")
+        ap.add_argument("--chaos-kill-during-checkpoint", nargs="?", const=0, type=int,
+                        metavar="STEP",
+                        help="SIGKILL rank 0 inside a checkpoint write before `done`, once per "
+                        "job: the next write, or the first at STEP or later "
+                        f"(or ${protocol.CHAOS_KILL_DURING_CHECKPOINT_ENV}=1|STEP)")
         args = ap.parse_args(argv)
         cfg = load_config(args.config)
 

@@ -40,7 +40,10 @@ class TrainerMetrics:
 
     def __init__(self, registry: CollectorRegistry, job: str, namespace: str) -> None:
         def gauge(name: str, doc: str) -> Gauge:
-            return Gauge(name, doc, LABELS, registry=registry).labels(job, namespace)
+            child = Gauge(name, doc, LABELS, registry=registry).labels(job, namespace)
+            # NaN until measured: a fresh or resuming process must not report step 0 / loss 0.
+            child.set(float("nan"))
+            return child
 
         def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
             return Histogram(name, doc, LABELS, registry=registry, buckets=buckets).labels(
