@@ -8,9 +8,12 @@ operator and ``kubectl`` rely on, and nothing else:
   ``creationTimestamp``, ``generation``, ``generateName``, the namespace from the URL; 409
   AlreadyExists; new pods get ``status.phase: Pending``; a custom resource's status is dropped.
 - writes: JSON merge patches (RFC 7386) and JSON patches; strategic-merge patches are treated as
-  merge patches (lists are replaced, not merged). ``resourceVersion`` moves on every real change,
-  ``generation`` when anything outside metadata and status changes; a no-op patch changes
-  nothing and notifies nobody, as on a real API server.
+  merge patches (lists are replaced, not merged) and, like other content types, refused (415)
+  for custom resources. ``resourceVersion`` moves on every real change, ``generation`` when
+  anything outside metadata and status changes; a no-op patch changes nothing and notifies
+  nobody, as on a real API server.
+- custom resources are pruned to their CRD's structural schema (unknown fields are dropped, or
+  rejected with ``fieldValidation=Strict`` as kubectl sends) and validated against it.
 - the status subresource: writes to ``/status`` change only ``.status``; writes to the object
   keep the old ``.status`` (for resources declared with a status subresource).
 - lists: ``kind: XList``, ``apiVersion`` and ``metadata.resourceVersion``; label selectors
@@ -34,10 +37,10 @@ operator and ``kubectl`` rely on, and nothing else:
   (``deletionTimestamp`` first, removal when the last finalizer goes).
 - housekeeping: the request log can be cleared, and object history is bounded.
 
-Not emulated: admission and schema validation, RBAC (the request log lets tests compare what
-was called with the operator's declared permissions), scheduling and running pods (tests play
-the kubelet by patching pod status), graceful pod termination (a delete removes a pod at once),
-PUT, deletecollection and server-side apply.
+Not emulated: admission webhooks, schema defaulting and CEL rules, RBAC (the request log lets
+tests compare what was called with the operator's declared permissions), scheduling and running
+pods (tests play the kubelet by patching pod status), graceful pod termination (a delete removes
+a pod at once), PUT, deletecollection and server-side apply.
 
 The emulator runs in its own thread and event loop (``EmulatorThread``) so that tests can be
 plain synchronous code driving ``kubectl`` subprocesses, a ``kopf.testing.KopfRunner`` thread
@@ -330,7 +333,8 @@ class Emulator(k8s.KubernetesEmulator):
                      patch: dict[str, Any], sub: str | None = None) -> dict[str, Any]:
         """Merge-patch an object directly (as the kubelet would through the API), with events."""
         request = rendering.Request(method="PATCH", action=enums.action.UPDATE, resource=res,
-                                    namespace=namespace, name=name, subresource=sub, data=patch)
+                                    namespace=namespace, name=name, subresource=sub, data=patch,
+                                    headers={"Content-Type": "application/merge-patch+json"})
         return self._patch(request)
 
     def clear_requests(self) -> None:
@@ -542,6 +546,15 @@ class Emulator(k8s.KubernetesEmulator):
         if old is None:
             raise self._not_found(res, request.name)
         patch = request.data
+        kind = request.headers.get("Content-Type", "").split(";")[0].strip()
+        allowed = {"application/merge-patch+json", "application/json-patch+json"}
+        if not self._is_custom(res):
+            allowed.add("application/strategic-merge-patch+json")
+        if kind not in allowed:
+            raise k8s.KubernetesError(
+                415, "UnsupportedMediaType",
+                f"the body of the request was in an unknown format - accepted media types "
+                f"include: {', '.join(sorted(allowed))}")
         try:
             if isinstance(patch, list):
                 patched = jsonpatch.apply_patch(copy.deepcopy(old), patch)

@@ -146,3 +146,17 @@ def test_wire_round_trip_is_camel_case() -> None:
         {"apiVersion": "llamajob.dev/v1alpha1", "kind": "LlamaTrainingJob", "spec": wire}
     )
     assert again.spec == job.spec
+
+
+def test_every_subpackage_ships_in_the_wheel() -> None:
+    """Editable installs hide a subpackage missing from pyproject; the images' wheels do not."""
+    import tomllib
+
+    conf = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(conf["packages"])
+    found = set()
+    for name, root in conf["package-dir"].items():
+        for init in (ROOT / root).rglob("__init__.py"):
+            rel = init.parent.relative_to(ROOT / root)
+            found.add(".".join([name, *rel.parts]))
+    assert found == listed

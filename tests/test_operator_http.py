@@ -135,6 +135,22 @@ def test_emulator_watch_resumes_from_resource_version(cluster: Cluster) -> None:
     assert seen == [("ADDED", "two"), ("ADDED", "one")]
 
 
+def test_emulator_keeps_kmock_reactions_available(cluster: Cluster) -> None:
+    """With use_reactions, kmock's DSL answers first and the realism layer is the fallback."""
+    emu = cluster.emu
+
+    def script() -> None:
+        emu.emulator.use_reactions = True
+        emu.emulator["get /api/v1/namespaces/default/configmaps/scripted"] << {"scripted": 1}
+
+    emu.call(script)
+    c = cluster.client
+    assert c.get("configmaps", "scripted") == {"scripted": 1}
+    made = c.create("configmaps", {"metadata": {"name": "real"}})
+    assert c.get("configmaps", "real")["metadata"]["uid"] == made["metadata"]["uid"]
+    assert [o["metadata"]["name"] for o in c.list("configmaps")] == ["real"]
+
+
 def test_label_matcher_grammar() -> None:
     match = label_matcher("a=1,b!=2,c in (x, y),d notin (z),e,!f")
     assert match({"a": "1", "b": "3", "c": "y", "d": "w", "e": ""})

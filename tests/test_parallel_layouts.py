@@ -8,7 +8,6 @@ or missing reduction (AdamW itself is nearly scale-invariant). bf16-mixed runs m
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import json
 import os
@@ -66,6 +65,7 @@ LAYOUTS = [
     ("pp-interleaved", 2, {"pipeline": 2, "virtual_pipeline": 2}, "tiny"),
     ("fsdp-x-tp", 4, {"fsdp": True, "tensor": 2}, "tiny"),
     ("dp-x-tp-no-sp", 4, {"tensor": 2, "sequence_parallel": False}, "tiny"),
+    ("pp-x-fsdp", 4, {"pipeline": 2, "fsdp": True}, "tiny"),
 ]
 
 
@@ -153,7 +153,7 @@ def test_layout_errors_name_the_field(cfg: TrainerConfig, world: int, message: s
 
 
 def test_neuron_layout_accepts_kv_replication() -> None:
-    arch = dataclasses.replace(PRESETS["llama3-70b"])
+    arch = PRESETS["llama3-70b"]  # 8 kv heads, tensor 32
     cfg = config(tensor=32, pipeline=1, kv_replicator=4)
     cfg.resolved_backend = "neuron"
     assert make_layout(cfg, arch, 32).tp == 32

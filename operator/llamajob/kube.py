@@ -123,6 +123,7 @@ class KubeClient:
                     json=body,
                     headers={"Content-Type": content_type} if body is not None else None,
                     timeout=aiohttp.ClientTimeout(total=30),
+                    proxy=self._info.proxy_url,
                 ) as resp:
                     text = await resp.text()
                     try:

@@ -13,7 +13,9 @@
   runs on the last stage; micro-batches are the gradient-accumulation steps. A tied embedding
   split across the first and last stage is kept in sync by summing its two gradients.
 - Activation checkpointing: ``full`` recomputes each block from its input, ``selective``
-  recomputes the attention core; both are flags on the model (FQNs unchanged).
+  recomputes the attention core; both are flags on the model (FQNs unchanged). With the fused
+  (flash) SDPA kernels the attention core keeps no s x s tensor anyway, so ``selective`` saves
+  little there; it matters where SDPA falls back to the math kernel.
 - ``bf16-mixed``: FSDP2 ``MixedPrecisionPolicy`` (bf16 params for compute, fp32 reduce) with
   FSDP, ``torch.autocast(bfloat16)`` otherwise; master weights stay fp32 either way.
 """
@@ -23,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -277,7 +280,9 @@ class TorchParallelModel(ParallelModel):
             self._schedules[n_micro] = sched
         return self._schedules[n_micro]
 
-    def _grad_sync(self, runner: nn.Module, model: nn.Module, sync: bool):
+    def _grad_sync(
+        self, runner: nn.Module, model: nn.Module, sync: bool
+    ) -> contextlib.AbstractContextManager[Any]:
         """Reduce gradients over dp only on the last micro-batch of the step."""
         if isinstance(runner, DistributedDataParallel) and not sync:
             return runner.no_sync()
@@ -285,7 +290,7 @@ class TorchParallelModel(ParallelModel):
             model.set_requires_gradient_sync(sync)
         return contextlib.nullcontext()
 
-    def _autocast(self):
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.layout.bf16 and not self.layout.fsdp:
             return torch.autocast(self.env.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
