@@ -134,19 +134,10 @@ def hf_step(
     arch: Architecture, args: argparse.Namespace, attn: str
 ) -> Callable[[torch.Tensor], float]:
     import transformers
+    from llamajob_trainer.hf import hf_config
 
     config = transformers.LlamaConfig(
-        vocab_size=arch.vocab_size,
-        hidden_size=arch.hidden_size,
-        intermediate_size=arch.intermediate_size,
-        num_hidden_layers=arch.num_layers,
-        num_attention_heads=arch.num_heads,
-        num_key_value_heads=arch.num_kv_heads,
-        max_position_embeddings=arch.max_position_embeddings,
-        rope_theta=arch.rope_theta,
-        rms_norm_eps=arch.norm_eps,
-        use_cache=False,
-        attn_implementation=attn,
+        **hf_config(arch, "float32"), use_cache=False, attn_implementation=attn
     )
     model = transformers.LlamaForCausalLM(config).float().train()
     opt = make_adamw(model.parameters())

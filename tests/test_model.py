@@ -6,6 +6,8 @@ import dataclasses
 
 import pytest
 import torch
+import transformers
+from llamajob_trainer.hf import hf_config
 from llamajob_trainer.model import (
     Llama,
     from_hf_state_dict,
@@ -15,28 +17,12 @@ from llamajob_trainer.model import (
 )
 from llamajob_trainer.presets import PRESETS, Architecture
 
-transformers = pytest.importorskip("transformers")
-
 TINY = PRESETS["tiny"]  # GQA: 4 query heads, 2 kv heads
 TIED = Architecture(64, 2, 4, 1, 160, 300, 500000.0, 256, tie_embeddings=True)
 
 
 def hf_model(arch: Architecture) -> torch.nn.Module:
-    config = transformers.LlamaConfig(
-        vocab_size=arch.vocab_size,
-        hidden_size=arch.hidden_size,
-        intermediate_size=arch.intermediate_size,
-        num_hidden_layers=arch.num_layers,
-        num_attention_heads=arch.num_heads,
-        num_key_value_heads=arch.num_kv_heads,
-        max_position_embeddings=arch.max_position_embeddings,
-        rope_theta=arch.rope_theta,
-        rms_norm_eps=arch.norm_eps,
-        tie_word_embeddings=arch.tie_embeddings,
-        attention_bias=False,
-        mlp_bias=False,
-        attn_implementation="eager",
-    )
+    config = transformers.LlamaConfig(**hf_config(arch, "float32"), attn_implementation="eager")
     return transformers.LlamaForCausalLM(config).float().eval()
 
 
