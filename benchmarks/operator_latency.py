@@ -297,6 +297,7 @@ def idle(b: Bench, names: list[str], size: int, steps: Steps, seconds: float,
         "idle_requests_per_job_minute": len(requests) / len(names) * 60.0 / seconds,
         "idle_window_seconds": seconds,
         "idle_requests_total": len(requests),
+        "idle_requests_by_verb": dict(Counter(f"{m} {p}" for m, _, p in requests)),
         "idle_scrapes_of_rank0": steps.requests - scrapes,
     }
 
@@ -358,6 +359,7 @@ def main(argv: list[str] | None = None) -> int:
         "idle_requests_per_job_minute": round(quiet["idle_requests_per_job_minute"], 4),
         "idle_window_seconds": quiet["idle_window_seconds"],
         "idle_scrapes_of_rank0": quiet["idle_scrapes_of_rank0"],
+        "idle_requests_by_verb": quiet["idle_requests_by_verb"],
         "operator_restart_latency_histogram": own_restart,
     }
     print(json.dumps(result))

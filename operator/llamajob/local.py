@@ -379,6 +379,7 @@ class ConsoleUI:
         self.bar: Any = None
         self.task: Any = None
         self.last_plain = 0.0
+        self.last_plain_step: int | None = None
 
     def note(self, text: str) -> None:
         self.console.print(f"[dim]{_clock()}  {text}[/dim]")
@@ -422,8 +423,9 @@ class ConsoleUI:
                 self.bar.update(self.task, completed=step, phase=s.phase, info=self._fields(s))
             return
         now = time.monotonic()
-        if s.phase == "Training" and s.step is not None and now - self.last_plain >= 5:
-            self.last_plain = now
+        fresh = s.step != self.last_plain_step
+        if s.phase == "Training" and s.step is not None and fresh and now - self.last_plain >= 5:
+            self.last_plain, self.last_plain_step = now, s.step
             self.console.print(f"{_clock()}  step {step}/{total}  {self._fields(s)}")
 
     def close(self) -> None:
