@@ -155,6 +155,7 @@ class JobWorker:
         self.errors = 0
         self.warned_pruned = False
         self.woken_at: float | None = None
+        self.stopped = False
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -168,6 +169,7 @@ class JobWorker:
                                              f"{self.name}")
 
     async def stop(self) -> None:
+        self.stopped = True
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -209,6 +211,11 @@ class JobWorker:
                     await asyncio.wait_for(self._wake.wait(), timeout)
             if self.op.config.debounce > 0:
                 await asyncio.sleep(self.op.config.debounce)
+            if self.stopped:
+                # Python 3.11's wait_for swallows a cancel that lands while the wake-up is
+                # already set (a job deleted along with its pods): without this check the
+                # worker would live on and recreate the deleted job's pods.
+                return
             woken_at = self.woken_at or time.monotonic()
             self.woken_at = None
             self._wake.clear()
