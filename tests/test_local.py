@@ -200,15 +200,20 @@ def test_ctrl_c_stops_everything_and_a_rerun_resumes(tmp_path: Path, dataset: Pa
     assert steps[-1] == STEPS
 
 
-def test_trainium_job_is_refused_with_a_hint(tmp_path: Path) -> None:
-    res = subprocess.run(
-        [sys.executable, "-m", "llamajob.cli", "run", str(ROOT / "examples" / "llama3-70b.yaml")],
+def _run_cli(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`llamajob run` for the cases that stop before any training starts."""
+    return subprocess.run(
+        [sys.executable, "-m", "llamajob.cli", "run", *args],
         capture_output=True,
         text=True,
         timeout=120,
-        cwd=tmp_path,
+        cwd=cwd,
         check=False,
     )
+
+
+def test_trainium_job_is_refused_with_a_hint(tmp_path: Path) -> None:
+    res = _run_cli(tmp_path, str(ROOT / "examples" / "llama3-70b.yaml"))
     assert res.returncode == 2
     assert "Local runs use the CPU backend" in res.stderr and "--scale-down" in res.stderr
     assert not (tmp_path / "runs").exists()
@@ -230,14 +235,7 @@ def test_invalid_job_gives_the_planner_messages(tmp_path: Path) -> None:
     obj["spec"]["parallelism"]["tensor"] = 3
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(obj))
-    res = subprocess.run(
-        [sys.executable, "-m", "llamajob.cli", "run", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=tmp_path,
-        check=False,
-    )
+    res = _run_cli(tmp_path, str(path))
     assert res.returncode == 2
     assert "spec.parallelism.tensor: 3 does not divide" in res.stderr
 
