@@ -28,6 +28,7 @@ from llamajob.render import CONTAINER, labels, observed_pod, pod_name
 
 pytestmark = pytest.mark.slow
 
+LLAMAJOB_RUN = (sys.executable, "-m", "llamajob.cli", "run")
 STEPS = 40
 EVERY = 10
 
@@ -71,10 +72,7 @@ def _run(tmp: Path, job: Path, *extra: str, timeout: float = 600) -> tuple[dict[
     summary = tmp / "summary.json"
     res = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "llamajob.cli",
-            "run",
+            *LLAMAJOB_RUN,
             str(job),
             "--no-progress",
             "--summary-json",
@@ -167,10 +165,7 @@ def test_ctrl_c_stops_everything_and_a_rerun_resumes(tmp_path: Path, dataset: Pa
     job = _job_yaml(tmp_path, dataset)
     proc = subprocess.Popen(
         [
-            sys.executable,
-            "-m",
-            "llamajob.cli",
-            "run",
+            *LLAMAJOB_RUN,
             str(job),
             "--no-progress",
             "--run-dir",
@@ -203,7 +198,7 @@ def test_ctrl_c_stops_everything_and_a_rerun_resumes(tmp_path: Path, dataset: Pa
 def _run_cli(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
     """`llamajob run` for the cases that stop before any training starts."""
     return subprocess.run(
-        [sys.executable, "-m", "llamajob.cli", "run", *args],
+        [*LLAMAJOB_RUN, *args],
         capture_output=True,
         text=True,
         timeout=120,
