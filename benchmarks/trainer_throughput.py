@@ -3,8 +3,12 @@
 1. Training step tokens/s of our Llama (through the torch backend's ParallelModel, a world of
    one) against Hugging Face ``LlamaForCausalLM`` with a minimal loop, on the same
    architecture, batch, threads and precision; both use the same AdamW (fused when torch offers
-   it) and clip the gradient norm. Steps of the two alternate, so load from other processes on
-   the machine hits both alike; the median step time is reported.
+   it) and clip the gradient norm. Ours runs twice: eager, and with ``compile.torchCompile``
+   (each block compiled by Inductor, cold cache; the compile time is reported separately). HF
+   runs eager with its ``eager`` and ``sdpa`` attention. Steps of all contenders alternate, so
+   load from other processes on the machine hits them alike; the median step time is reported.
+   The headline figures (``tokens_per_second``, ``ratio_vs_hf``, ``mfu``) are the compiled
+   run's unless ``--no-compile``; the eager run's are reported beside them.
 2. MFU: model FLOPs per second (6 x matmul parameters x tokens + 12 x layers x hidden x seq per
    token for attention, the usual convention) over the fp32 matmul peak measured here (best of
    several large square matmuls with the same threads).
@@ -52,6 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "meaningful on a machine shared with other work; raise it on a dedicated one)",
     )
     p.add_argument("--precision", choices=["fp32", "bf16-mixed"], default="fp32")
+    p.add_argument("--no-compile", action="store_true", help="skip the torchCompile run")
     p.add_argument("--skip-checkpoint", action="store_true")
     p.add_argument("--checkpoint-worker", metavar="OUT", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -105,7 +110,10 @@ def make_adamw(params: Any) -> torch.optim.Optimizer:
         return torch.optim.AdamW(params, lr=1e-4)
 
 
-def our_step(arch: Architecture, args: argparse.Namespace) -> Callable[[torch.Tensor], float]:
+def our_step(
+    arch: Architecture, args: argparse.Namespace, compile_cache: str | None = None
+) -> Callable[[torch.Tensor], float]:
+    """``compile_cache``: run with ``compile.torchCompile``, Inductor's cache under it."""
     from llamajob_trainer.config import TrainerConfig
     from llamajob_trainer.parallel import init_distributed, parallelize
 
@@ -115,6 +123,8 @@ def our_step(arch: Architecture, args: argparse.Namespace) -> Callable[[torch.Te
             "data": {"seq_length": args.seq},
             "parallelism": {"activation_checkpointing": "none"},
             "precision": args.precision,
+            "compile": {"torch_compile": compile_cache is not None,
+                        "cache_dir": compile_cache or "unused"},
         }
     )
     pm = parallelize(cfg, arch, init_distributed())
@@ -158,18 +168,23 @@ def hf_step(
 
 def time_steps(
     steps: dict[str, Callable[[torch.Tensor], float]], batches: list[torch.Tensor], warmup: int
-) -> dict[str, list[float]]:
-    """Alternate the contenders step by step; returns each one's step times."""
-    for tokens in batches[:warmup]:
-        for step in steps.values():
+) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Alternate the contenders step by step; returns each one's step times, and each one's
+    first (warmup) step time, which holds torch.compile's compilation."""
+    first: dict[str, float] = {}
+    for i, tokens in enumerate(batches[:warmup]):
+        for name, step in steps.items():
+            start = time.perf_counter()
             step(tokens)
+            if i == 0:
+                first[name] = time.perf_counter() - start
     times: dict[str, list[float]] = {name: [] for name in steps}
     for tokens in batches[warmup:]:
         for name, step in steps.items():
             start = time.perf_counter()
             step(tokens)
             times[name].append(time.perf_counter() - start)
-    return times
+    return times, first
 
 
 # --- checkpoint save (2 ranks, run under torchrun) ---------------------------------------------
@@ -283,41 +298,57 @@ def main(argv: list[str] | None = None) -> None:
           f"{arch.num_kv_heads} kv, mlp {arch.intermediate_size}, vocab {arch.vocab_size}, "
           f"{arch.num_params() / 1e6:.1f}M params; batch {args.batch} x seq {args.seq}; "
           f"{args.precision}; {args.threads} threads; {steps} timed steps")
-    contenders = {
-        "ours": our_step(arch, args),
+    compiled = not args.no_compile
+    contenders = {"ours": our_step(arch, args)}
+    # A cold cache of its own, so the compile time printed is the real first-run cost.
+    compile_cache = tempfile.TemporaryDirectory(prefix="llamajob-bench-compile-")
+    if compiled:
+        contenders["ours_compiled"] = our_step(arch, args, compile_cache.name)
+    contenders |= {
         "hf_eager": hf_step(arch, args, "eager"),
         "hf_sdpa": hf_step(arch, args, "sdpa"),
     }
     peak_dtype = torch.bfloat16 if args.precision == "bf16-mixed" else torch.float32
     peak_before = matmul_peak_gflops(peak_dtype)
-    times = time_steps(contenders, batches, warmup)
-    tps = {name: tokens_per_step / statistics.median(t) for name, t in times.items()}
+    times, first = time_steps(contenders, batches, warmup)
+    median = {name: statistics.median(t) for name, t in times.items()}
+    tps = {name: tokens_per_step / m for name, m in median.items()}
     for name, t in times.items():
-        print(f"  {name:9s} median step {statistics.median(t):.3f}s  {tps[name]:9.1f} tokens/s "
+        print(f"  {name:13s} median step {median[name]:.3f}s  {tps[name]:9.1f} tokens/s "
               f"(steps: {', '.join(f'{x:.2f}' for x in t)})")
     # Measured before and after the steps; the higher one is the fairer (harsher) peak when
     # other work on the machine slowed one of them.
     peak = max(peak_before, matmul_peak_gflops(peak_dtype))
-    model_gflops = flops_per_token(arch, args.seq) * tps["ours"] / 1e9
-    mfu = model_gflops / peak
-    print(f"matmul peak ({peak_dtype}, {args.threads} threads): {peak:.1f} GFLOP/s; "
-          f"ours achieves {model_gflops:.1f} GFLOP/s of model FLOPs -> MFU {mfu:.1%}")
-    print(f"ours vs HF eager: {tps['ours'] / tps['hf_eager']:.2f}x; "
-          f"vs HF sdpa: {tps['ours'] / tps['hf_sdpa']:.2f}x")
-
+    fpt = flops_per_token(arch, args.seq)
+    mfu = {name: fpt * tps[name] / 1e9 / peak for name in ("ours", "ours_compiled") if name in tps}
+    print(f"matmul peak ({peak_dtype}, {args.threads} threads): {peak:.1f} GFLOP/s; MFU "
+          + ", ".join(f"{name} {value:.1%}" for name, value in mfu.items()))
+    for name in mfu:
+        print(f"{name} vs HF eager: {tps[name] / tps['hf_eager']:.2f}x; "
+              f"vs HF sdpa: {tps[name] / tps['hf_sdpa']:.2f}x")
+    head = "ours_compiled" if compiled else "ours"
     result: dict[str, Any] = {
-        "tokens_per_second": round(tps["ours"], 1),
+        "torch_compile": compiled,
+        "tokens_per_second": round(tps[head], 1),
         "hf_tokens_per_second": round(tps["hf_eager"], 1),
         "hf_sdpa_tokens_per_second": round(tps["hf_sdpa"], 1),
-        "ratio_vs_hf": round(tps["ours"] / tps["hf_eager"], 3),
-        "ratio_vs_hf_sdpa": round(tps["ours"] / tps["hf_sdpa"], 3),
-        "mfu": round(mfu, 4),
+        "ratio_vs_hf": round(tps[head] / tps["hf_eager"], 3),
+        "ratio_vs_hf_sdpa": round(tps[head] / tps["hf_sdpa"], 3),
+        "mfu": round(mfu[head], 4),
+        "eager_tokens_per_second": round(tps["ours"], 1),
+        "eager_ratio_vs_hf": round(tps["ours"] / tps["hf_eager"], 3),
+        "eager_mfu": round(mfu["ours"], 4),
         "matmul_peak_gflops": round(peak, 1),
-        "model_gflops": round(model_gflops, 1),
+        "model_gflops": round(fpt * tps[head] / 1e9, 1),
         "hidden_size": arch.hidden_size,
         "precision": args.precision,
         "threads": args.threads,
     }
+    if compiled:
+        # The first step's extra time over a steady step is the cold-cache compilation.
+        compile_seconds = first["ours_compiled"] - median["ours_compiled"]
+        print(f"torch.compile (cold cache): {compile_seconds:.1f} s once, in the first step")
+        result["compile_seconds"] = round(compile_seconds, 1)
     if not args.skip_checkpoint:
         ck = run_checkpoint_benchmark(args)
         sharded, gathered = statistics.median(ck["sharded"]), statistics.median(ck["gathered"])

@@ -91,6 +91,24 @@ def test_layout_matches_single_process(
     assert result["losses"][-1] < result["losses"][0]
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("nproc", "parallelism"),
+    [(2, {"activation_checkpointing": "full"}), (2, {"fsdp": True}), (2, {"pipeline": 2})],
+    ids=["ddp-full-recompute", "fsdp2", "pp-1f1b"],
+)
+def test_torch_compile_matches_single_process(
+    tmp_path: Path, reference: dict[str, dict], nproc: int, parallelism: dict
+) -> None:
+    """Blocks compiled by Inductor compute the eager model's numbers (fusion reorders float
+    operations, so equal to rounding), with recompute, FSDP2 and pipeline stages."""
+    result = run_worker(tmp_path, {**FP32, "parallelism": parallelism, "torch_compile": True},
+                        nproc, timeout=300)
+    assert result["layout"]["torch_compile"] is True
+    assert result["losses"] == pytest.approx(reference["tiny"]["losses"], rel=1e-4)
+    assert result["grad_norms"] == pytest.approx(reference["tiny"]["grad_norms"], rel=1e-4)
+
+
 BF16 = {"steps": 6, "micro_batch_size": 1, "global_batch_size": 8, "seq_length": 32, "lr": 2e-3}
 
 
@@ -150,6 +168,29 @@ def test_layout_degrees_and_coordinates() -> None:
 def test_layout_errors_name_the_field(cfg: TrainerConfig, world: int, message: str) -> None:
     with pytest.raises(LayoutError, match=message):
         make_layout(cfg, PRESETS["tiny"], world)
+
+
+@pytest.mark.parametrize(
+    ("backend", "tensor", "message"),
+    [
+        ("neuron", 1, "applies to the torch backend"),
+        ("torch", 2, "does not combine with parallelism.tensor \\(2\\)"),
+    ],
+)
+def test_torch_compile_layouts_the_backend_cannot_run(
+    backend: str, tensor: int, message: str
+) -> None:
+    cfg = TrainerConfig.model_validate(
+        {
+            "parallelism": {"tensor": tensor},
+            "batch": {"micro_batch_size": 1, "global_batch_size": 8},
+            "data": {"seq_length": 32},
+            "compile": {"torch_compile": True},
+            "resolved_backend": backend,
+        }
+    )
+    with pytest.raises(LayoutError, match=message):
+        make_layout(cfg, PRESETS["tiny"], 2)
 
 
 def test_neuron_layout_accepts_kv_replication() -> None:

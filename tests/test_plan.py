@@ -168,6 +168,18 @@ def test_recompute_reduces_activation_memory() -> None:
             "spec.parallelism.tensor",
             "spans nodes",
         ),
+        (
+            "llama3-8b",
+            {"compile": {"torch_compile": True}},
+            "spec.compile.torchCompile",
+            "neuron_parallel_compile",
+        ),
+        (
+            "tiny",
+            {"compile": {"torch_compile": True}, "parallelism": {"tensor": 2}},
+            "spec.compile.torchCompile",
+            "use tensor 1 with fsdp",
+        ),
     ],
 )
 def test_invalid_layouts_name_the_field_and_the_fix(

@@ -9,6 +9,7 @@ losses only agree to rounding.
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 import urllib.request
@@ -204,6 +205,38 @@ def test_compile_validates_once_then_reports_cache_hit(
     assert compile_main(["--config", str(cfg_path)]) == 0
     message = json.loads(term.read_text())
     assert message["compileCached"] is True and message["compileKey"] == key
+
+
+def test_torch_compile_step_fills_the_cache_that_training_reuses(
+    tmp_path: Path, data: Path
+) -> None:
+    """With compile.torchCompile the compile step is real work: Inductor compiles the blocks
+    into compile.cacheDir, and the training process then loads every graph from there."""
+    cache = tmp_path / "compile-cache"
+    wire = tiny_config(
+        data, tmp_path / "ckpt", maxSteps=3,
+        compile={"cacheDir": str(cache), "torchCompile": True},
+    )
+    cfg_path = write_config(tmp_path / "cfg.yaml", wire)
+
+    compiled = run_trainer("compile", cfg_path, tmp_path, None, timeout=300)
+    assert compiled.returncode == 0, compiled.stdout[-2000:] + compiled.stderr[-2000:]
+    hits, misses = _compile_report(compiled.stdout)
+    assert (hits, misses > 0) == (0, True), compiled.stdout
+    assert any((cache / "inductor").rglob("*")), "nothing written under cacheDir/inductor"
+
+    trained = run_trainer("train", cfg_path, tmp_path, None, timeout=300)
+    assert trained.returncode == 0, trained.stdout[-2000:] + trained.stderr[-2000:]
+    assert _compile_report(trained.stdout) == (misses, 0), trained.stdout
+    steps = [line for line in trained.stdout.splitlines() if line.startswith("step ")]
+    assert len(steps) == 3
+
+
+def _compile_report(stdout: str) -> tuple[int, int]:
+    """(graphs from the cache, graphs compiled) from the trainer's torch.compile line."""
+    match = re.search(r"torch\.compile: (\d+) graph\(s\) from the cache, (\d+) compiled", stdout)
+    assert match, stdout[-2000:]
+    return int(match[1]), int(match[2])
 
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")

@@ -281,6 +281,18 @@ def validate_layout(spec: LlamaTrainingJobSpec) -> list[SpecError]:
             )
     if backend == "torch" and par.kv_replicator != 1:
         err("parallelism.kvReplicator", "only the neuron backend replicates kv heads; use 1")
+    if spec.compile.torch_compile and backend == "neuron":
+        err(
+            "compile.torchCompile",
+            "applies to the torch backend; on Trainium the compile step compiles the graphs "
+            "with neuron_parallel_compile; use false",
+        )
+    elif spec.compile.torch_compile and tp > 1:
+        err(
+            "compile.torchCompile",
+            f"does not combine with parallelism.tensor {tp} on the torch backend (torch 2.13 "
+            "fails to compile tensor-parallel blocks); use tensor 1 with fsdp, or false",
+        )
     if arch.num_layers % pp:
         fit = _nearest(pp, [d for d in _divisors(arch.num_layers) if (world // tp) % d == 0])
         err(

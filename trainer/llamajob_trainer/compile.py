@@ -5,7 +5,9 @@
   extracts the XLA graphs of those steps and compiles them in parallel into the cache on the
   shared file system. Needs Trainium and the Neuron SDK; it cannot run on CPU.
 - torch backend: one validation step (forward + backward of one optimizer step's
-  micro-batches), which fails fast on a layout or model that cannot run.
+  micro-batches), which fails fast on a layout or model that cannot run. With
+  ``compile.torchCompile`` that step also compiles the blocks into Inductor's cache under
+  ``compile.cacheDir``, so the training pods load the kernels instead of compiling them.
 
 Either way rank 0 then writes the compile marker at
 `protocol.compile_marker_path(compile.cacheDir, key)`. When the marker already exists the work
@@ -68,6 +70,8 @@ def run_compile(
                 opt.zero_grad(set_to_none=True)
         if env.rank == 0:
             log(f"compile step {i + 1}/{steps}: loss {loss:.4f}")
+    if env.rank == 0 and (report := pm.compile_report()):
+        log(report)
     if not math.isfinite(loss):
         raise RuntimeError(f"compile validation step produced a non-finite loss ({loss})")
     seconds = time.perf_counter() - started

@@ -173,9 +173,18 @@ class CheckpointSpec(SpecModel):
 class CompileSpec(SpecModel):
     enabled: bool = Field(True, description="Run the compile step before training.")
     cache_dir: str = Field(
-        "neuron-cache", description="Compiler cache on the shared file system (NEURON_CC_FLAGS)."
+        "compile-cache",
+        description="Compiler cache on the shared file system: Neuron's (NEURON_CC_FLAGS), or "
+        "Inductor's (under inductor/) with torchCompile.",
     )
     steps: PositiveInt = Field(10, le=1000, description="Graph-extraction steps.")
+    torch_compile: bool = Field(
+        False,
+        description="Torch backend: compile each transformer block with torch.compile "
+        "(Inductor) for faster steps. The compile step fills the cache, so training reuses "
+        "the kernels. Needs a C++ compiler on CPU. The neuron backend compiles through XLA "
+        "instead; leave this false there.",
+    )
 
 
 class TrainingSpec(SpecModel):
@@ -230,6 +239,7 @@ class TrainingSpec(SpecModel):
             "sequenceParallel": p.sequence_parallel,
             "kvReplicator": p.kv_replicator,
             "activationCheckpointing": p.activation_checkpointing,
+            "torchCompile": self.compile.torch_compile,
         }
         return compile_key(
             arch=self.model.architecture().__dict__,

@@ -302,6 +302,7 @@ def _loop(
         if at is not None and rank0.metrics:
             rank0.metrics.last_checkpoint_step.set(at)
 
+    first_step = step
     while step < max_steps:
         started = time.perf_counter()
         lr = lr_at(step, spec, max_steps)
@@ -313,6 +314,8 @@ def _loop(
             opt.zero_grad(set_to_none=True)
         step += 1
         seconds = time.perf_counter() - started
+        if step == first_step + 1 and (report := pm.compile_report()):
+            log(report)
         if rank0.active:
             tps = tokens_per_step / seconds
             record = m.StepRecord(

@@ -58,6 +58,11 @@ class ParallelModel(ABC):
         optimizer.step()
         return norm
 
+    def compile_report(self) -> str | None:
+        """One line on ahead-of-time work done so far (torch.compile: graphs from the cache and
+        graphs compiled), or None when the backend compiles nothing itself."""
+        return None
+
     def parameters(self) -> list[nn.Parameter]:
         seen: set[int] = set()
         params: list[nn.Parameter] = []

@@ -30,6 +30,7 @@ class Layout:
     sequence_parallel: bool
     activation_checkpointing: str  # "none" | "selective" | "full"
     bf16: bool
+    torch_compile: bool
     micro_batch_size: int
     grad_accum: int
     seq_length: int
@@ -60,7 +61,18 @@ def make_layout(cfg: TrainerConfig, arch: Architecture, world_size: int) -> Layo
         )
     dp = world_size // (tp * pp)
     neuron = cfg.resolved_backend == "neuron"
+    if neuron and cfg.compile.torch_compile:
+        raise LayoutError(
+            "compile.torchCompile applies to the torch backend; on Trainium the compile step "
+            "compiles the graphs with neuron_parallel_compile. Set torchCompile: false"
+        )
     _check_tensor_parallel(arch, tp, p.kv_replicator if neuron else 1, neuron)
+    if cfg.compile.torch_compile and tp > 1:
+        raise LayoutError(
+            f"compile.torchCompile does not combine with parallelism.tensor ({tp}) on the torch "
+            "backend: torch 2.13 fails to compile tensor-parallel (DTensor) blocks on CPU. "
+            "Set tensor: 1 (shard with fsdp) or torchCompile: false"
+        )
     sp = p.sequence_parallel and tp > 1
     if sp and cfg.data.seq_length % tp:
         raise LayoutError(
@@ -90,6 +102,7 @@ def make_layout(cfg: TrainerConfig, arch: Architecture, world_size: int) -> Layo
         sequence_parallel=sp,
         activation_checkpointing=p.activation_checkpointing,
         bf16=cfg.precision == "bf16-mixed",
+        torch_compile=cfg.compile.torch_compile,
         micro_batch_size=mbs,
         grad_accum=grad_accum,
         seq_length=cfg.data.seq_length,
