@@ -1002,6 +1002,7 @@ class RecordedRequest:
     name: str | None
     watch: bool
     user_agent: str
+    data: Any = None  # the parsed JSON body, if any
 
     @classmethod
     def of(cls, r: rendering.Request) -> RecordedRequest:
@@ -1016,6 +1017,7 @@ class RecordedRequest:
             name=r.name,
             watch=r.params.get("watch") in ("true", "1"),
             user_agent=r.headers.get("User-Agent", ""),
+            data=r.data,
         )
 
     @property

@@ -188,11 +188,20 @@ def test_ctrl_c_stops_everything_and_a_rerun_resumes(tmp_path: Path, dataset: Pa
     time.sleep(0.5)
     assert _processes_mentioning(str(tmp_path / "run")) == [], "orphan processes left behind"
 
+    # The ranks saved the step they were at when stopped (checkpoint.saveOnTerminate).
+    reached = max(_losses(tmp_path))
+    assert f"SIGTERM: saving step_{reached} before exiting" in _train_log(tmp_path)
+
     summary, out = _run(tmp_path, job)
     assert summary["phase"] == "Succeeded", out
-    steps = sorted(_losses(tmp_path))
-    assert steps[0] > EVERY, f"started over instead of resuming: first step {steps[0]}"
-    assert steps[-1] == STEPS
+    # The rerun's log starts afresh: it must hold exactly the steps after the saved one.
+    lines = (tmp_path / "run" / "steps.jsonl").read_text().splitlines()
+    steps = [json.loads(line)["step"] for line in lines]
+    assert steps == list(range(reached + 1, STEPS + 1)), f"not resumed at step {reached}"
+
+
+def _train_log(tmp: Path) -> str:
+    return "".join(p.read_text() for p in sorted((tmp / "run").glob("attempt-*/train.log")))
 
 
 def _run_cli(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:

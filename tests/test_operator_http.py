@@ -315,6 +315,11 @@ def test_worker_on_unhealthy_node_gang_restart_avoids_node(
         assert {"key": "metadata.name", "operator": "NotIn", "values": [nodes[2]]} in \
             terms[0]["matchFields"]
     wait_for(lambda: not pods(cluster, attempt=1, role="train"), what="old gang deleted")
+    # The old gang goes with a short grace period: the new gang waits for it, and survivors
+    # of a fault cannot save anyway.
+    pod_deletes = [r for r in operator_requests(cluster)
+                   if r.method == "DELETE" and r.plural == "pods" and "-train-a1-" in r.name]
+    assert pod_deletes and all(r.data.get("gracePeriodSeconds") == 30 for r in pod_deletes)
     got = reasons(cluster)
     assert "NodeFault" in got and "Restarting" in got
     assert (metrics.REGISTRY.get_sample_value(

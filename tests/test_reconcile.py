@@ -414,6 +414,8 @@ def test_fault_tears_down_the_gang_and_schedules_a_restart(
         p.name for p in gang("train", 1) if not changes.get("deleting") or p.rank != 2
     )
     assert sorted(d.deleted) == expected_deletes
+    # Short grace: survivors cannot save without their peer, and the new gang waits for them.
+    assert {a.grace_seconds for a in d.actions if isinstance(a, DeletePods)} == {30}
     [fault] = st.faults
     assert (fault.attempt, fault.pod, fault.node, fault.reason) == (
         1,
@@ -500,6 +502,8 @@ def test_max_restarts_exhausted_fails_the_job() -> None:
     assert "maxRestarts 2" in failed.message
     assert events(d) == [("Warning", "PodFailed"), ("Warning", "Failed")]
     assert sorted(d.deleted) == [name("train", 3, r) for r in (0, 2, 3)]
+    # A finished job's leftovers keep their grace period, time to save on SIGTERM.
+    assert {a.grace_seconds for a in d.actions if isinstance(a, DeletePods)} == {None}
 
 
 def test_zero_max_restarts_fails_on_the_first_fault() -> None:

@@ -160,6 +160,20 @@ def test_70b_env(gang70: list[dict[str, Any]], job70: LlamaTrainingJob) -> None:
     assert len(env) == len(container(gang70[0])["env"])  # each name once
 
 
+def test_grace_period_covers_the_save_on_sigterm() -> None:
+    """The pod's grace period is checkpoint.terminateGraceSeconds, and torchrun (which
+    forwards SIGTERM to the ranks) waits almost as long before it SIGKILLs them."""
+    for grace, expected in ((None, 300), (900, 900)):
+        obj = yaml.safe_load((ROOT / "examples" / "llama3-70b.yaml").read_text())
+        if grace is not None:
+            obj["spec"]["checkpoint"]["terminateGraceSeconds"] = grace
+        job = parse_job(obj)
+        pod = render.render_pod(job, make_plan(job.spec), "train", 0, 0)
+        assert pod["spec"]["terminationGracePeriodSeconds"] == expected
+        timeout = int(env_of(pod)[render.SHUTDOWN_TIMEOUT_ENV]["value"])
+        assert expected - 30 < timeout < expected
+
+
 def test_user_env_overrides_ours_and_secrets_stay_references() -> None:
     job = example(
         "llama3-70b",

@@ -207,6 +207,49 @@ def test_compile_validates_once_then_reports_cache_hit(
     assert message["compileCached"] is True and message["compileKey"] == key
 
 
+def test_sigterm_saves_the_current_step_and_the_restart_resumes_there(
+    tmp_path: Path, data: Path, baseline: Baseline
+) -> None:
+    """A pod deletion (node drain, preemption) costs no steps: SIGTERM to torchrun, as the
+    kubelet sends it to a container's first process, makes both ranks save the step they are
+    at; the rerun continues from it with the uninterrupted run's numbers."""
+    import signal
+    import subprocess
+
+    ckpt = tmp_path / "ckpt"
+    # No scheduled save before the end, so any checkpoint found is the SIGTERM one.
+    cfg = write_config(tmp_path / "cfg.yaml",
+                       tiny_config(data, ckpt, checkpoint={"everySteps": 100}))
+    jsonl = tmp_path / "steps.jsonl"
+    proc = subprocess.Popen(
+        trainer_argv("train", cfg, 2, "--log-jsonl", str(jsonl)), env=trainer_env(tmp_path),
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 150
+        while not (jsonl.exists() and any(s >= 3 for s, _ in losses(jsonl))):
+            assert proc.poll() is None, proc.communicate()[0][-3000:]
+            assert time.monotonic() < deadline, "no step 3 within 150 s"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    stopped = max(s for s, _ in losses(jsonl))
+    assert proc.returncode != 0 and 3 <= stopped < 16, output[-3000:]
+    assert f"SIGTERM: saving step_{stopped} before exiting" in output
+    assert checkpoint_listing(ckpt) == {f"step_{stopped}": True}
+    message = json.loads((tmp_path / "termination.json").read_text())
+    assert message["reason"] == "Terminated" and message["permanent"] is False
+
+    rerun = run_trainer("train", cfg, tmp_path, 2, "--log-jsonl", str(jsonl))
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert f"resumed from step_{stopped}" in rerun.stdout
+    records = losses(jsonl)
+    assert [s for s, _ in records] == list(range(1, 17)), "a step was lost or repeated"
+    assert dict(records) == baseline.losses
+
+
 def test_torch_compile_step_fills_the_cache_that_training_reuses(
     tmp_path: Path, data: Path
 ) -> None:

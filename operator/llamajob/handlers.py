@@ -366,14 +366,17 @@ class JobWorker:
 
     async def apply(self, decision: Decision) -> None:
         client = self.op.client()
-        deletes = [n for a in decision.actions if isinstance(a, DeletePods) for n in a.names]
+        deletes = [
+            (n, a.grace_seconds)
+            for a in decision.actions if isinstance(a, DeletePods) for n in a.names
+        ]
         creates = [a for a in decision.actions if isinstance(a, CreateObject)]
         events = [a for a in decision.actions if isinstance(a, EmitEvent)]
         failures: list[BaseException] = []
 
-        async def delete(name: str) -> None:
+        async def delete(name: str, grace_seconds: int | None) -> None:
             try:
-                await client.delete("Pod", self.namespace, name)
+                await client.delete("Pod", self.namespace, name, grace_seconds)
             except ApiError as exc:
                 if exc.status != 404:
                     metrics.API_ERRORS.inc()
@@ -399,7 +402,7 @@ class JobWorker:
             else:
                 self.created_children[action.name] = stamp
 
-        await asyncio.gather(*(delete(n) for n in deletes))
+        await asyncio.gather(*(delete(n, grace) for n, grace in deletes))
         # Config and Service before the pods that mount and resolve them.
         children = [a for a in creates if a.kind != "Pod"]
         await asyncio.gather(*(create(a) for a in children))

@@ -157,12 +157,15 @@ class KubeClient:
         path = object_path(manifest["kind"], meta["namespace"])
         return await self.request("POST", path, manifest)
 
-    async def delete(self, kind: str, namespace: str, name: str) -> None:
-        await self.request(
-            "DELETE",
-            object_path(kind, namespace, name),
-            {"apiVersion": "v1", "kind": "DeleteOptions", "propagationPolicy": "Background"},
-        )
+    async def delete(
+        self, kind: str, namespace: str, name: str, grace_seconds: int | None = None
+    ) -> None:
+        options: dict[str, Any] = {
+            "apiVersion": "v1", "kind": "DeleteOptions", "propagationPolicy": "Background"
+        }
+        if grace_seconds is not None:
+            options["gracePeriodSeconds"] = grace_seconds
+        await self.request("DELETE", object_path(kind, namespace, name), options)
 
     async def patch_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> Any:
         return await self.request(

@@ -42,11 +42,12 @@ from .reconcile import (
     RequeueAfter,
     reconcile,
 )
-from .render import trainer_config
+from .render import SHUTDOWN_TIMEOUT_ENV, shutdown_timeout, trainer_config
 
 EXIT_INVALID = 2
 EXIT_INTERRUPTED = 130
 POLL_SECONDS = 0.5
+LOCAL_STOP_GRACE_MAX = 60
 TERMINAL = {"Succeeded", "Failed"}
 
 
@@ -204,7 +205,8 @@ class LocalRunner:
                     child = self.children.get(name)
                     if child is not None:
                         child.deleting = True
-                        child.stop()
+                        grace = action.grace_seconds
+                        child.stop(self.stop_grace if grace is None else grace)
                         del self.children[name]
             elif isinstance(action, EmitEvent):
                 self.events.append((action.type, action.reason, action.message))
@@ -270,6 +272,7 @@ class LocalRunner:
                 protocol.TERMINATION_LOG_ENV: str(term_path),
                 "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "1"),
                 "PYTHONUNBUFFERED": "1",
+                SHUTDOWN_TIMEOUT_ENV: str(shutdown_timeout(self.stop_grace)),
             }
         )
         if role == "train":
@@ -291,10 +294,16 @@ class LocalRunner:
         )
         return Child(name, role, attempt, rank, proc, log_path, term_path)
 
+    @property
+    def stop_grace(self) -> int:
+        # The pod's grace period, capped: here a person waits at the terminal, and local
+        # checkpoints are small.
+        return min(self.job.spec.checkpoint.terminate_grace_seconds, LOCAL_STOP_GRACE_MAX)
+
     def stop_all(self) -> None:
         for child in list(self.children.values()):
             child.deleting = True
-            child.stop()
+            child.stop(self.stop_grace)
 
     # --- the loop -------------------------------------------------------------------------------
     def step(self) -> float | None:

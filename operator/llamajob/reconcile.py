@@ -58,6 +58,7 @@ from .plan import Plan, make_plan
 PENDING, COMPILING, TRAINING, RESTARTING = "Pending", "Compiling", "Training", "Restarting"
 SUCCEEDED, FAILED = "Succeeded", "Failed"
 TERMINAL = (SUCCEEDED, FAILED)
+RESTART_GRACE_SECONDS = 30  # Kubernetes' default grace period
 
 VALIDATED, COMPILED, RUNNING = "Validated", "Compiled", "Running"
 CONDITION_TYPES = (VALIDATED, COMPILED, RUNNING, SUCCEEDED, FAILED)
@@ -187,6 +188,8 @@ class CreateObject:
 class DeletePods:
     names: tuple[str, ...]
     reason: str
+    # Overrides the pods' terminationGracePeriodSeconds; None keeps it.
+    grace_seconds: int | None = None
 
 
 @dataclass(frozen=True)
@@ -726,11 +729,13 @@ class _Pass:
         if not names:
             return []
         if st.phase == RESTARTING:
-            why = f"gang restart after attempt {st.attempt}"
-        elif terminal:
-            why = f"job {st.phase.lower()}"
-        else:
-            why = "not part of the current gang"
+            # The survivors of a fault cannot save (a save is collective and a peer is gone)
+            # and often hang in a collective; the new gang waits for them to go, so the long
+            # grace period meant for saving would only delay the restart.
+            return [DeletePods(
+                tuple(names), f"gang restart after attempt {st.attempt}", RESTART_GRACE_SECONDS
+            )]
+        why = f"job {st.phase.lower()}" if terminal else "not part of the current gang"
         return [DeletePods(tuple(names), why)]
 
 

@@ -65,6 +65,7 @@ HYPERPOD_SCHEDULABLE = "Schedulable"
 NODE_GONE = "NodeGone"
 
 # Values from the Neuron reference training scripts (NxD Llama pre-training).
+SHUTDOWN_TIMEOUT_ENV = "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"
 NEURON_CC_BASE_FLAGS = "--model-type transformer --distribution-strategy=llm-training"
 NEURON_INFLIGHT_REQUESTS = "3"  # async runtime: overlap host work with device execution
 MALLOC_ARENA_MAX = "64"  # glibc arenas per thread otherwise exhaust host memory with 32 ranks
@@ -277,6 +278,13 @@ def resources(job: LlamaTrainingJob, plan: Plan) -> dict[str, Any]:
     return {"requests": dict(amounts), "limits": dict(amounts)}
 
 
+def shutdown_timeout(grace_seconds: int) -> int:
+    """torchrun forwards SIGTERM to its ranks and SIGKILLs them after this many seconds (30 by
+    default, too short for a large save); it ends a little before the pod's grace period so
+    torchrun itself exits cleanly."""
+    return max(1, grace_seconds - 5)
+
+
 def env(job: LlamaTrainingJob, plan: Plan) -> list[dict[str, Any]]:
     """Container environment. Secrets only by reference: their values never pass through the
     operator, so they cannot reach status, Events or logs."""
@@ -284,6 +292,10 @@ def env(job: LlamaTrainingJob, plan: Plan) -> list[dict[str, Any]]:
     items: list[dict[str, Any]] = [
         {"name": protocol.CONFIG_ENV, "value": CONFIG_PATH},
         {"name": protocol.TERMINATION_LOG_ENV, "value": protocol.DEFAULT_TERMINATION_LOG},
+        {
+            "name": SHUTDOWN_TIMEOUT_ENV,
+            "value": str(shutdown_timeout(spec.checkpoint.terminate_grace_seconds)),
+        },
     ]
     if inst.trainium:
         cache = spec.compile.cache_dir
@@ -427,6 +439,8 @@ def render_pod(
         container["resources"] = res
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
+        # Time for the SIGTERM-ed trainer to finish its step and save (checkpoint.saveOnTerminate).
+        "terminationGracePeriodSeconds": job.spec.checkpoint.terminate_grace_seconds,
         "hostname": name,
         "subdomain": service_name(job.metadata.name),
         # Thousands of service env vars help nobody and slow process start-up.

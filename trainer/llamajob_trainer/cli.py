@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import traceback
 from collections.abc import Callable
@@ -136,10 +137,18 @@ def train_main(argv: list[str]) -> int:
         cfg = load_config(args.config)
 
         from .chaos import chaos_from
-        from .train import TrainOptions, train
+        from .train import Terminated, TrainOptions, train
 
         chaos = chaos_from(args.chaos_kill_at_step, args.chaos_kill_during_checkpoint, os.environ)
-        train(cfg, TrainOptions(log_jsonl=args.log_jsonl, chaos=chaos))
+        try:
+            train(cfg, TrainOptions(log_jsonl=args.log_jsonl, chaos=chaos))
+        except Terminated as stop:
+            print(f"{prog}: {stop}", file=sys.stderr, flush=True)
+            if _local_rank0():
+                protocol.write_termination_message(
+                    reason="Terminated", permanent=False, message=str(stop)
+                )
+            return 128 + signal.SIGTERM
         return 0
 
     return _run(prog, body)

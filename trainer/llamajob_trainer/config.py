@@ -168,6 +168,18 @@ class CheckpointSpec(SpecModel):
         "an integer N: exactly step_N (an error if it is missing or incomplete).",
     )
     async_save: bool = Field(False, description="Write checkpoints in the background.")
+    save_on_terminate: bool = Field(
+        True,
+        description="On SIGTERM (pod deletion, node drain, preemption) every rank finishes "
+        "its step, saves a checkpoint and exits, so the restart loses no steps.",
+    )
+    terminate_grace_seconds: int = Field(
+        300,
+        ge=1,
+        le=86400,
+        description="Pod terminationGracePeriodSeconds: how long a SIGTERM-ed pod may take to "
+        "finish its step and save before it is killed.",
+    )
 
 
 class CompileSpec(SpecModel):

@@ -18,11 +18,20 @@ of these hold (tests/test_train_resume.py checks it):
 - the same training config, maxSteps included (it shapes the learning-rate decay); checkpoint,
   metrics and logging settings may differ. The fingerprint refuses a different model.
 Model initialisation depends only on the seed (per-parameter generators), never on the layout.
+
+Termination. With `checkpoint.saveOnTerminate` (the default) SIGTERM does not kill a rank
+mid-step: the step finishes, the ranks agree (one all-reduce per step, because the signal
+reaches them at different moments), all save the current step and the process exits with 143
+(128 + SIGTERM, retryable). Kubernetes sends SIGTERM when a pod is deleted (node drain,
+preemption, the operator replacing a gang) and `llamajob run` does on Ctrl-C; the restart then
+resumes at the step where the signal arrived. A second SIGTERM changes nothing; SIGKILL at the
+end of the grace period can only tear the save in progress, which is never loaded.
 """
 
 from __future__ import annotations
 
 import math
+import signal
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -43,6 +52,32 @@ from .tokenizer import load_tokenizer
 
 if TYPE_CHECKING:
     from .parallel import DistEnv, ParallelModel
+
+
+class Terminated(Exception):
+    """Raised out of `train` after SIGTERM, once the current step is saved."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(f"terminated by SIGTERM after step {step}; saved step_{step}")
+        self.step = step
+
+
+class TerminationRequest:
+    """Turns SIGTERM into a flag that the loop reads at step boundaries."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.requested = False
+        self._previous: Any = None
+        if enabled:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+    def restore(self) -> None:
+        if self.enabled:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
 @dataclass(frozen=True)
@@ -185,9 +220,15 @@ def train(cfg: TrainerConfig, options: TrainOptions | None = None) -> int:
     env = init_distributed(cfg.resolved_backend)
     torch.manual_seed(cfg.seed)
     rank0 = _Rank0(cfg, options, env.rank == 0)
+    terminate = TerminationRequest(cfg.checkpoint.save_on_terminate)
     try:
-        step = _loop(cfg, options, dataset, arch, env, parallelize(cfg, arch, env), rank0)
+        pm = parallelize(cfg, arch, env)
+        step = _loop(cfg, options, dataset, arch, env, pm, rank0, terminate)
+    except Terminated:
+        shutdown_distributed()  # every rank agreed and saved: as clean an exit as success
+        raise
     finally:
+        terminate.restore()
         rank0.close()
     # Only on success: after an error, shutdown's barrier would wait for peers that may be
     # stuck in a collective; the process exits and torchrun tears the group down instead.
@@ -203,6 +244,7 @@ def _loop(
     env: DistEnv,
     pm: ParallelModel,
     rank0: _Rank0,
+    terminate: TerminationRequest,
 ) -> int:
     log = rank0.log
     max_steps = cfg.total_steps()
@@ -334,11 +376,18 @@ def _loop(
             rank0.jsonl.write(record)
             if rank0.metrics:
                 rank0.metrics.record_step(record)
-        if is_checkpoint_step(step, cfg.checkpoint.every_steps, max_steps):
+        saved = is_checkpoint_step(step, cfg.checkpoint.every_steps, max_steps)
+        if saved:
             save(step)
         elif cfg.checkpoint.async_save:
             _saved(ckpt.poll())
         chaos.after_step(step)
+        if terminate.enabled and step < max_steps and pm.any_rank(terminate.requested):
+            log(f"SIGTERM: saving step_{step} before exiting")
+            if not saved:
+                save(step)
+            _saved(ckpt.wait())
+            raise Terminated(step)
     _saved(ckpt.wait())
     log(f"done: {step} steps")
     return step

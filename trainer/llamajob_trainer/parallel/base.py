@@ -58,6 +58,11 @@ class ParallelModel(ABC):
         optimizer.step()
         return norm
 
+    @abstractmethod
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank when ``flag`` is True on at least one (a one-element all-reduce),
+        so that all ranks take the same branch at a step boundary."""
+
     def compile_report(self) -> str | None:
         """One line on ahead-of-time work done so far (torch.compile: graphs from the cache and
         graphs compiled), or None when the backend compiles nothing itself."""

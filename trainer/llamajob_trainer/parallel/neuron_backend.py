@@ -382,6 +382,12 @@ class NeuronParallelModel(ParallelModel):
         mean = xm.all_reduce(xm.REDUCE_SUM, total / (n * self.dp_size), groups=self._dp_groups)
         return float(mean.item())
 
+    def any_rank(self, flag: bool) -> bool:
+        import torch_xla.core.xla_model as xm
+
+        t = torch.tensor([int(flag)], dtype=torch.int32, device=self.env.device)
+        return bool(xm.all_reduce(xm.REDUCE_MAX, t).item())
+
     def make_optimizer(
         self, optimizer_cls: type[torch.optim.Optimizer], params: Any, **defaults: Any
     ) -> torch.optim.Optimizer:

@@ -336,6 +336,12 @@ class TorchParallelModel(ParallelModel):
                 if p.grad is not None:
                     dist.all_reduce(_local(p.grad), group=self._tied_group)
 
+    def any_rank(self, flag: bool) -> bool:
+        t = torch.tensor([int(flag)], dtype=torch.int32, device=self.env.device)
+        if self.env.world_size > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
     def compile_report(self) -> str | None:
         if not self.layout.torch_compile:
             return None
