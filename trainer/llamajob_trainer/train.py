@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 import signal
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -66,10 +67,12 @@ class TerminationRequest:
     """Turns SIGTERM into a flag that the loop reads at step boundaries."""
 
     def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
+        # Python delivers signals to the main thread only; elsewhere (an embedding
+        # application's worker thread) SIGTERM keeps its default meaning.
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
         self.requested = False
         self._previous: Any = None
-        if enabled:
+        if self.enabled:
             self._previous = signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum: int, frame: Any) -> None:
