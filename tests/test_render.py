@@ -236,6 +236,17 @@ def test_70b_node_selection_and_scheduling(gang70: list[dict[str, Any]]) -> None
     ]
 
 
+def test_plain_eks_selects_the_ec2_instance_type_without_the_health_label() -> None:
+    job = example("llama3-70b", hyperpod=False)
+    pod = render.render_pod(job, make_plan(job.spec), "train", 1, 0)
+    assert pod["spec"]["nodeSelector"] == {"node.kubernetes.io/instance-type": "trn1.32xlarge"}
+    # Without the HyperPod agent, a node is judged by its Ready condition alone.
+    ready = {"status": {"conditions": [{"type": "Ready", "status": "True"}]}}
+    assert render.node_health("n", ready).healthy
+    not_ready = {"status": {"conditions": [{"type": "Ready", "status": "False"}]}}
+    assert not render.node_health("n", not_ready).healthy
+
+
 def test_faulty_nodes_are_excluded_by_node_name(job70: LlamaTrainingJob) -> None:
     plan = make_plan(job70.spec)
     gang = render.render_gang(job70, plan, "train", 3, avoid_nodes=["node-b", "node-a", "node-b"])

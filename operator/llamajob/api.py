@@ -95,6 +95,12 @@ class ClusterSpec(SpecModel):
     memory: str | None = Field(None, description="Memory request and limit per pod, e.g. '480Gi'.")
     shm_size: str = Field("64Gi", description="Size limit of the in-memory /dev/shm.")
     priority_class_name: str | None = None
+    hyperpod: bool = Field(
+        True,
+        description="SageMaker HyperPod nodes: select the ml.-prefixed instance type and the "
+        "HyperPod health label Schedulable. false on plain EKS: select the EC2 instance type "
+        "(no ml. prefix); node health is then the Ready condition alone.",
+    )
 
 
 class RestartPolicy(SpecModel):

@@ -333,10 +333,13 @@ def env(job: LlamaTrainingJob, plan: Plan) -> list[dict[str, Any]]:
 
 def node_selector(job: LlamaTrainingJob, plan: Plan) -> dict[str, str]:
     out: dict[str, str] = {}
-    if plan.instance.trainium:
+    if plan.instance.trainium and job.spec.cluster.hyperpod:
         # HyperPod EKS nodes carry the ml.-prefixed name in this label.
         out[INSTANCE_TYPE_LABEL] = plan.instance.name
         out[HYPERPOD_HEALTH_LABEL] = HYPERPOD_SCHEDULABLE
+    elif plan.instance.trainium:
+        # Plain EKS: the kubelet sets the EC2 name, and no HyperPod agent labels health.
+        out[INSTANCE_TYPE_LABEL] = plan.instance.name.removeprefix("ml.")
     out.update(job.spec.cluster.node_selector)
     return out
 
