@@ -21,7 +21,6 @@ at the end; figures from an emulator on a shared machine, not from a real API se
 from __future__ import annotations
 
 import argparse
-import http.server
 import json
 import os
 import socket
@@ -42,7 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 import kmock  # noqa: E402
-from kube_emulator import EmulatorThread, node_manifest  # noqa: E402
+from kube_emulator import EmulatorThread, metrics_server, node_manifest  # noqa: E402
 
 PODS = kmock.resource("", "v1", "pods")
 NODES = kmock.resource("", "v1", "nodes")
@@ -95,29 +94,19 @@ class Steps:
     def __init__(self) -> None:
         self.steps: dict[str, int] = {}
         self.requests = 0
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                outer.requests += 1
-                lines = ["# TYPE llamajob_train_step gauge"]
-                lines += [f'llamajob_train_step{{job="{j}",namespace="{NS}"}} {s}'
-                          for j, s in list(outer.steps.items())]
-                lines += ["# TYPE llamajob_train_loss gauge"]
-                lines += [f'llamajob_train_loss{{job="{j}",namespace="{NS}"}} 2.5'
-                          for j in list(outer.steps)]
-                body = ("\n".join(lines) + "\n").encode()
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = metrics_server(self._render)
         self.port = self.server.server_address[1]
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def _render(self) -> bytes:
+        self.requests += 1
+        lines = ["# TYPE llamajob_train_step gauge"]
+        lines += [f'llamajob_train_step{{job="{j}",namespace="{NS}"}} {s}'
+                  for j, s in list(self.steps.items())]
+        lines += ["# TYPE llamajob_train_loss gauge"]
+        lines += [f'llamajob_train_loss{{job="{j}",namespace="{NS}"}} 2.5'
+                  for j in list(self.steps)]
+        return ("\n".join(lines) + "\n").encode()
 
 
 class Bench:

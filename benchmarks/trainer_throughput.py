@@ -123,8 +123,8 @@ def our_step(
             "data": {"seq_length": args.seq},
             "parallelism": {"activation_checkpointing": "none"},
             "precision": args.precision,
-            "compile": {"torch_compile": compile_cache is not None,
-                        "cache_dir": compile_cache or "unused"},
+            "compile": {"torch_compile": True, "cache_dir": compile_cache}
+            if compile_cache else {},
         }
     )
     pm = parallelize(cfg, arch, init_distributed())

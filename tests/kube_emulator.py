@@ -1212,6 +1212,25 @@ def kubectl(kubeconfig: Path, *args: str, check: bool = True, timeout: float = 6
     return proc.stdout + (proc.stderr if not check else "")
 
 
+def metrics_server(render: Callable[[], bytes]) -> http.server.ThreadingHTTPServer:
+    """A Prometheus endpoint on a free local port whose every GET returns `render()`; the
+    caller runs `serve_forever` (in a thread) and `shutdown`."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = render()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; version=0.0.4")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    return http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+
+
 class TrainerMetrics:
     """Stands in for rank 0's Prometheus endpoint; the pods in these tests have IP 127.0.0.1.
 
@@ -1223,26 +1242,15 @@ class TrainerMetrics:
 
         self.registry, self.metrics = build_registry(job, namespace)
         self.requests = 0
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                from prometheus_client import generate_latest
-
-                outer.requests += 1
-                body = generate_latest(outer.registry)
-                self.send_response(200)
-                self.send_header("Content-Type", "text/plain; version=0.0.4")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = metrics_server(self._render)
         self.port = self.server.server_address[1]
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def _render(self) -> bytes:
+        from prometheus_client import generate_latest
+
+        self.requests += 1
+        return generate_latest(self.registry)
 
     def set(self, *, step: int, loss: float, tokens_per_second: float = 1000.0,
             mfu: float = 0.3, last_checkpoint_step: int | None = None,
@@ -1308,6 +1316,21 @@ def apply(cluster: Cluster, doc: dict[str, Any], tmp_path: Path) -> str:
     path = tmp_path / f"{doc['metadata']['name']}.yaml"
     path.write_text(yaml.safe_dump(doc))
     return cluster.kubectl("apply", "-f", str(path))
+
+
+def start_training(cluster: Cluster, tmp_path: Path, *, spare_nodes: int = 0,
+                   **example_args: Any) -> tuple[list[str], list[dict[str, Any]]]:
+    """Apply the 8B example without its compile step (`example_args` as for `example`); returns
+    the nodes added (`nodes` of them plus `spare_nodes`) and the first training gang, running
+    on the first nodes."""
+    size = example_args.get("nodes") or 1
+    nodes = cluster.add_nodes(size + spare_nodes)
+    doc = example("llama3-8b.yaml", **example_args)
+    doc["spec"]["compile"]["enabled"] = False
+    apply(cluster, doc, tmp_path)
+    train = gang(cluster, "train", 1, size)
+    run_all(cluster, train, nodes[:size])
+    return nodes, train
 
 
 def status(cluster: Cluster, job: str = JOB) -> dict[str, Any]:

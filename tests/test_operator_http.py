@@ -41,6 +41,7 @@ from kube_emulator import (
     pods,
     reasons,
     run_all,
+    start_training,
     status,
     wait_for,
     wait_phase,
@@ -332,12 +333,7 @@ def test_worker_on_unhealthy_node_gang_restart_avoids_node(
 def test_lost_node_restarts_the_gang_elsewhere(
     cluster: Cluster, operator: KopfRunner, tmp_path: Path
 ) -> None:
-    nodes = cluster.add_nodes(3)
-    doc = example("llama3-8b.yaml", nodes=2)
-    doc["spec"]["compile"]["enabled"] = False
-    apply(cluster, doc, tmp_path)
-    train = gang(cluster, "train", 1, 2)
-    run_all(cluster, train, nodes[:2])
+    nodes, _ = start_training(cluster, tmp_path, nodes=2, spare_nodes=1)
     wait_for(lambda: condition(status(cluster), "Running").get("status") == "True",
              what="gang running")
     cluster.kubectl("delete", "node", nodes[1])  # the instance is gone, its pods with it
@@ -353,12 +349,7 @@ def test_lost_node_restarts_the_gang_elsewhere(
 def test_plain_crash_restarts_without_blaming_the_node(
     cluster: Cluster, operator: KopfRunner, tmp_path: Path
 ) -> None:
-    nodes = cluster.add_nodes(2)
-    doc = example("llama3-8b.yaml", nodes=2)
-    doc["spec"]["compile"]["enabled"] = False
-    apply(cluster, doc, tmp_path)
-    train = gang(cluster, "train", 1, 2)
-    run_all(cluster, train, nodes)
+    _, train = start_training(cluster, tmp_path, nodes=2)
     detection_before = sample("llamajob_fault_detection_seconds_count")
     detection_sum = sample("llamajob_fault_detection_seconds_sum")
     cluster.kubelet.finish(train[1]["metadata"]["name"], 1,
@@ -376,12 +367,7 @@ def test_plain_crash_restarts_without_blaming_the_node(
 def test_permanent_error_fails_without_restart(
     cluster: Cluster, operator: KopfRunner, tmp_path: Path
 ) -> None:
-    nodes = cluster.add_nodes(2)
-    doc = example("llama3-8b.yaml", nodes=2)
-    doc["spec"]["compile"]["enabled"] = False
-    apply(cluster, doc, tmp_path)
-    train = gang(cluster, "train", 1, 2)
-    run_all(cluster, train, nodes)
+    _, train = start_training(cluster, tmp_path, nodes=2)
     cluster.kubelet.finish(train[0]["metadata"]["name"], 78, message={
         "reason": "ConfigError", "permanent": True, "message": "tokenizer not found"})
     st = wait_phase(cluster, "Failed")
@@ -414,13 +400,8 @@ def test_max_restarts_exhausted(cluster: Cluster, operator: KopfRunner, tmp_path
 def test_hang_detected_from_metrics_restarts_gang(
     cluster: Cluster, operator: KopfRunner, trainer: TrainerMetrics, tmp_path: Path
 ) -> None:
-    nodes = cluster.add_nodes(1)
-    doc = example("llama3-8b.yaml", hangTimeoutSeconds=2)
-    doc["spec"]["compile"]["enabled"] = False
-    apply(cluster, doc, tmp_path)
-    (pod,) = gang(cluster, "train", 1, 1)
     trainer.set(step=5, loss=3.0)
-    run_all(cluster, [pod], nodes)
+    start_training(cluster, tmp_path, hangTimeoutSeconds=2)
     wait_for(lambda: status(cluster).get("step") == 5, what="step 5")
     scrapes = trainer.requests
     # The step stops moving: after hangTimeoutSeconds the gang is restarted.
@@ -544,13 +525,8 @@ def test_namespaced_operator_only_uses_role_permissions(
 def test_idle_job_makes_no_api_requests(
     cluster: Cluster, operator: KopfRunner, trainer: TrainerMetrics, tmp_path: Path
 ) -> None:
-    nodes = cluster.add_nodes(1)
-    doc = example("llama3-8b.yaml", hangTimeoutSeconds=0)
-    doc["spec"]["compile"]["enabled"] = False
-    apply(cluster, doc, tmp_path)
-    (pod,) = gang(cluster, "train", 1, 1)
     trainer.set(step=7, loss=2.0)
-    run_all(cluster, [pod], nodes)
+    start_training(cluster, tmp_path, hangTimeoutSeconds=0)
     wait_for(lambda: status(cluster).get("step") == 7, what="step 7")
     time.sleep(0.5)
     cluster.emu.clear_requests()

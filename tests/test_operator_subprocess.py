@@ -37,6 +37,7 @@ from test_operator_http import (
     operator_requests,
     pods,
     run_all,
+    start_training,
     status,
     wait_phase,
 )
@@ -165,13 +166,8 @@ def test_killed_and_restarted_mid_run_converges_without_duplicates(
 
 def test_metrics_and_liveness_endpoints(cluster: Cluster, start_operator: Starter,
                                         tmp_path: Path) -> None:
-    nodes = cluster.add_nodes(1)
     proc = start_operator()
-    doc = example("llama3-8b.yaml")
-    doc["spec"]["compile"]["enabled"] = False
-    apply(cluster, doc, tmp_path)
-    (pod,) = gang(cluster, "train", 1, 1)
-    run_all(cluster, [pod], nodes)
+    start_training(cluster, tmp_path)
     wait_for(lambda: 'llamajob_jobs{namespace="default",phase="Training"} 1.0' in proc.scrape(),
              what="the jobs gauge")
     text = proc.scrape()

@@ -441,14 +441,7 @@ class CheckpointManager:
 
     def read_trainer_state(self, step: int) -> dict[str, Any]:
         path = self.root / step_dir_name(step)
-        try:
-            state = json.loads((path / TRAINER_STATE).read_text())
-        except (OSError, ValueError) as exc:
-            raise CheckpointCorruptError(
-                f"checkpoint {path}: cannot read {TRAINER_STATE} ({exc}); the checkpoint is "
-                "damaged. It was left in place: move it away or set checkpoint.resume to "
-                "another step"
-            ) from exc
+        state = _read_json(path, TRAINER_STATE)
         if state.get("fingerprint") != self.fingerprint:
             raise CheckpointError(
                 f"checkpoint {path} was written for a different model (fingerprint "
@@ -496,13 +489,7 @@ class CheckpointManager:
         return trainer_state
 
     def _check_manifest(self, path: Path) -> None:
-        try:
-            manifest = json.loads((path / MANIFEST).read_text())
-        except (OSError, ValueError) as exc:
-            raise CheckpointCorruptError(
-                f"checkpoint {path}: cannot read {MANIFEST} ({exc}). It was left in place: move "
-                "it away or set checkpoint.resume to another step"
-            ) from exc
+        manifest = _read_json(path, MANIFEST)
         problems = manifest_problems(path, manifest)
         if problems:
             raise CheckpointCorruptError(
@@ -518,3 +505,13 @@ def _first_line(exc: BaseException) -> str:
         exc = getattr(first, "exception", first)
     text = str(exc).strip().splitlines()
     return text[0][:300] if text else type(exc).__name__
+
+
+def _read_json(checkpoint: Path, name: str) -> Any:
+    try:
+        return json.loads((checkpoint / name).read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointCorruptError(
+            f"checkpoint {checkpoint}: cannot read {name} ({exc}); the checkpoint is damaged. "
+            "It was left in place: move it away or set checkpoint.resume to another step"
+        ) from exc
