@@ -316,10 +316,10 @@ def test_local_and_kubernetes_shells_decide_alike(
     status = None
     for _ in range(4):
         job = job.model_copy(update={"status": status})
-        base = Observed(pods=(running,), service=True, configmap=True)
+        base = Observed(pods=(running,), service=True)
         status = reconcile(job, base, now).status
     job = job.model_copy(update={"status": status})
     assert status is not None and status.phase == "Training"
-    d_k8s = reconcile(job, Observed(pods=(from_k8s,), service=True, configmap=True), now)
-    d_local = reconcile(job, Observed(pods=(from_local,), service=True, configmap=True), now)
+    d_k8s = reconcile(job, Observed(pods=(from_k8s,), service=True), now)
+    d_local = reconcile(job, Observed(pods=(from_local,), service=True), now)
     assert d_k8s == d_local

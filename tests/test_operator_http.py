@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from kopf.testing import KopfRunner
 from kube_emulator import (
     HEALTH_LABEL,
@@ -194,7 +195,7 @@ def test_happy_path_70b_compile_train_succeed(
     compile_pods = gang(cluster, "compile", 1, 16)
     assert status(cluster)["phase"] == "Compiling"
     assert cluster.client.find("services", JOB) is not None
-    config = cluster.client.get("configmaps", f"{JOB}-config")
+    config = cluster.client.get("configmaps", config_volume(compile_pods[0]))
     assert "llama3-70b" in config["data"]["config.yaml"]
     for rank, pod in enumerate(compile_pods):
         spec = pod["spec"]
@@ -364,6 +365,41 @@ def test_plain_crash_restarts_without_blaming_the_node(
     assert 0 <= sample("llamajob_fault_detection_seconds_sum") - detection_sum < 2.5
 
 
+def test_spec_edit_by_kubectl_apply_restarts_the_gang_with_the_new_config(
+    cluster: Cluster, operator: KopfRunner, tmp_path: Path
+) -> None:
+    _, first = start_training(cluster, tmp_path, nodes=2)
+    wait_for(lambda: condition(status(cluster), "Running").get("status") == "True",
+             what="gang running")
+    old_config = config_volume(first[0])
+
+    doc = example("llama3-8b.yaml", nodes=2)
+    doc["spec"]["compile"]["enabled"] = False
+    doc["spec"]["maxSteps"] = 4321
+    apply(cluster, doc, tmp_path)  # the same file, edited, applied again
+
+    second = gang(cluster, "train", 2, 2)
+    st = wait_phase(cluster, "Training")
+    assert (st["attempt"], st["restarts"], st["maxSteps"]) == (2, 0, 4321)
+    assert not st.get("faults") and st["observedGeneration"] == 2
+    assert "SpecChanged" in reasons(cluster)
+    # The old gang was stopped with its own grace period, so its trainer could save.
+    pod_deletes = [r for r in operator_requests(cluster)
+                   if r.method == "DELETE" and r.plural == "pods" and "-train-a1-" in r.name]
+    assert pod_deletes and all("gracePeriodSeconds" not in (r.data or {}) for r in pod_deletes)
+    # The new gang reads the new revision's config; the old revision's stays until the job goes.
+    new_config = config_volume(second[0])
+    assert new_config != old_config
+    assert second[0]["metadata"]["labels"]["llamajob.dev/revision"] == st["revision"]
+    text = cluster.client.get("configmaps", new_config)["data"]["config.yaml"]
+    assert yaml.safe_load(text)["maxSteps"] == 4321
+    assert cluster.client.get("configmaps", old_config)["metadata"]["ownerReferences"]
+
+
+def config_volume(pod: dict[str, Any]) -> str:
+    return next(v["configMap"]["name"] for v in pod["spec"]["volumes"] if "configMap" in v)
+
+
 def test_permanent_error_fails_without_restart(
     cluster: Cluster, operator: KopfRunner, tmp_path: Path
 ) -> None:
@@ -483,12 +519,12 @@ def test_deleting_the_job_removes_its_children(
 ) -> None:
     cluster.add_nodes(1)
     apply(cluster, example("llama3-8b.yaml"), tmp_path)
-    gang(cluster, "compile", 1, 1)
-    assert cluster.client.find("configmaps", f"{JOB}-config") is not None
+    config = config_volume(gang(cluster, "compile", 1, 1)[0])
+    assert cluster.client.find("configmaps", config) is not None
     cluster.kubectl("delete", "ltj", JOB)
     assert pods(cluster) == []
     assert cluster.client.find("services", JOB) is None
-    assert cluster.client.find("configmaps", f"{JOB}-config") is None
+    assert cluster.client.find("configmaps", config) is None
     time.sleep(0.5)
     assert cluster.client.find("services", JOB) is None, "no worker recreated children"
     assert cluster.kubectl("get", "ltj", check=False).strip().startswith("No resources")

@@ -31,6 +31,7 @@ from llamajob.reconcile import (
     apply_actions,
     reconcile,
 )
+from llamajob_trainer import protocol
 
 T0 = datetime(2025, 3, 1, 12, 0, 0, tzinfo=UTC)
 NODES = 4
@@ -91,9 +92,16 @@ def gang(
     ]
 
 
+class AnyName(frozenset[str]):
+    """Observed ConfigMaps when a test is not about them: whatever revision the job is at."""
+
+    def __contains__(self, name: object) -> bool:
+        return True
+
+
 def obs(pods: list[ObservedPod] = (), **kw: Any) -> Observed:  # type: ignore[assignment]
     kw.setdefault("service", True)
-    kw.setdefault("configmap", True)
+    kw.setdefault("configmaps", AnyName())
     return Observed(pods=tuple(pods), **kw)
 
 
@@ -676,6 +684,171 @@ def progress(step: int | None, at: datetime, **kw: Any) -> Progress:
     return Progress(step=step, observed_at=at, **base)
 
 
+# --- spec edits -----------------------------------------------------------------------------------
+def edit(w: World, change: Any) -> None:
+    """The user edits the spec (kubectl edit / apply): a new generation, the status kept."""
+    obj = w.job.model_dump(by_alias=True, exclude_none=True, exclude={"status"})
+    change(obj["spec"])
+    obj["metadata"]["generation"] += 1
+    w.job = with_status(parse_job(obj), w.job.status)
+
+
+def max_steps(n: int) -> Any:
+    return lambda spec: spec.update(maxSteps=n)
+
+
+def trainer_config_of(create: CreateObject) -> dict[str, Any]:
+    return yaml.safe_load(create.manifest["data"]["config.yaml"])
+
+
+def test_spec_edit_restarts_the_gang_with_the_new_spec_without_counting_a_fault() -> None:
+    w = running_world()
+    old_revision = w.job.status.revision
+    assert old_revision == render.spec_revision(w.job)
+    edit(w, max_steps(2000))
+    d = w.step(5)
+    st = d.status
+    assert (st.phase, st.attempt, st.restarts, st.faults) == ("Restarting", 1, 0, [])
+    assert st.observed_generation == 2
+    assert (cond(d, "Running").status, cond(d, "Running").reason) == ("False", "SpecChanged")
+    assert events(d) == [("Normal", "SpecChanged")]
+    assert "generation 2" in d.events[0].message and "attempt 2" in d.events[0].message
+    # The whole gang goes, with the pods' own grace period: the trainer saves its step.
+    deletes = [a for a in d.actions if isinstance(a, DeletePods)]
+    assert len(deletes) == 1 and deletes[0].grace_seconds is None
+    assert sorted(deletes[0].names) == [name("train", 1, r) for r in range(NODES)]
+    # The new revision's config is written beside the old one, which the old pods still mount.
+    new_revision = render.spec_revision(w.job)
+    assert [c.name for c in d.creates] == [render.configmap_name("demo", new_revision)]
+    assert trainer_config_of(d.creates[0])["maxSteps"] == 2000
+    assert_fixed_point(w.job, w.observed, d, w.now)
+
+    # No backoff, but the old pods must stop first (they are saving).
+    d = w.step(1)
+    assert d.status.phase == "Restarting" and d.creates == [] and d.deleted == []
+    w.gc()
+    d = w.step(30)
+    st = d.status
+    assert (st.phase, st.attempt, st.restarts, st.revision) == ("Training", 2, 0, new_revision)
+    assert st.max_steps == 2000
+    assert events(d) == [("Normal", "TrainingStarted")]
+    for c in d.created_pods:
+        assert c.manifest["metadata"]["labels"]["llamajob.dev/revision"] == new_revision
+        volume = next(v for v in c.manifest["spec"]["volumes"] if "configMap" in v)
+        assert volume["configMap"]["name"] == render.configmap_name("demo", new_revision)
+    assert_fixed_point(w.job, w.observed, d, w.now)
+
+
+def test_restart_policy_edit_applies_without_touching_the_gang() -> None:
+    w = running_world()
+    revision = w.job.status.revision
+    edit(w, lambda spec: spec["restartPolicy"].update(maxRestarts=0))
+    d = w.step(5)
+    assert d.status.phase == "Training" and d.status.revision == revision
+    assert d.status.observed_generation == 2
+    assert d.creates == [] and d.deleted == [] and d.events == []
+    # It is in force at once: the next fault fails the job instead of restarting it.
+    w.set_rank("train", 1, 2, phase="Failed", exit_code=1)
+    d = w.step(5)
+    assert (d.status.phase, cond(d, "Failed").reason) == ("Failed", "BackoffLimitExceeded")
+
+
+def test_spec_edit_with_compile_enabled_runs_the_compile_step_again() -> None:
+    w = World(make_job())
+    w.step()
+    w.schedule("compile", 1)
+    w.step()
+    w.set("compile", 1, phase="Succeeded", exit_code=0,
+          termination_message={"compileCached": False, "compileKey": "k1"})
+    w.step(30)
+    w.schedule("train", 1)
+    w.step(10)
+    edit(w, lambda spec: spec["batch"].update(microBatchSize=2, globalBatchSize=4 * NODES))
+    assert w.step(5).status.phase == "Restarting"
+    w.gc()
+    d = w.step(1)
+    st = d.status
+    assert (st.phase, st.attempt, st.restarts) == ("Compiling", 2, 0)
+    compiled = cond(d, "Compiled")
+    assert (compiled.status, compiled.message) == ("False", "attempt 2: compiling (spec changed)")
+    assert st.compile_key == w.job.spec.compile_key("torch", w.job.spec.cluster.image) != "k1"
+    assert [c.name for c in d.created_pods] == [name("compile", 2, r) for r in range(NODES)]
+    assert events(d) == [("Normal", "CompileStarted")]
+
+
+def test_spec_edit_that_grows_the_gang_is_not_a_missing_pod() -> None:
+    w = running_world()
+
+    def grow(spec: dict[str, Any]) -> None:
+        spec["cluster"]["nodes"] = 2 * NODES
+        spec["batch"]["globalBatchSize"] = 4 * NODES
+
+    edit(w, grow)
+    d = w.step(5)
+    assert d.status.phase == "Restarting" and d.status.faults == []
+    assert (cond(d, "Running").reason, events(d)) == ("SpecChanged", [("Normal", "SpecChanged")])
+    w.gc()
+    d = w.step(1)
+    assert (d.status.attempt, d.status.pods, d.status.restarts) == (2, 2 * NODES, 0)
+    assert [c.name for c in d.created_pods] == [name("train", 2, r) for r in range(2 * NODES)]
+
+
+def test_fault_during_a_spec_edit_is_a_fault_restart_with_the_new_spec() -> None:
+    w = running_world(backoffSeconds=0)
+    edit(w, max_steps(2000))
+    w.set_rank("train", 1, 2, phase="Failed", exit_code=1)
+    d = w.step(5)
+    assert (d.status.phase, cond(d, "Running").reason) == ("Restarting", "Restarting")
+    assert [f.reason for f in d.status.faults] == ["PodFailed"]
+    deletes = [a for a in d.actions if isinstance(a, DeletePods)]
+    assert deletes[0].grace_seconds == rc.RESTART_GRACE_SECONDS  # survivors cannot save
+    w.gc()
+    d = w.step(1)
+    st = d.status
+    assert (st.phase, st.attempt, st.restarts) == ("Training", 2, 1)
+    assert st.revision == render.spec_revision(w.job) and st.max_steps == 2000
+
+
+def test_edit_that_breaks_the_spec_fails_the_job_and_fixing_it_starts_the_next_attempt() -> None:
+    w = running_world()
+    edit(w, lambda spec: spec["parallelism"].update(tensor=3))
+    d = w.step(5)
+    assert (d.status.phase, cond(d, "Failed").reason) == ("Failed", "InvalidSpec")
+    assert "spec.parallelism.tensor" in d.status.message
+    deletes = [a for a in d.actions if isinstance(a, DeletePods)]
+    assert deletes[0].grace_seconds is None  # the trainer saves on its way out
+    # The old pods are still terminating when the user fixes the spec.
+    edit(w, lambda spec: spec["parallelism"].update(tensor=1))
+    d = w.step(5)
+    st = d.status
+    assert (st.phase, st.attempt, st.restarts) == ("Training", 2, 0)
+    assert [c.name for c in d.created_pods] == [name("train", 2, r) for r in range(NODES)]
+    assert cond(d, "Failed") is None
+
+
+def test_trainer_error_job_starts_again_once_the_spec_is_edited() -> None:
+    w = running_world()
+    w.set_rank("train", 1, 0, phase="Failed", exit_code=protocol.EXIT_CONFIG,
+               termination_message={"reason": "CheckpointError", "message": "different model"})
+    d = w.step(5)
+    assert (d.status.phase, cond(d, "Failed").reason) == ("Failed", "TrainerError")
+    assert w.step(60).actions == ()  # the same generation: stays failed
+    w.gc()
+    edit(w, lambda spec: spec["checkpoint"].update(dir="/fsx/checkpoints/demo-v2"))
+    d = w.step(5)
+    assert (d.status.phase, d.status.attempt) == ("Training", 2)
+    assert [c.name for c in d.created_pods] == [name("train", 2, r) for r in range(NODES)]
+    assert [f.reason for f in d.status.faults] == ["TrainerError"]  # history kept
+
+
+def test_gang_started_before_revisions_existed_is_adopted_not_restarted() -> None:
+    w = running_world()
+    w.job = with_status(w.job, w.job.status.model_copy(update={"revision": None}))
+    d = w.step(5)
+    assert d.status.phase == "Training" and d.deleted == [] and d.events == []
+    assert d.status.revision == render.spec_revision(w.job)
+
+
 def test_hang_without_progress_restarts_the_gang() -> None:
     w = running_world()  # gang formed at T0+10s; hangTimeoutSeconds 600
     w.observed = replace(w.observed, progress=progress(5, w.now))
@@ -838,7 +1011,7 @@ def test_service_and_configmap_recreated_when_missing() -> None:
     d = w.step(1)
     assert [c.kind for c in d.creates] == ["Service"]
     assert d.creates[0].manifest["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
-    w.observed = replace(w.observed, configmap=False)
+    w.observed = replace(w.observed, configmaps=frozenset())
     assert [c.kind for c in w.step(1).creates] == ["ConfigMap"]
 
 

@@ -287,14 +287,18 @@ def test_spec_node_selector_and_tolerations_are_added() -> None:
     assert spec["serviceAccountName"] == "trainer" and spec["priorityClassName"] == "high"
 
 
-def test_volumes_shm_config_and_claims(gang70: list[dict[str, Any]]) -> None:
+def test_volumes_shm_config_and_claims(
+    gang70: list[dict[str, Any]], job70: LlamaTrainingJob
+) -> None:
     pod = gang70[7]
     vols = {v["name"]: v for v in pod["spec"]["volumes"]}
     assert vols["llamajob-shm"] == {
         "name": "llamajob-shm",
         "emptyDir": {"medium": "Memory", "sizeLimit": "64Gi"},
     }
-    assert vols["llamajob-config"]["configMap"] == {"name": "llama3-70b-config"}
+    revision = pod["metadata"]["labels"]["llamajob.dev/revision"]
+    assert revision == render.spec_revision(job70)
+    assert vols["llamajob-config"]["configMap"] == {"name": f"llama3-70b-config-{revision}"}
     assert vols["fsx"]["persistentVolumeClaim"] == {"claimName": "fsx-claim"}
     mounts = {m["mountPath"]: m["name"] for m in container(pod)["volumeMounts"]}
     assert mounts == {"/dev/shm": "llamajob-shm", "/etc/llamajob": "llamajob-config", "/fsx": "fsx"}
@@ -309,7 +313,9 @@ def test_container_contract(gang70: list[dict[str, Any]]) -> None:
     assert c["image"] == "ghcr.io/llamajob/trainer:0.1.0"
 
 
-def test_labels_and_owner_references(gang70: list[dict[str, Any]]) -> None:
+def test_labels_and_owner_references(
+    gang70: list[dict[str, Any]], job70: LlamaTrainingJob
+) -> None:
     rank0 = gang70[0]["metadata"]
     assert rank0["labels"] == {
         "app.kubernetes.io/name": "llamajob",
@@ -319,6 +325,7 @@ def test_labels_and_owner_references(gang70: list[dict[str, Any]]) -> None:
         "llamajob.dev/role": "train",
         "llamajob.dev/attempt": "1",
         "llamajob.dev/rank": "0",
+        "llamajob.dev/revision": render.spec_revision(job70),
     }
     assert rank0["namespace"] == "training"
     assert rank0["ownerReferences"] == [
@@ -366,7 +373,9 @@ def test_service_is_headless_and_selects_every_pod_of_the_job(
 
 def test_configmap_holds_the_trainer_config(job70: LlamaTrainingJob) -> None:
     cm = render.render_configmap(job70, make_plan(job70.spec))
-    assert cm["metadata"]["name"] == "llama3-70b-config"
+    revision = render.spec_revision(job70)
+    assert cm["metadata"]["name"] == f"llama3-70b-config-{revision}"
+    assert cm["metadata"]["labels"]["llamajob.dev/revision"] == revision
     cfg = TrainerConfig.model_validate(yaml.safe_load(cm["data"]["config.yaml"]))
     assert cfg.job_name == "llama3-70b" and cfg.namespace == "training"
     assert cfg.resolved_backend == "neuron"
@@ -375,6 +384,28 @@ def test_configmap_holds_the_trainer_config(job70: LlamaTrainingJob) -> None:
     assert cfg.metrics_port == 9400
     assert cfg.parallelism.tensor == 32 and cfg.parallelism.pipeline == 8
     assert cfg.max_steps == 1000 and cfg.checkpoint.dir == "/fsx/checkpoints/llama3-70b"
+
+
+def test_spec_revision_follows_every_edit_but_the_restart_policy(job70: LlamaTrainingJob) -> None:
+    def edited(**changes: Any) -> LlamaTrainingJob:
+        spec = job70.spec.model_copy(update=changes)
+        return job70.model_copy(update={"spec": spec})
+
+    base = render.spec_revision(job70)
+    policy = job70.spec.restart_policy.model_copy(update={"max_restarts": 99})
+    assert render.spec_revision(edited(restart_policy=policy)) == base
+    # Identity is not part of the spec: two jobs with one spec share a revision, not a name.
+    renamed = job70.model_copy(update={"metadata": job70.metadata.model_copy(update={"name": "x"})})
+    assert render.spec_revision(renamed) == base
+    assert render.configmap_name("x", base) != render.configmap_name("llama3-70b", base)
+    cluster = job70.spec.cluster.model_copy(update={"image": "ghcr.io/llamajob/trainer:0.2.0"})
+    checkpoint = job70.spec.checkpoint.model_copy(update={"every_steps": 7})
+    revisions = {
+        render.spec_revision(edited(max_steps=2000)),
+        render.spec_revision(edited(cluster=cluster)),
+        render.spec_revision(edited(checkpoint=checkpoint)),
+    }
+    assert len(revisions) == 3 and base not in revisions
 
 
 @pytest.mark.parametrize("name", ["llama3-70b", "tiny"])
@@ -562,9 +593,10 @@ def test_llamajob_render_console_script(llamajob_bin: str) -> None:
     )
     assert res.returncode == 0, res.stderr
     docs = list(yaml.safe_load_all(res.stdout))
+    revision = render.spec_revision(example("tiny"))
     assert [d["metadata"]["name"] for d in docs] == [
         "tiny",
-        "tiny-config",
+        f"tiny-config-{revision}",
         "tiny-compile-a1-0",
         "tiny-train-a1-0",
     ]

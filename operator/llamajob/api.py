@@ -162,6 +162,9 @@ class LlamaTrainingJobStatus(StatusModel):
     world_size: int | None = None
     pods: int | None = None
     compile_key: str | None = None
+    revision: str | None = Field(
+        None, description="Spec revision the current attempt's pods run (restartPolicy aside)."
+    )
     step: int | None = None
     max_steps: int | None = None
     loss: float | None = None

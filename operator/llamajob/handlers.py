@@ -276,7 +276,7 @@ class JobWorker:
             nodes=nodes,
             progress=self.progress,
             service=render.service_name(self.name) in present,
-            configmap=render.configmap_name(self.name) in present,
+            configmaps=frozenset(present - {render.service_name(self.name)}),
         )
         return observed, records
 

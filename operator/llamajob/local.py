@@ -150,7 +150,7 @@ class LocalRunner:
     ui: Any
     children: dict[str, Child] = field(default_factory=dict)
     service: bool = False
-    configmap: bool = False
+    configmaps: set[str] = field(default_factory=set)
     events: list[tuple[str, str, str]] = field(default_factory=list)
     progress: Progress | None = None
     started: float = field(default_factory=time.monotonic)
@@ -177,7 +177,7 @@ class LocalRunner:
             nodes={},
             progress=self.progress,
             service=self.service,
-            configmap=self.configmap,
+            configmaps=frozenset(self.configmaps),
         )
 
     def scrape(self) -> None:
@@ -221,7 +221,7 @@ class LocalRunner:
             self.service = True  # torchrun --standalone needs no rendezvous service
         elif kind == "ConfigMap":
             self.write_config()
-            self.configmap = True
+            self.configmaps.add(manifest["metadata"]["name"])
         elif kind == "Pod":
             meta = manifest["metadata"]
             labels = meta.get("labels", {})

@@ -11,10 +11,20 @@ Lifecycle (DESIGN section 4):
                     +-> Restarting -> (Compiling | Training) ...   -> Failed
 
 Choices worth knowing:
-- **One attempt counter** for both roles: ``attempt = restarts + 1``. Compile and training pods
-  of the same attempt differ by role (``{job}-compile-a1-0``, ``{job}-train-a1-0``). A fault in
-  either role starts attempt+1 in the role that was not finished: compile again if it never
-  completed (condition Compiled is not True), training otherwise.
+- **One attempt counter** for both roles. Compile and training pods of the same attempt differ by
+  role (``{job}-compile-a1-0``, ``{job}-train-a1-0``). A fault in either role starts attempt+1 in
+  the role that was not finished: compile again if it never completed (condition Compiled is not
+  True), training otherwise. ``restarts`` counts only the attempts that faults caused.
+- **Spec edits** reach a running gang by a planned restart. Every attempt records the spec
+  revision its pods run (``render.spec_revision``: the whole spec but ``restartPolicy``, which
+  applies at once). When the spec's revision moves on, the gang is deleted with its pods' own
+  grace period (so the trainer saves the step it is on), and the next attempt starts right away
+  from that checkpoint with the new spec: no backoff, not counted against maxRestarts, compiling
+  first when compile is enabled (cheap when the compile key did not change). An edit that makes
+  the spec invalid fails the job like any invalid spec.
+- **A job failed by its spec starts over once the spec is edited** (a new generation): InvalidSpec,
+  or TrainerError (the trainer refused its config, data or checkpoints). It continues with the
+  next attempt number, so no pod name is reused, and resumes from the newest checkpoint.
 - **Level-triggered creation.** Until every pod of the current gang has been seen running at
   once (condition Running=True), each reconcile asks for the pods it does not observe; the shell
   treats AlreadyExists as success. So a pod that vanished before the gang formed is simply
@@ -72,6 +82,7 @@ COMPILE_SKIPPED, COMPILE_FINISHED, COMPILE_DISABLED = (
     "CompileFinished",
     "CompileDisabled",
 )
+SPEC_CHANGED = "SpecChanged"
 
 # Fault reasons (status.faults[].reason)
 NODE_UNHEALTHY = "NodeUnhealthy"
@@ -161,7 +172,7 @@ class Observed:
     nodes: Mapping[str, NodeHealth] = field(default_factory=dict)
     progress: Progress | None = None  # from the training gang's rank 0
     service: bool = False  # the headless Service exists
-    configmap: bool = False  # the trainer ConfigMap exists
+    configmaps: frozenset[str] = frozenset()  # names of the job's trainer ConfigMaps
 
 
 # --- actions ----------------------------------------------------------------------------------
@@ -373,6 +384,7 @@ class _Pass:
         self.st = old.model_copy(deep=True)
         self.gen = job.metadata.generation
         self.policy = job.spec.restart_policy
+        self.revision = render.spec_revision(job)
         self.creates: list[CreateObject] = []
         self.requeue: list[float] = []
 
@@ -427,7 +439,7 @@ class _Pass:
             self.cond(COMPILED, "True", COMPILE_DISABLED, "spec.compile.enabled is false")
         if not self.obs.service:
             self.creates.append(CreateObject(render.render_service(self.job)))
-        if not self.obs.configmap:
+        if render.configmap_name(self.job.metadata.name, self.revision) not in self.obs.configmaps:
             self.creates.append(CreateObject(render.render_configmap(self.job, plan)))
 
         if st.phase in (None, PENDING):
@@ -440,11 +452,19 @@ class _Pass:
 
     def start_gang(self) -> None:
         """Enter Compiling or Training for the current attempt (pods follow in gang())."""
-        st = self.st
-        compiled = _is_true(st, COMPILED)
+        st, spec, plan = self.st, self.job.spec, self.plan
+        assert plan is not None
+        # An edit may have changed the compile key: compile again, which is cheap when it did
+        # not (the compile step skips itself when the graphs for its key are cached).
+        recompile = st.revision not in (None, self.revision) and spec.compile.enabled
+        if recompile:
+            st.compile_key = spec.compile_key(plan.backend, spec.cluster.image)
+        st.revision = self.revision
+        compiled = _is_true(st, COMPILED) and not recompile
         st.phase = TRAINING if compiled else COMPILING
         if not compiled:
-            self.cond(COMPILED, "False", "Compiling", f"attempt {st.attempt}: compiling")
+            why = " (spec changed)" if recompile else ""
+            self.cond(COMPILED, "False", "Compiling", f"attempt {st.attempt}: compiling{why}")
         st.restart_after = None
         self.cond(RUNNING, "False", "PodsStarting", f"attempt {st.attempt}: starting pods")
         if st.start_time is None:
@@ -458,12 +478,16 @@ class _Pass:
         role = self.role()
         gang = self.current_gang()
         formed = _is_true(st, RUNNING)
+        if st.revision is None:
+            st.revision = self.revision  # a gang started by an operator without revisions
+        edited = st.revision != self.revision
 
         findings: list[_Finding] = []
         for rank in range(plan.pods):
             pod = gang.get(rank)
             if pod is None:
-                if formed:
+                # After an edit the gang size may differ: the gang is replaced anyway.
+                if formed and not edited:
                     name = self.pod_name(role, st.attempt, rank)
                     findings.append(
                         _Finding(
@@ -490,6 +514,9 @@ class _Pass:
                 self.apply_progress()
                 self.succeed()
             return
+        if edited:
+            self.respec()
+            return
 
         # Only reached with every rank present or the gang not yet formed (a missing rank of a
         # formed gang is a fault above), so this never recreates one rank of a running gang.
@@ -513,6 +540,26 @@ class _Pass:
             st.message = counts + step
         else:
             st.message = counts
+
+    def respec(self) -> None:
+        """Replace the gang because the spec changed: a planned restart, not a fault."""
+        st = self.st
+        if self.role() == render.ROLE_TRAIN:
+            self.apply_progress()
+        st.phase = RESTARTING
+        st.restart_after = timestamp(self.now)
+        st.message = (
+            f"attempt {st.attempt}: spec changed (generation {self.gen}, revision "
+            f"{self.revision}); stopping the gang within its termination grace period (the "
+            f"trainer saves its current step) and starting attempt {st.attempt + 1} with it"
+        )
+        self.cond(RUNNING, "False", SPEC_CHANGED, st.message)
+
+    def planned_restart(self) -> bool:
+        running = get_condition(self.st, RUNNING)
+        return self.st.phase == RESTARTING and running is not None and (
+            running.reason == SPEC_CHANGED
+        )
 
     def hang_check(self, gang: Mapping[int, ObservedPod]) -> bool:
         timeout = self.policy.hang_timeout_seconds
@@ -673,7 +720,8 @@ class _Pass:
         if ahead:
             # Pods of a later attempt exist: that attempt was started but its status write was
             # lost (operator crash). Adopt it rather than tear it down and create it again.
-            st.restarts += max(ahead) - st.attempt
+            if not self.planned_restart():
+                st.restarts += max(ahead) - st.attempt
             st.attempt = max(ahead)
             self.start_gang()
             return
@@ -683,8 +731,9 @@ class _Pass:
             return
         if any(self.blocks_restart(p) for p in self.obs.pods):
             return  # their deletion is a pod event: the shell calls again
+        if not self.planned_restart():
+            st.restarts += 1
         st.attempt += 1
-        st.restarts += 1
         self.start_gang()
 
     def late_node_faults(self) -> None:
@@ -728,6 +777,9 @@ class _Pass:
         )
         if not names:
             return []
+        if self.planned_restart():
+            # Healthy ranks: their full grace period lets the trainer save the current step.
+            return [DeletePods(tuple(names), f"spec changed during attempt {st.attempt}")]
         if st.phase == RESTARTING:
             # The survivors of a fault cannot save (a save is collective and a peer is gone)
             # and often hang in a collective; the new gang waits for them to go, so the long
@@ -753,6 +805,11 @@ def _events(
 
     if c := flipped(VALIDATED, "True"):
         out.append(EmitEvent("Normal", "Validated", c.message))
+    running, was = get_condition(new, RUNNING), get_condition(old, RUNNING)
+    if running is not None and running.reason == SPEC_CHANGED and (
+        was is None or was.reason != SPEC_CHANGED
+    ):
+        out.append(EmitEvent("Normal", SPEC_CHANGED, running.message))
     seen = {(f.attempt, f.pod, f.reason, f.time) for f in old.faults}
     for f in new.faults:
         if (f.attempt, f.pod, f.reason, f.time) in seen or f.reason == TRAINER_ERROR:
@@ -820,12 +877,12 @@ def _invalid_pass(p: _Pass, problems: list[SpecError]) -> Decision:
 
 
 def _reopen(job: LlamaTrainingJob, old: LlamaTrainingJobStatus) -> bool:
-    """A job rejected as InvalidSpec starts over once its spec is edited (a new generation)."""
+    """A job failed by its spec starts over once the spec is edited (a new generation)."""
     failed = get_condition(old, FAILED)
     return (
         old.phase == FAILED
         and failed is not None
-        and failed.reason == INVALID_SPEC
+        and failed.reason in (INVALID_SPEC, TRAINER_ERROR)
         and job.metadata.generation is not None
         and job.metadata.generation != old.observed_generation
     )
@@ -841,7 +898,11 @@ def reconcile(job: LlamaTrainingJob, observed: Observed, now: datetime) -> Decis
         return _decide(p)
     plan = make_plan(job.spec)
     problems = plan.problems()
-    start = old if old.phase not in TERMINAL else LlamaTrainingJobStatus(faults=old.faults)
+    start = old
+    if old.phase in TERMINAL:
+        # Starting over: only the fault history and the attempt count carry on.
+        next_attempt = old.attempt + 1 if old.attempt else 0
+        start = LlamaTrainingJobStatus(faults=old.faults, attempt=next_attempt)
     p = _Pass(job, observed, now, start, plan)
     p.old = old  # events compare with what was written, also when starting over
     if problems:
@@ -883,13 +944,13 @@ def apply_actions(observed: Observed, decision: Decision) -> Observed:
     their own fresh writes as seen (no AlreadyExists storm while the watch catches up), and tests
     use it to check the fixed point."""
     pods = {p.name: p for p in observed.pods}
-    service, configmap = observed.service, observed.configmap
+    service, configmaps = observed.service, observed.configmaps
     for a in decision.actions:
         if isinstance(a, CreateObject):
             if a.kind == "Service":
                 service = True
-            elif a.kind == "ConfigMap":
-                configmap = True
+            elif a.kind == "ConfigMap" and a.name not in configmaps:
+                configmaps = configmaps | {a.name}
             elif a.kind == "Pod" and a.name not in pods:
                 assert a.role is not None and a.attempt is not None and a.rank is not None
                 pods[a.name] = ObservedPod(a.name, a.role, a.attempt, a.rank, "Pending")
@@ -897,4 +958,6 @@ def apply_actions(observed: Observed, decision: Decision) -> Observed:
             for name in a.names:
                 if name in pods:
                     pods[name] = replace(pods[name], deleting=True)
-    return replace(observed, pods=tuple(pods.values()), service=service, configmap=configmap)
+    return replace(
+        observed, pods=tuple(pods.values()), service=service, configmaps=configmaps
+    )

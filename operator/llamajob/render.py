@@ -4,8 +4,11 @@ One job owns three kinds of children:
 - a headless Service named after the job, so every pod resolves as ``{pod}.{service}.{ns}.svc``
   and rank 0 is the torchrun rendezvous (``publishNotReadyAddresses`` so the name resolves before
   any readiness);
-- a ConfigMap with the trainer's config (``TrainerConfig`` as YAML) mounted at /etc/llamajob;
-- one pod per node and gang: ``{job}-{role}-a{attempt}-{rank}``, role ``compile`` or ``train``.
+- a ConfigMap per spec revision with the trainer's config (``TrainerConfig`` as YAML), mounted
+  at /etc/llamajob: ``{job}-config-{revision}``. A gang's pods keep reading their own revision's
+  config while an edited spec's ConfigMap is created beside it; all go with the job;
+- one pod per node and gang: ``{job}-{role}-a{attempt}-{rank}``, role ``compile`` or ``train``,
+  labelled with the spec revision it runs.
 
 Everything Kubernetes-specific lives here (names, labels, resources, HyperPod labels, and the
 reverse reading of pods and nodes into the core's observations); ``reconcile.py`` only speaks of
@@ -15,6 +18,7 @@ roles, attempts, ranks and phases, so the local runner can drive the same core w
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import re
 from collections.abc import Iterable, Mapping
@@ -40,6 +44,7 @@ LABEL_JOB = "llamajob.dev/job"
 LABEL_ROLE = "llamajob.dev/role"
 LABEL_ATTEMPT = "llamajob.dev/attempt"
 LABEL_RANK = "llamajob.dev/rank"
+LABEL_REVISION = "llamajob.dev/revision"
 
 ROLE_COMPILE = "compile"
 ROLE_TRAIN = "train"
@@ -113,8 +118,19 @@ def service_name(job_name: str) -> str:
     return _dns_label(job_name, letter_first=True)
 
 
-def configmap_name(job_name: str) -> str:
-    return _dns_label(job_name, "-config")
+def configmap_name(job_name: str, revision: str) -> str:
+    return _dns_label(job_name, f"-config-{revision}")
+
+
+def spec_revision(job: LlamaTrainingJob) -> str:
+    """Digest of everything in the spec that reaches the pods or the trainer's config.
+
+    ``restartPolicy`` is left out: only the operator reads it, so editing it takes effect
+    without touching a running gang. Any other edit gives a new revision, and a gang running an
+    older one is restarted with it (see ``reconcile``).
+    """
+    payload = job.spec.model_dump(mode="json", exclude={"restart_policy"})
+    return _digest(json.dumps(payload, sort_keys=True), 10)
 
 
 def master_addr(job: LlamaTrainingJob, role: str, attempt: int) -> str:
@@ -191,10 +207,12 @@ def trainer_config(job: LlamaTrainingJob, plan: Plan) -> TrainerConfig:
 
 def render_configmap(job: LlamaTrainingJob, plan: Plan) -> dict[str, Any]:
     text = yaml.safe_dump(trainer_config(job, plan).to_wire(), sort_keys=False)
+    revision = spec_revision(job)
+    lbls = {**labels(job), LABEL_REVISION: revision}
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": _metadata(job, configmap_name(job.metadata.name), labels(job)),
+        "metadata": _metadata(job, configmap_name(job.metadata.name, revision), lbls),
         "data": {CONFIG_KEY: text},
     }
 
@@ -391,7 +409,10 @@ def volumes(job: LlamaTrainingJob) -> tuple[list[dict[str, Any]], list[dict[str,
     cluster = job.spec.cluster
     vols: list[dict[str, Any]] = [
         {"name": SHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": cluster.shm_size}},
-        {"name": CONFIG_VOLUME, "configMap": {"name": configmap_name(job.metadata.name)}},
+        {
+            "name": CONFIG_VOLUME,
+            "configMap": {"name": configmap_name(job.metadata.name, spec_revision(job))},
+        },
     ]
     mounts: list[dict[str, Any]] = [
         {"name": SHM_VOLUME, "mountPath": "/dev/shm"},
@@ -465,7 +486,9 @@ def render_pod(
     return {
         "apiVersion": "v1",
         "kind": "Pod",
-        "metadata": _metadata(job, name, labels(job, role, attempt, rank)),
+        "metadata": _metadata(
+            job, name, {**labels(job, role, attempt, rank), LABEL_REVISION: spec_revision(job)}
+        ),
         "spec": pod_spec,
     }
 
