@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -33,3 +34,18 @@ def _own_tmpdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     scratch.mkdir()
     monkeypatch.setenv("TMPDIR", str(scratch))
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def avoided_nodes(pod: dict[str, Any]) -> list[str]:
+    """Node names a pod manifest asks the scheduler to avoid (preferred node anti-affinity)."""
+    terms = pod["spec"]["affinity"].get("nodeAffinity", {}).get(
+        "preferredDuringSchedulingIgnoredDuringExecution", []
+    )
+    assert all(t["weight"] == 100 for t in terms)
+    return [
+        name
+        for t in terms
+        for field in t["preference"]["matchFields"]
+        if field["key"] == "metadata.name" and field["operator"] == "NotIn"
+        for name in field["values"]
+    ]

@@ -1161,6 +1161,12 @@ class Kubelet:
                                    "state": {"running": {"startedAt": now_iso()}}}],
         }}, self.namespace, sub="status")
 
+    def unschedulable(self, pod: str, message: str) -> None:
+        """The scheduler found no node for the pod."""
+        self.client.patch("pods", pod, {"status": {"phase": "Pending", "conditions": [
+            {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+             "message": message, "lastTransitionTime": now_iso()}]}}, self.namespace, sub="status")
+
     def finish(self, pod: str, exit_code: int, *, reason: str | None = None,
                message: Mapping[str, Any] | str | None = None) -> None:
         text = json.dumps(message) if isinstance(message, Mapping) else message

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import yaml
+from conftest import avoided_nodes
 from kopf.testing import KopfRunner
 from kube_emulator import (
     HEALTH_LABEL,
@@ -312,10 +313,7 @@ def test_worker_on_unhealthy_node_gang_restart_avoids_node(
     assert nodes[2] in st["faultyNodes"]
     assert st["faults"][-1]["node"] == nodes[2]
     for pod in second:
-        terms = pod["spec"]["affinity"]["nodeAffinity"][
-            "requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
-        assert {"key": "metadata.name", "operator": "NotIn", "values": [nodes[2]]} in \
-            terms[0]["matchFields"]
+        assert avoided_nodes(pod) == [nodes[2]]
     wait_for(lambda: not pods(cluster, attempt=1, role="train"), what="old gang deleted")
     # The old gang goes with a short grace period: the new gang waits for it, and survivors
     # of a fault cannot save anyway.
@@ -341,10 +339,7 @@ def test_lost_node_restarts_the_gang_elsewhere(
     second = gang(cluster, "train", 2, 2)
     st = status(cluster)
     assert st["faults"][-1]["reason"] == "NodeGone" and st["faultyNodes"] == [nodes[1]]
-    values = second[0]["spec"]["affinity"]["nodeAffinity"][
-        "requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"][0][
-        "matchFields"][0]["values"]
-    assert values == [nodes[1]]
+    assert avoided_nodes(second[0]) == [nodes[1]]
 
 
 def test_plain_crash_restarts_without_blaming_the_node(
@@ -398,6 +393,31 @@ def test_spec_edit_by_kubectl_apply_restarts_the_gang_with_the_new_config(
 
 def config_volume(pod: dict[str, Any]) -> str:
     return next(v["configMap"]["name"] for v in pod["spec"]["volumes"] if "configMap" in v)
+
+
+def test_gang_that_cannot_be_scheduled_says_why_until_capacity_arrives(
+    cluster: Cluster, operator: KopfRunner, tmp_path: Path
+) -> None:
+    nodes = cluster.add_nodes(1)
+    doc = example("llama3-8b.yaml", nodes=2)
+    doc["spec"]["compile"]["enabled"] = False
+    apply(cluster, doc, tmp_path)
+    train = gang(cluster, "train", 1, 2)
+    cluster.kubelet.run(train[0]["metadata"]["name"], nodes[0])
+    full = "0/1 nodes are available: 1 node(s) didn't match pod anti-affinity rules."
+    cluster.kubelet.unschedulable(train[1]["metadata"]["name"], full)
+    running = wait_for(
+        lambda: (c := condition(status(cluster), "Running")).get("reason") == "PodsUnschedulable"
+        and c, what="Running condition PodsUnschedulable")
+    assert full in running["message"] and full in status(cluster)["message"]
+    wait_for(lambda: "Unschedulable" in reasons(cluster), what="Unschedulable event")
+    # The user adds a node; the scheduler places the pod.
+    nodes += cluster.add_nodes(1, prefix="added-node")
+    cluster.kubelet.run(train[1]["metadata"]["name"], nodes[-1])
+    wait_for(lambda: condition(status(cluster), "Running").get("status") == "True",
+             what="gang running")
+    assert "cannot be scheduled" not in status(cluster)["message"]
+    assert reasons(cluster).count("Unschedulable") == 1
 
 
 def test_permanent_error_fails_without_restart(

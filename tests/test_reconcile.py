@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import ROOT
+from conftest import ROOT, avoided_nodes
 from llamajob import reconcile as rc
 from llamajob import render
 from llamajob.api import LlamaTrainingJob, LlamaTrainingJobStatus
@@ -567,14 +567,7 @@ def test_restart_waits_for_backoff_and_old_pods_then_avoids_the_faulty_node() ->
     assert events(d) == [("Normal", "Restarting")]
     assert "attempt 2" in d.events[0].message and "node-2" in d.events[0].message
     for c in d.created_pods:
-        terms = c.manifest["spec"]["affinity"]["nodeAffinity"][
-            "requiredDuringSchedulingIgnoredDuringExecution"
-        ]["nodeSelectorTerms"]
-        assert terms[0]["matchFields"][0] == {
-            "key": "metadata.name",
-            "operator": "NotIn",
-            "values": ["node-2"],
-        }
+        assert avoided_nodes(c.manifest) == ["node-2"]
     assert cond(d, "Running").status == "False"
     assert_fixed_point(w.job, w.observed, d, w.now)
 
@@ -682,6 +675,31 @@ def progress(step: int | None, at: datetime, **kw: Any) -> Progress:
     }  # fmt: skip
     base.update(kw)
     return Progress(step=step, observed_at=at, **base)
+
+
+def test_unschedulable_gang_says_why_with_one_event() -> None:
+    w = World(make_job(compile_=False))
+    w.step()
+    full = "0/3 nodes are available: 3 Insufficient aws.amazon.com/neuron."
+    w.set_rank("train", 1, 3, unschedulable=full)
+    d = w.step(10)
+    running = cond(d, "Running")
+    assert (running.status, running.reason) == ("False", "PodsUnschedulable")
+    assert d.status.message == (
+        f"attempt 1: 0/{NODES} training pod(s) running; 1 pod(s) cannot be scheduled, "
+        f"e.g. {name('train', 1, 3)}: {full}"
+    )
+    assert events(d) == [("Warning", "Unschedulable")] and d.creates == [] and d.deleted == []
+    # Still stuck with another scheduler message: the condition follows, no second event.
+    w.set_rank("train", 1, 3, unschedulable="0/4 nodes are available: 4 node(s) didn't match.")
+    d = w.step(10)
+    assert "4 node(s) didn't match" in d.status.message and d.events == []
+    # Capacity arrives.
+    w.set_rank("train", 1, 3, unschedulable=None)
+    w.schedule("train", 1)
+    d = w.step(10)
+    assert (cond(d, "Running").status, cond(d, "Running").reason) == ("True", "AllPodsRunning")
+    assert "cannot be scheduled" not in d.status.message
 
 
 # --- spec edits -----------------------------------------------------------------------------------

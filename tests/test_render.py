@@ -247,20 +247,38 @@ def test_plain_eks_selects_the_ec2_instance_type_without_the_health_label() -> N
     assert not render.node_health("n", not_ready).healthy
 
 
-def test_faulty_nodes_are_excluded_by_node_name(job70: LlamaTrainingJob) -> None:
+def test_faulty_nodes_are_avoided_by_node_name_when_others_fit(job70: LlamaTrainingJob) -> None:
     plan = make_plan(job70.spec)
     gang = render.render_gang(job70, plan, "train", 3, avoid_nodes=["node-b", "node-a", "node-b"])
     for pod in gang:
-        terms = pod["spec"]["affinity"]["nodeAffinity"][
-            "requiredDuringSchedulingIgnoredDuringExecution"
-        ]["nodeSelectorTerms"]
-        assert terms == [
+        node_affinity = pod["spec"]["affinity"]["nodeAffinity"]
+        # Preferred only: a repaired node is used again when the gang fits nowhere else.
+        assert list(node_affinity) == ["preferredDuringSchedulingIgnoredDuringExecution"]
+        assert node_affinity["preferredDuringSchedulingIgnoredDuringExecution"] == [
             {
-                "matchFields": [
-                    {"key": "metadata.name", "operator": "NotIn", "values": ["node-a", "node-b"]}
-                ]
+                "weight": 100,
+                "preference": {
+                    "matchFields": [
+                        {"key": "metadata.name", "operator": "NotIn",
+                         "values": ["node-a", "node-b"]}
+                    ]
+                },
             }
         ]
+
+
+def test_unschedulable_pod_is_read_with_the_schedulers_message() -> None:
+    job = example("llama3-8b")
+    pod = render.render_pod(job, make_plan(job.spec), "train", 1, 0)
+    message = "0/3 nodes are available: 3 Insufficient aws.amazon.com/neuron."
+    pod["status"] = {"phase": "Pending", "conditions": [
+        {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+         "message": message}]}
+    observed = render.observed_pod(pod)
+    assert observed is not None and observed.unschedulable == message
+    pod["status"]["conditions"][0] = {"type": "PodScheduled", "status": "True"}
+    observed = render.observed_pod(pod)
+    assert observed is not None and observed.unschedulable is None
 
 
 def test_spec_node_selector_and_tolerations_are_added() -> None:

@@ -114,7 +114,9 @@ class RestartPolicy(SpecModel):
         description="No step progress for this long counts as a fault (0 disables).",
     )
     avoid_faulty_nodes: bool = Field(
-        True, description="Keep later attempts off nodes where a fault was seen."
+        True,
+        description="Later attempts prefer other nodes than those where a node-level fault was "
+        "seen (used again only when nothing else fits).",
     )
 
 

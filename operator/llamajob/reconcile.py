@@ -39,7 +39,12 @@ Choices worth knowing:
   message with ``permanent: true`` fail the job instead.
 - **Faulty nodes** (with avoidFaultyNodes) are only those with a node-level cause: unhealthy or
   gone node, node lost, eviction, kubelet termination. A crashing process or a hang says nothing
-  reliable about its node (the first rank to die is often the victim, not the cause).
+  reliable about its node (the first rank to die is often the victim, not the cause). The next
+  gangs prefer other nodes; a faulty node is used again only when nothing else fits (HyperPod
+  may repair a node in place, and a cluster without spares must not stall).
+- **Pending gangs say why**: while pods of a gang that has not formed cannot be scheduled, the
+  Running condition's reason is PodsUnschedulable with the scheduler's message, and an
+  ``Unschedulable`` Warning event is emitted once.
 - **Events** are derived from the old and the new status, never from what the pods look like,
   so a replayed watch or a second identical call emits nothing.
 
@@ -83,6 +88,7 @@ COMPILE_SKIPPED, COMPILE_FINISHED, COMPILE_DISABLED = (
     "CompileDisabled",
 )
 SPEC_CHANGED = "SpecChanged"
+PODS_UNSCHEDULABLE = "PodsUnschedulable"
 
 # Fault reasons (status.faults[].reason)
 NODE_UNHEALTHY = "NodeUnhealthy"
@@ -139,6 +145,7 @@ class ObservedPod:
     termination_message: Mapping[str, Any] = field(default_factory=dict)
     deleting: bool = False  # metadata.deletionTimestamp is set
     ip: str | None = None
+    unschedulable: str | None = None  # the scheduler's reason while no node fits the pod
 
 
 @dataclass(frozen=True)
@@ -528,8 +535,16 @@ class _Pass:
         started = sum(1 for p in gang.values() if p.phase in _STARTED_PHASES and not p.deleting)
         what = "compile" if role == render.ROLE_COMPILE else "training"
         counts = f"attempt {st.attempt}: {started}/{plan.pods} {what} pod(s) running"
+        waiting = [p for p in gang.values() if p.unschedulable and not p.deleting]
         if started == plan.pods:
             self.cond(RUNNING, "True", "AllPodsRunning", counts)
+        elif waiting:
+            # Say why the job is stuck (no capacity, wrong instance type, a missing claim...).
+            counts += (
+                f"; {len(waiting)} pod(s) cannot be scheduled, e.g. {waiting[0].name}: "
+                f"{waiting[0].unschedulable}"
+            )
+            self.cond(RUNNING, "False", PODS_UNSCHEDULABLE, counts)
         else:
             self.cond(RUNNING, "False", "PodsStarting", counts)
         if role == render.ROLE_TRAIN:
@@ -810,6 +825,10 @@ def _events(
         was is None or was.reason != SPEC_CHANGED
     ):
         out.append(EmitEvent("Normal", SPEC_CHANGED, running.message))
+    if running is not None and running.reason == PODS_UNSCHEDULABLE and (
+        was is None or was.reason != PODS_UNSCHEDULABLE
+    ):
+        out.append(EmitEvent("Warning", "Unschedulable", running.message))
     seen = {(f.attempt, f.pod, f.reason, f.time) for f in old.faults}
     for f in new.faults:
         if (f.attempt, f.pod, f.reason, f.time) in seen or f.reason == TRAINER_ERROR:

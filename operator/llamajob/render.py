@@ -385,10 +385,15 @@ def affinity(
     }
     avoid = sorted(set(avoid_nodes))
     if avoid:
+        # Preferred, not required: a node HyperPod repaired in place (rebooted) comes back under
+        # its old name, and on a cluster without spare nodes a hard exclusion would leave the
+        # gang Pending forever. Nodes that are still unhealthy are excluded by the health label.
         # matchFields on metadata.name is exact; the hostname label can differ from the node name.
         term = {"matchFields": [{"key": "metadata.name", "operator": "NotIn", "values": avoid}]}
         out["nodeAffinity"] = {
-            "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [term]}
+            "preferredDuringSchedulingIgnoredDuringExecution": [
+                {"weight": 100, "preference": term}
+            ]
         }
     return out
 
@@ -559,6 +564,15 @@ def observed_pod(obj: Mapping[str, Any]) -> ObservedPod | None:
                 reason = _DISRUPTION_REASONS.get(cond.get("reason", ""), cond.get("reason"))
     if not reason:
         reason = terminated.get("reason")
+    unschedulable = next(
+        (
+            str(c.get("message") or "no node fits")
+            for c in status.get("conditions") or []
+            if c.get("type") == "PodScheduled" and c.get("status") == "False"
+            and c.get("reason") == "Unschedulable"
+        ),
+        None,
+    )
     return ObservedPod(
         name=str(meta.get("name", "")),
         role=role,
@@ -571,6 +585,7 @@ def observed_pod(obj: Mapping[str, Any]) -> ObservedPod | None:
         termination_message=protocol.parse_termination_message(terminated.get("message")),
         deleting=bool(meta.get("deletionTimestamp")),
         ip=status.get("podIP") or None,
+        unschedulable=unschedulable,
     )
 
 
