@@ -3,8 +3,8 @@ synthetic data in one parallel layout (started by torchrun, or alone for the ref
 
 Usage: python _layout_worker.py '<json spec>' <result.json>
 Spec keys: arch ("tiny" or a dict of Architecture fields), parallelism (ParallelismSpec fields,
-snake_case), torch_compile, precision, steps, micro_batch_size, global_batch_size, seq_length,
-lr, clip.
+snake_case), torch_compile, compile_cache_dir, precision, steps, micro_batch_size,
+global_batch_size, seq_length, lr, clip.
 Rank 0 writes {"losses": [...], "grad_norms": [...], "layout": {...}} to the result file.
 """
 
@@ -42,7 +42,10 @@ def main() -> None:
             "batch": {"micro_batch_size": mbs, "global_batch_size": gbs},
             "data": {"seq_length": seq},
             "precision": spec.get("precision", "fp32"),
-            "compile": {"torch_compile": spec.get("torch_compile", False)},
+            "compile": {
+                "torch_compile": spec.get("torch_compile", False),
+                "cache_dir": spec.get("compile_cache_dir", "compile-cache"),
+            },
             "seed": 7,
             "max_steps": spec["steps"],
         }

@@ -55,6 +55,14 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
     }
 
 
+@pytest.fixture(scope="module")
+def inductor_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One compile cache for the compiled layouts: a block graph one layout compiled is loaded,
+    not compiled again, by the next (the cold-cache path has its own test in
+    test_train_resume.py)."""
+    return tmp_path_factory.mktemp("compile-cache")
+
+
 LAYOUTS = [
     # id, processes, parallelism, reference model
     ("ddp-full-recompute", 2, {"activation_checkpointing": "full"}, "tiny"),
@@ -98,12 +106,14 @@ def test_layout_matches_single_process(
     ids=["ddp-full-recompute", "fsdp2", "pp-1f1b"],
 )
 def test_torch_compile_matches_single_process(
-    tmp_path: Path, reference: dict[str, dict], nproc: int, parallelism: dict
+    tmp_path: Path, reference: dict[str, dict], nproc: int, parallelism: dict,
+    inductor_cache: Path,
 ) -> None:
     """Blocks compiled by Inductor compute the eager model's numbers (fusion reorders float
     operations, so equal to rounding), with recompute, FSDP2 and pipeline stages."""
-    result = run_worker(tmp_path, {**FP32, "parallelism": parallelism, "torch_compile": True},
-                        nproc, timeout=300)
+    spec = {**FP32, "parallelism": parallelism, "torch_compile": True,
+            "compile_cache_dir": str(inductor_cache)}
+    result = run_worker(tmp_path, spec, nproc, timeout=300)
     assert result["layout"]["torch_compile"] is True
     assert result["losses"] == pytest.approx(reference["tiny"]["losses"], rel=1e-4)
     assert result["grad_norms"] == pytest.approx(reference["tiny"]["grad_norms"], rel=1e-4)

@@ -731,6 +731,7 @@ def test_spec_edit_restarts_the_gang_with_the_new_spec_without_counting_a_fault(
     assert (cond(d, "Running").status, cond(d, "Running").reason) == ("False", "SpecChanged")
     assert events(d) == [("Normal", "SpecChanged")]
     assert "generation 2" in d.events[0].message and "attempt 2" in d.events[0].message
+    assert "the trainer saves its current step" in d.events[0].message
     # The whole gang goes, with the pods' own grace period: the trainer saves its step.
     deletes = [a for a in d.actions if isinstance(a, DeletePods)]
     assert len(deletes) == 1 and deletes[0].grace_seconds is None
@@ -792,6 +793,21 @@ def test_spec_edit_with_compile_enabled_runs_the_compile_step_again() -> None:
     assert st.compile_key == w.job.spec.compile_key("torch", w.job.spec.cluster.image) != "k1"
     assert [c.name for c in d.created_pods] == [name("compile", 2, r) for r in range(NODES)]
     assert events(d) == [("Normal", "CompileStarted")]
+
+
+def test_edit_that_disables_compile_during_the_compile_step_goes_to_training() -> None:
+    w = World(make_job())
+    w.step()
+    w.schedule("compile", 1)
+    w.step(10)
+    edit(w, lambda spec: spec["compile"].update(enabled=False))
+    d = w.step(5)
+    assert d.status.phase == "Restarting" and "saves" not in d.status.message
+    w.gc()
+    d = w.step(1)
+    assert (d.status.phase, d.status.attempt, d.status.restarts) == ("Training", 2, 0)
+    assert (cond(d, "Compiled").status, cond(d, "Compiled").reason) == ("True", "CompileDisabled")
+    assert [c.name for c in d.created_pods] == [name("train", 2, r) for r in range(NODES)]
 
 
 def test_spec_edit_that_grows_the_gang_is_not_a_missing_pod() -> None:

@@ -442,7 +442,7 @@ class _Pass:
             f"(tensor {plan.tensor}, pipeline {plan.pipeline}, data {plan.data_parallel}) on "
             f"{plan.instance.name}, backend {plan.backend}",
         )
-        if not spec.compile.enabled and get_condition(st, COMPILED) is None:
+        if not spec.compile.enabled and not _is_true(st, COMPILED):
             self.cond(COMPILED, "True", COMPILE_DISABLED, "spec.compile.enabled is false")
         if not self.obs.service:
             self.creates.append(CreateObject(render.render_service(self.job)))
@@ -559,14 +559,17 @@ class _Pass:
     def respec(self) -> None:
         """Replace the gang because the spec changed: a planned restart, not a fault."""
         st = self.st
-        if self.role() == render.ROLE_TRAIN:
+        training = self.role() == render.ROLE_TRAIN
+        if training:
             self.apply_progress()
         st.phase = RESTARTING
         st.restart_after = timestamp(self.now)
+        saving = training and self.job.spec.checkpoint.save_on_terminate
         st.message = (
             f"attempt {st.attempt}: spec changed (generation {self.gen}, revision "
-            f"{self.revision}); stopping the gang within its termination grace period (the "
-            f"trainer saves its current step) and starting attempt {st.attempt + 1} with it"
+            f"{self.revision}); its pods stop within their termination grace period"
+            f"{' (the trainer saves its current step)' if saving else ''}, then attempt "
+            f"{st.attempt + 1} starts with the new spec"
         )
         self.cond(RUNNING, "False", SPEC_CHANGED, st.message)
 
