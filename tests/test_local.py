@@ -161,6 +161,13 @@ def _processes_mentioning(text: str) -> list[int]:
     return found
 
 
+def _like_a_terminal_foreground_process() -> None:
+    # A shell without job control starts background commands with SIGINT ignored, and an
+    # ignored signal stays ignored across exec (Python then installs no KeyboardInterrupt
+    # handler). A user's Ctrl-C reaches a foreground process with the default disposition.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_stops_everything_and_a_rerun_resumes(tmp_path: Path, dataset: Path) -> None:
     job = _job_yaml(tmp_path, dataset)
     proc = subprocess.Popen(
@@ -174,6 +181,7 @@ def test_ctrl_c_stops_everything_and_a_rerun_resumes(tmp_path: Path, dataset: Pa
         cwd=tmp_path,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
+        preexec_fn=_like_a_terminal_foreground_process,
     )
     first_done = tmp_path / "ckpt" / f"step_{EVERY}" / "done"
     deadline = time.monotonic() + 300
