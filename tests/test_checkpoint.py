@@ -117,6 +117,27 @@ def test_round_trip_is_exact(root: Path) -> None:
     assert names == {"state", "rng", "trainer_state.json", "manifest.json", "done"}
 
 
+def test_load_keeps_this_runs_hyperparameters_and_the_saved_moments(root: Path) -> None:
+    """An edited spec (weight decay, betas, eps) takes effect on resume: the checkpoint brings
+    the optimizer's state, the config its settings."""
+    model, opt = tiny_module()
+    train_a_bit(model, opt)
+    mgr = manager(root)
+    mgr.prepare()
+    mgr.save(3, [model], [opt], {})
+    torch.manual_seed(0)
+    other = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 3))
+    edited = torch.optim.AdamW(other.parameters(), lr=3e-3, weight_decay=0.02, betas=(0.8, 0.9),
+                               eps=1e-6)
+    mgr.load(3, [other], [edited])
+    group = edited.param_groups[0]
+    assert (group["weight_decay"], group["betas"], group["eps"]) == (0.02, (0.8, 0.9), 1e-6)
+    saved, loaded = opt.state_dict()["state"], edited.state_dict()["state"]
+    for pid, moments in saved.items():
+        for key, value in moments.items():
+            assert torch.equal(value, loaded[pid][key]), key
+
+
 def test_keep_prunes_old_checkpoints(root: Path) -> None:
     model, opt = tiny_module()
     mgr = manager(root, keep=2)

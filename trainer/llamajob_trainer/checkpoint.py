@@ -463,7 +463,12 @@ class CheckpointManager:
         model_parts: Sequence[nn.Module],
         optimizers: Sequence[torch.optim.Optimizer],
     ) -> dict[str, Any]:
-        """Load step_N into the model parts and optimizers; returns its trainer state."""
+        """Load step_N into the model parts and optimizers; returns its trainer state.
+
+        The optimizers keep their own hyperparameters (learning rate, betas, eps, weight decay:
+        this run's config) and take only their state (moments, step counts) from the checkpoint,
+        so a resumed job with an edited optimizer spec follows the edit.
+        """
         path = self.root / step_dir_name(step)
         trainer_state = self.verify(step)
         state, keys = collect_state(model_parts, optimizers)
@@ -479,10 +484,13 @@ class CheckpointManager:
         for part, opt, (model_keys, optim_keys) in zip(
             model_parts, optimizers, keys, strict=True
         ):
+            settings = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
             set_model_state_dict(part, {k: state["model"][k] for k in model_keys}, options=_OPTIONS)
             set_optimizer_state_dict(
                 part, opt, {k: state["optim"][k] for k in optim_keys}, options=_OPTIONS
             )
+            for group, own in zip(opt.param_groups, settings, strict=True):
+                group.update(own)
         rng_file = path / RNG_DIR / f"rank_{self.rank}.pt"
         if trainer_state.get("world_size") == self.world_size and rng_file.is_file():
             restore_rng(torch.load(rng_file, weights_only=False))
