@@ -795,6 +795,24 @@ def test_spec_edit_with_compile_enabled_runs_the_compile_step_again() -> None:
     assert events(d) == [("Normal", "CompileStarted")]
 
 
+def test_spec_edit_that_keeps_the_compile_key_skips_the_compile_step() -> None:
+    w = World(make_job())
+    w.step()
+    w.schedule("compile", 1)
+    w.step()
+    w.set("compile", 1, phase="Succeeded", exit_code=0, termination_message={})
+    w.step(30)
+    w.schedule("train", 1)
+    w.step(10)
+    key = w.job.status.compile_key
+    edit(w, max_steps(2000))
+    assert w.step(5).status.phase == "Restarting"
+    w.gc()
+    d = w.step(1)
+    assert (d.status.phase, d.status.attempt, d.status.compile_key) == ("Training", 2, key)
+    assert [c.name for c in d.created_pods] == [name("train", 2, r) for r in range(NODES)]
+
+
 def test_edit_that_disables_compile_during_the_compile_step_goes_to_training() -> None:
     w = World(make_job())
     w.step()

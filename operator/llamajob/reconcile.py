@@ -20,8 +20,8 @@ Choices worth knowing:
   applies at once). When the spec's revision moves on, the gang is deleted with its pods' own
   grace period (so the trainer saves the step it is on), and the next attempt starts right away
   from that checkpoint with the new spec: no backoff, not counted against maxRestarts, compiling
-  first when compile is enabled (cheap when the compile key did not change). An edit that makes
-  the spec invalid fails the job like any invalid spec.
+  first when compile is enabled and the edit changed the compile key. An edit that makes the
+  spec invalid fails the job like any invalid spec.
 - **A job failed by its spec starts over once the spec is edited** (a new generation): InvalidSpec,
   or TrainerError (the trainer refused its config, data or checkpoints). It continues with the
   next attempt number, so no pod name is reused, and resumes from the newest checkpoint.
@@ -461,11 +461,17 @@ class _Pass:
         """Enter Compiling or Training for the current attempt (pods follow in gang())."""
         st, spec, plan = self.st, self.job.spec, self.plan
         assert plan is not None
-        # An edit may have changed the compile key: compile again, which is cheap when it did
-        # not (the compile step skips itself when the graphs for its key are cached).
-        recompile = st.revision not in (None, self.revision) and spec.compile.enabled
+        # After an edit, compile again unless the compile key is the one already compiled (a
+        # key the compile pods reported that differs from ours also compiles again: the compile
+        # step then finds its graphs cached and skips itself).
+        key = spec.compile_key(plan.backend, spec.cluster.image)
+        recompile = (
+            st.revision not in (None, self.revision)
+            and spec.compile.enabled
+            and key != st.compile_key
+        )
         if recompile:
-            st.compile_key = spec.compile_key(plan.backend, spec.cluster.image)
+            st.compile_key = key
         st.revision = self.revision
         compiled = _is_true(st, COMPILED) and not recompile
         st.phase = TRAINING if compiled else COMPILING
