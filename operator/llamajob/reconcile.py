@@ -392,6 +392,7 @@ class _Pass:
         self.gen = job.metadata.generation
         self.policy = job.spec.restart_policy
         self.revision = render.spec_revision(job)
+        self.compile_key: str | None = None  # set by run() once the plan is valid
         self.creates: list[CreateObject] = []
         self.requeue: list[float] = []
 
@@ -433,7 +434,8 @@ class _Pass:
         st.pods = plan.pods
         st.max_steps = spec.total_steps()
         # The compile pods may report the key they used; theirs wins and is kept.
-        st.compile_key = st.compile_key or spec.compile_key(plan.backend, spec.cluster.image)
+        self.compile_key = spec.compile_key(plan.backend, spec.cluster.image)
+        st.compile_key = st.compile_key or self.compile_key
         self.cond(
             VALIDATED,
             "True",
@@ -459,19 +461,17 @@ class _Pass:
 
     def start_gang(self) -> None:
         """Enter Compiling or Training for the current attempt (pods follow in gang())."""
-        st, spec, plan = self.st, self.job.spec, self.plan
-        assert plan is not None
+        st = self.st
         # After an edit, compile again unless the compile key is the one already compiled (a
         # key the compile pods reported that differs from ours also compiles again: the compile
         # step then finds its graphs cached and skips itself).
-        key = spec.compile_key(plan.backend, spec.cluster.image)
         recompile = (
             st.revision not in (None, self.revision)
-            and spec.compile.enabled
-            and key != st.compile_key
+            and self.job.spec.compile.enabled
+            and self.compile_key != st.compile_key
         )
         if recompile:
-            st.compile_key = key
+            st.compile_key = self.compile_key
         st.revision = self.revision
         compiled = _is_true(st, COMPILED) and not recompile
         st.phase = TRAINING if compiled else COMPILING
@@ -830,14 +830,11 @@ def _events(
     if c := flipped(VALIDATED, "True"):
         out.append(EmitEvent("Normal", "Validated", c.message))
     running, was = get_condition(new, RUNNING), get_condition(old, RUNNING)
-    if running is not None and running.reason == SPEC_CHANGED and (
-        was is None or was.reason != SPEC_CHANGED
-    ):
-        out.append(EmitEvent("Normal", SPEC_CHANGED, running.message))
-    if running is not None and running.reason == PODS_UNSCHEDULABLE and (
-        was is None or was.reason != PODS_UNSCHEDULABLE
-    ):
-        out.append(EmitEvent("Warning", "Unschedulable", running.message))
+    if running is not None and (was is None or was.reason != running.reason):
+        if running.reason == SPEC_CHANGED:
+            out.append(EmitEvent("Normal", SPEC_CHANGED, running.message))
+        elif running.reason == PODS_UNSCHEDULABLE:
+            out.append(EmitEvent("Warning", "Unschedulable", running.message))
     seen = {(f.attempt, f.pod, f.reason, f.time) for f in old.faults}
     for f in new.faults:
         if (f.attempt, f.pod, f.reason, f.time) in seen or f.reason == TRAINER_ERROR:

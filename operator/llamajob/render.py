@@ -144,6 +144,7 @@ def labels(
     role: str | None = None,
     attempt: int | None = None,
     rank: int | None = None,
+    revision: str | None = None,
 ) -> dict[str, str]:
     value = label_value(job.metadata.name)
     out = {LABEL_NAME: APP, LABEL_INSTANCE: value, LABEL_JOB: value}
@@ -154,6 +155,8 @@ def labels(
         out[LABEL_ATTEMPT] = str(attempt)
     if rank is not None:
         out[LABEL_RANK] = str(rank)
+    if revision is not None:
+        out[LABEL_REVISION] = revision
     return out
 
 
@@ -208,11 +211,11 @@ def trainer_config(job: LlamaTrainingJob, plan: Plan) -> TrainerConfig:
 def render_configmap(job: LlamaTrainingJob, plan: Plan) -> dict[str, Any]:
     text = yaml.safe_dump(trainer_config(job, plan).to_wire(), sort_keys=False)
     revision = spec_revision(job)
-    lbls = {**labels(job), LABEL_REVISION: revision}
+    name = configmap_name(job.metadata.name, revision)
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": _metadata(job, configmap_name(job.metadata.name, revision), lbls),
+        "metadata": _metadata(job, name, labels(job, revision=revision)),
         "data": {CONFIG_KEY: text},
     }
 
@@ -409,14 +412,17 @@ def tolerations(job: LlamaTrainingJob, plan: Plan) -> list[dict[str, Any]]:
     return out
 
 
-def volumes(job: LlamaTrainingJob) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(pod volumes, container mounts): /dev/shm in memory, the config, the user's claims."""
+def volumes(
+    job: LlamaTrainingJob, revision: str
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(pod volumes, container mounts): /dev/shm in memory, the revision's config, the user's
+    claims."""
     cluster = job.spec.cluster
     vols: list[dict[str, Any]] = [
         {"name": SHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": cluster.shm_size}},
         {
             "name": CONFIG_VOLUME,
-            "configMap": {"name": configmap_name(job.metadata.name, spec_revision(job))},
+            "configMap": {"name": configmap_name(job.metadata.name, revision)},
         },
     ]
     mounts: list[dict[str, Any]] = [
@@ -447,7 +453,8 @@ def render_pod(
         raise ValueError(f"rank {rank} outside the gang of {plan.pods} pod(s)")
     cluster = job.spec.cluster
     name = pod_name(job.metadata.name, role, attempt, rank)
-    vols, mounts = volumes(job)
+    revision = spec_revision(job)
+    vols, mounts = volumes(job, revision)
     container: dict[str, Any] = {
         "name": CONTAINER,
         "image": cluster.image,
@@ -491,9 +498,7 @@ def render_pod(
     return {
         "apiVersion": "v1",
         "kind": "Pod",
-        "metadata": _metadata(
-            job, name, {**labels(job, role, attempt, rank), LABEL_REVISION: spec_revision(job)}
-        ),
+        "metadata": _metadata(job, name, labels(job, role, attempt, rank, revision)),
         "spec": pod_spec,
     }
 
