@@ -53,7 +53,10 @@ def main() -> None:
     env = init_distributed()
     torch.manual_seed(0)
     pm = parallelize(cfg, arch, env)
-    opt = torch.optim.AdamW(pm.parameters(), lr=spec.get("lr", 3e-3), weight_decay=0.1)
+    # The backend's optimizer (fused AdamW), so each layout runs it over its own DTensor shards.
+    opt = pm.make_optimizer(
+        torch.optim.AdamW, pm.parameters(), lr=spec.get("lr", 3e-3), weight_decay=0.1
+    )
     per_rank = gbs // pm.dp_size
     losses, norms = [], []
     for step in range(spec["steps"]):

@@ -267,3 +267,29 @@ def test_trainer_cli_exits_with_dependency_code_for_neuron(tmp_path: Path) -> No
     assert "Traceback" not in result.stderr
     message = json.loads((tmp_path / "termination.json").read_text())
     assert message["permanent"] is True
+
+
+def test_torch_backend_builds_the_fused_adamw_unless_told_otherwise() -> None:
+    """torch's AdamW default on CPU loops over parameters in Python; the backend asks for the
+    fused kernel, and an explicit choice of implementation is left alone."""
+    import torch
+    from llamajob_trainer.parallel import init_distributed, parallelize, shutdown_distributed
+    from torch.distributed.tensor import DTensor, Replicate
+
+    pm = parallelize(config(), PRESETS["tiny"], init_distributed())
+    try:
+        fused = pm.make_optimizer(torch.optim.AdamW, pm.parameters(), lr=1e-3)
+        assert fused.param_groups[0]["fused"] is True
+        loop = pm.make_optimizer(torch.optim.AdamW, pm.parameters(), lr=1e-3, foreach=False)
+        assert not loop.param_groups[0]["fused"]
+        sgd = pm.make_optimizer(torch.optim.SGD, pm.parameters(), lr=1e-3)
+        assert not sgd.param_groups[0]["fused"]
+        # Tensor parallel without FSDP: DTensor projections beside plain norm gains.
+        sharded = torch.nn.Parameter(
+            DTensor.from_local(torch.zeros(2, 2), pm.mesh["tp"], [Replicate()])
+        )
+        groups = [{"params": [sharded]}, {"params": [torch.nn.Parameter(torch.zeros(2))]}]
+        mixed = pm.make_optimizer(torch.optim.AdamW, groups, lr=1e-3)
+        assert not any(g["fused"] for g in mixed.param_groups)
+    finally:
+        shutdown_distributed()

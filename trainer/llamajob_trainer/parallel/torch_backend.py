@@ -354,6 +354,29 @@ class TorchParallelModel(ParallelModel):
             f"(cache {os.environ.get('TORCHINDUCTOR_CACHE_DIR', 'default')})"
         )
 
+    # --- optimizer ------------------------------------------------------------------------
+    def make_optimizer(
+        self, optimizer_cls: type[torch.optim.Optimizer], params: Any, **defaults: Any
+    ) -> torch.optim.Optimizer:
+        """The fused implementation (one kernel over all parameters) where torch has one for
+        the class and device; torch's own default on CPU is a Python loop over parameters.
+        DTensor runs the fused kernel on each shard, but not over a mix of DTensor and plain
+        tensors (tensor parallel without FSDP leaves the norms plain): that keeps the default."""
+        params = list(params)
+        tensors = [
+            p for item in params for p in (item["params"] if isinstance(item, dict) else [item])
+        ]
+        kinds = {isinstance(p, DTensor) for p in tensors}
+        if (
+            "fused" not in defaults
+            and "foreach" not in defaults
+            and optimizer_cls in (torch.optim.AdamW, torch.optim.Adam)
+            and self.env.device.type in ("cpu", "cuda")
+            and len(kinds) == 1
+        ):
+            defaults["fused"] = True
+        return optimizer_cls(params, **defaults)
+
     # --- gradient norm ------------------------------------------------------------------------
     @torch.no_grad()
     def clip_grad_norm(self, max_norm: float) -> float:
