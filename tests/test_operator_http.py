@@ -391,6 +391,32 @@ def test_spec_edit_by_kubectl_apply_restarts_the_gang_with_the_new_config(
     assert cluster.client.get("configmaps", old_config)["metadata"]["ownerReferences"]
 
 
+def test_model_edit_against_saved_checkpoints_fails_before_any_pod_and_revert_resumes(
+    cluster: Cluster, operator: KopfRunner, trainer: TrainerMetrics, tmp_path: Path
+) -> None:
+    trainer.set(step=60, loss=3.0, last_checkpoint_step=50)
+    _, first = start_training(cluster, tmp_path, nodes=2)
+    st = wait_for(lambda: (s := status(cluster)).get("checkpointFingerprint") and s,
+                  what="checkpoint recorded")
+    assert (st["lastCheckpointStep"], st["checkpointDir"]) == (50, "/fsx/checkpoints/llama3-8b")
+
+    doc = example("llama3-8b.yaml", nodes=2)
+    doc["spec"]["compile"]["enabled"] = False
+    doc["spec"]["model"]["numLayers"] = 24
+    apply(cluster, doc, tmp_path)
+    st = wait_phase(cluster, "Failed")
+    assert condition(st, "Failed")["reason"] == "InvalidSpec"
+    assert st["message"].startswith("spec.model: this job's checkpoints in /fsx/checkpoints/")
+    wait_for(lambda: pods(cluster, attempt=1) == [], what="old gang gone")
+    assert pods(cluster) == []  # nothing started for the new model
+
+    del doc["spec"]["model"]["numLayers"]
+    apply(cluster, doc, tmp_path)
+    gang(cluster, "train", 2, 2)
+    st = wait_phase(cluster, "Training")
+    assert st["checkpointFingerprint"] and st["lastCheckpointStep"] == 50
+
+
 def config_volume(pod: dict[str, Any]) -> str:
     return next(v["configMap"]["name"] for v in pod["spec"]["volumes"] if "configMap" in v)
 

@@ -1139,3 +1139,113 @@ def test_actions_are_plain_values() -> None:
         isinstance(a, CreateObject | DeletePods | EmitEvent | RequeueAfter) for a in d.actions
     )
     assert isinstance(d.creates[0].manifest, dict) and d.creates[0].kind == "Service"
+
+
+# --- edits against the job's own checkpoints ------------------------------------------------------
+def checkpointed_world() -> World:
+    """Training attempt 1 that has saved a checkpoint at step 50 (seen in rank 0's metrics)."""
+    w = running_world()
+    w.observed = replace(w.observed, progress=progress(60, w.now, last_checkpoint_step=50))
+    st = w.step(5).status
+    assert st.last_checkpoint_step == 50
+    assert (st.checkpoint_dir, st.checkpoint_fingerprint) == (
+        w.job.spec.checkpoint.dir, w.job.spec.training_fingerprint()
+    )
+    return w
+
+
+MODEL_EDITS = [
+    pytest.param(lambda spec: spec["model"].update(numLayers=6), id="layers"),
+    pytest.param(lambda spec: spec["model"].update(hiddenSize=256), id="hidden-size"),
+    pytest.param(lambda spec: spec.setdefault("data", {}).update(seqLength=256), id="seq-length"),
+]
+
+
+@pytest.mark.parametrize("change", MODEL_EDITS)
+def test_model_edit_against_saved_checkpoints_fails_at_once_and_reverting_resumes(
+    change: Any,
+) -> None:
+    w = checkpointed_world()
+    saved = w.job.status.checkpoint_fingerprint
+    edit(w, change)
+    d = w.step(5)
+    assert (d.status.phase, cond(d, "Failed").reason) == ("Failed", "InvalidSpec")
+    message = d.status.message
+    assert message.startswith(
+        "spec.model: this job's checkpoints in checkpoints (newest at step 50) hold another model"
+    )
+    assert saved in message and w.job.spec.training_fingerprint() in message
+    assert "spec.checkpoint.dir" in message and "Revert" in message
+    # No compile and no gang for the new model; the running pods leave with their own grace
+    # period, so the trainer saves the step it is on.
+    assert d.created_pods == []
+    deletes = [a for a in d.actions if isinstance(a, DeletePods)]
+    assert deletes[0].grace_seconds is None
+    assert sorted(deletes[0].names) == [name("train", 1, r) for r in range(NODES)]
+    assert events(d) == [("Warning", "Failed")]
+
+    # Reverting the edit (a new generation with the old model) resumes in the next attempt.
+    w.gc()
+    edit(w, lambda spec: spec.update(model={"preset": "tiny"}, data={}))
+    assert w.job.spec.training_fingerprint() == saved
+    d = w.step(5)
+    st = d.status
+    assert (st.phase, st.attempt) == ("Training", 2)
+    assert [c.name for c in d.created_pods] == [name("train", 2, r) for r in range(NODES)]
+    # What is known of the checkpoints survives the restart, so the check still holds.
+    assert (st.checkpoint_fingerprint, st.last_checkpoint_step) == (saved, 50)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        pytest.param(
+            lambda spec: (
+                spec["model"].update(numLayers=6),
+                spec["checkpoint"].update(dir="/fsx/checkpoints/demo-6-layers"),
+            ),
+            id="model-and-new-dir",
+        ),
+        pytest.param(
+            lambda spec: (
+                spec["model"].update(numLayers=6), spec["checkpoint"].update(resume="none")
+            ),
+            id="model-and-no-resume",
+        ),
+        pytest.param(max_steps(2000), id="same-model"),
+    ],
+)
+def test_edits_the_checkpoints_can_take_are_planned_restarts(change: Any) -> None:
+    w = checkpointed_world()
+    edit(w, change)
+    d = w.step(5)
+    assert (d.status.phase, cond(d, "Running").reason) == ("Restarting", "SpecChanged")
+    w.gc()
+    d = w.step(1)
+    assert (d.status.phase, d.status.attempt, d.status.restarts) == ("Training", 2, 0)
+    # The new gang's first checkpoint records its own directory and model.
+    w.schedule("train", 2)
+    w.observed = replace(w.observed, progress=progress(10, w.now, last_checkpoint_step=10))
+    st = w.step(10).status
+    assert (st.checkpoint_dir, st.checkpoint_fingerprint, st.last_checkpoint_step) == (
+        w.job.spec.checkpoint.dir, w.job.spec.training_fingerprint(), 10
+    )
+
+
+def test_model_edit_before_any_checkpoint_is_a_planned_restart() -> None:
+    w = running_world()
+    assert w.job.status.checkpoint_fingerprint is None
+    edit(w, MODEL_EDITS[0].values[0])
+    d = w.step(5)
+    assert (d.status.phase, cond(d, "Running").reason) == ("Restarting", "SpecChanged")
+
+
+def test_checkpoint_seen_while_an_edit_replaces_the_gang_is_recorded_for_the_old_model() -> None:
+    """The final progress read during a planned restart comes from pods of the old spec."""
+    w = running_world()
+    edit(w, lambda spec: (spec["model"].update(numLayers=6),
+                          spec["checkpoint"].update(dir="/fsx/new")))
+    w.observed = replace(w.observed, progress=progress(60, w.now, last_checkpoint_step=50))
+    st = w.step(5).status
+    assert st.phase == "Restarting" and st.last_checkpoint_step == 50
+    assert st.checkpoint_fingerprint is None

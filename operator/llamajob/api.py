@@ -173,6 +173,14 @@ class LlamaTrainingJobStatus(StatusModel):
     tokens_per_second: float | None = None
     mfu: float | None = None
     last_checkpoint_step: int | None = None
+    checkpoint_dir: str | None = Field(
+        None, description="checkpoint.dir of the checkpoints this job has saved."
+    )
+    checkpoint_fingerprint: str | None = Field(
+        None,
+        description="Model fingerprint of those checkpoints (architecture and seqLength), as in "
+        "their trainer_state.json. An edit that changes it fails the job before any pod starts.",
+    )
     eta_seconds: float | None = None
     last_progress_time: str | None = None
     start_time: str | None = None

@@ -25,6 +25,11 @@ Choices worth knowing:
 - **A job failed by its spec starts over once the spec is edited** (a new generation): InvalidSpec,
   or TrainerError (the trainer refused its config, data or checkpoints). It continues with the
   next attempt number, so no pod name is reused, and resumes from the newest checkpoint.
+- **Checkpoints fix the model.** Once the job has saved a checkpoint, the status records its
+  directory and model fingerprint (architecture and sequence length, as the trainer checks). An
+  edit that changes the fingerprint but keeps the directory and resumes is an invalid spec:
+  the job fails at once (its pods save on their way out) instead of compiling and starting a
+  gang whose trainer would refuse the checkpoints.
 - **Level-triggered creation.** Until every pod of the current gang has been seen running at
   once (condition Running=True), each reconcile asks for the pods it does not observe; the shell
   treats AlreadyExists as success. So a pod that vanished before the gang formed is simply
@@ -635,6 +640,9 @@ class _Pass:
             st.mfu = p.mfu
         if p.last_checkpoint_step is not None:
             st.last_checkpoint_step = p.last_checkpoint_step
+            if st.revision == self.revision:  # the pods run this spec, so they saved for it
+                st.checkpoint_dir = self.job.spec.checkpoint.dir
+                st.checkpoint_fingerprint = self.job.spec.training_fingerprint()
         if st.eta_seconds is None and p.tokens_per_second and st.step is not None:
             # No step interval measured yet: fall back to the trainer's own throughput.
             tokens_left = max(total - st.step, 0) * self.job.spec.tokens_per_step()
@@ -901,6 +909,35 @@ def _invalid_pass(p: _Pass, problems: list[SpecError]) -> Decision:
     return _decide(p)
 
 
+def checkpoint_conflict(job: LlamaTrainingJob, status: LlamaTrainingJobStatus) -> SpecError | None:
+    """An edit of the model or the sequence length while the job's checkpoint directory holds
+    checkpoints of the old one. The trainer would refuse them too, but only in the next
+    attempt's pods, after a compile for the new model; here it fails before anything starts."""
+    spec = job.spec
+    if (
+        status.checkpoint_fingerprint is None
+        or spec.checkpoint.resume == "none"
+        or spec.checkpoint.dir != status.checkpoint_dir
+    ):
+        return None
+    fingerprint = spec.training_fingerprint()
+    if fingerprint == status.checkpoint_fingerprint:
+        return None
+    newest = (
+        f" (newest at step {status.last_checkpoint_step})"
+        if status.last_checkpoint_step is not None
+        else ""
+    )
+    return SpecError(
+        "spec.model",
+        f"this job's checkpoints in {spec.checkpoint.dir}{newest} hold another model "
+        f"(fingerprint {status.checkpoint_fingerprint}; this spec {fingerprint}): "
+        "spec.model or spec.data.seqLength changed, and no attempt could resume from them. "
+        "Revert that change to continue, or set spec.checkpoint.dir to a new directory (or "
+        "spec.checkpoint.resume to none) to train the new model from step 0",
+    )
+
+
 def _reopen(job: LlamaTrainingJob, old: LlamaTrainingJobStatus) -> bool:
     """A job failed by its spec starts over once the spec is edited (a new generation)."""
     failed = get_condition(old, FAILED)
@@ -923,11 +960,20 @@ def reconcile(job: LlamaTrainingJob, observed: Observed, now: datetime) -> Decis
         return _decide(p)
     plan = make_plan(job.spec)
     problems = plan.problems()
+    if conflict := checkpoint_conflict(job, old):
+        problems.append(conflict)
     start = old
     if old.phase in TERMINAL:
-        # Starting over: only the fault history and the attempt count carry on.
+        # Starting over: the fault history, the attempt count and what is known of the saved
+        # checkpoints carry on.
         next_attempt = old.attempt + 1 if old.attempt else 0
-        start = LlamaTrainingJobStatus(faults=old.faults, attempt=next_attempt)
+        start = LlamaTrainingJobStatus(
+            faults=old.faults,
+            attempt=next_attempt,
+            last_checkpoint_step=old.last_checkpoint_step,
+            checkpoint_dir=old.checkpoint_dir,
+            checkpoint_fingerprint=old.checkpoint_fingerprint,
+        )
     p = _Pass(job, observed, now, start, plan)
     p.old = old  # events compare with what was written, also when starting over
     if problems:
