@@ -395,7 +395,7 @@ def test_model_edit_against_saved_checkpoints_fails_before_any_pod_and_revert_re
     cluster: Cluster, operator: KopfRunner, trainer: TrainerMetrics, tmp_path: Path
 ) -> None:
     trainer.set(step=60, loss=3.0, last_checkpoint_step=50)
-    _, first = start_training(cluster, tmp_path, nodes=2)
+    start_training(cluster, tmp_path, nodes=2)
     st = wait_for(lambda: (s := status(cluster)).get("checkpointFingerprint") and s,
                   what="checkpoint recorded")
     assert (st["lastCheckpointStep"], st["checkpointDir"]) == (50, "/fsx/checkpoints/llama3-8b")
