@@ -22,8 +22,9 @@ import yaml
 from conftest import ROOT
 from llamajob.jobfile import load_job, parse_job
 from llamajob.local import observed_pod_from_process, scaled_down
+from llamajob.observed import Observed
 from llamajob.plan import make_plan
-from llamajob.reconcile import Observed, reconcile
+from llamajob.reconcile import reconcile
 from llamajob.render import CONTAINER, labels, observed_pod, pod_name
 
 pytestmark = pytest.mark.slow

@@ -16,21 +16,19 @@ import yaml
 from conftest import ROOT, avoided_nodes
 from llamajob import reconcile as rc
 from llamajob import render
-from llamajob.api import LlamaTrainingJob, LlamaTrainingJobStatus
-from llamajob.jobfile import SpecError, parse_job
-from llamajob.reconcile import (
+from llamajob.actions import (
     CreateObject,
     Decision,
     DeletePods,
     EmitEvent,
-    NodeHealth,
-    Observed,
-    ObservedPod,
-    Progress,
     RequeueAfter,
     apply_actions,
-    reconcile,
 )
+from llamajob.api import LlamaTrainingJob, LlamaTrainingJobStatus
+from llamajob.jobfile import SpecError, parse_job
+from llamajob.observed import NodeHealth, Observed, ObservedPod, Progress
+from llamajob.reconcile import reconcile
+from llamajob.status import get_condition, parse_time
 from llamajob_trainer import protocol
 
 T0 = datetime(2025, 3, 1, 12, 0, 0, tzinfo=UTC)
@@ -114,7 +112,7 @@ def events(d: Decision) -> list[tuple[str, str]]:
 
 
 def cond(d: Decision, type_: str) -> Any:
-    return rc.get_condition(d.status, type_)
+    return get_condition(d.status, type_)
 
 
 def assert_fixed_point(job: LlamaTrainingJob, observed: Observed, d: Decision, now: datetime):
@@ -378,7 +376,7 @@ def running_world(**policy: Any) -> World:
     w.step()
     w.schedule("train", 1)
     w.step(10)
-    assert rc.get_condition(w.job.status, "Running").status == "True"
+    assert get_condition(w.job.status, "Running").status == "True"
     return w
 
 
@@ -538,7 +536,7 @@ def test_backoff_in_status_follows_the_restart_count() -> None:
     w.step()
     w.set_rank("train", 3, 0, phase="Failed", exit_code=1)
     d = w.step(5)
-    assert rc.parse_time(d.status.restart_after) == w.now + timedelta(seconds=240)
+    assert parse_time(d.status.restart_after) == w.now + timedelta(seconds=240)
     assert d.requeue_after == 240
 
 
@@ -1077,8 +1075,8 @@ def test_stale_pods_of_other_gangs_are_deleted() -> None:
 
 def test_conditions_keep_their_transition_time_while_unchanged() -> None:
     w = running_world()
-    t_running = rc.get_condition(w.job.status, "Running").last_transition_time
-    t_valid = rc.get_condition(w.job.status, "Validated").last_transition_time
+    t_running = get_condition(w.job.status, "Running").last_transition_time
+    t_valid = get_condition(w.job.status, "Validated").last_transition_time
     d = w.step(300)
     assert cond(d, "Running").last_transition_time == t_running
     assert cond(d, "Validated").last_transition_time == t_valid == "2025-03-01T12:00:00Z"

@@ -46,22 +46,13 @@ import kopf
 from llamajob_trainer import protocol
 
 from . import metrics, render
+from .actions import CreateObject, Decision, DeletePods, EmitEvent
 from .api import GROUP, KIND, PLURAL, VERSION, LlamaTrainingJobStatus
 from .jobfile import JobFileError, parse_job
 from .kube import ApiError, KubeClient
+from .observed import NodeHealth, Observed, ObservedPod, Progress
 from .progress import ScrapeError, metrics_url, scrape
-from .reconcile import (
-    CreateObject,
-    Decision,
-    DeletePods,
-    EmitEvent,
-    NodeHealth,
-    Observed,
-    ObservedPod,
-    Progress,
-    reconcile,
-    reconcile_invalid,
-)
+from .reconcile import reconcile, reconcile_invalid
 
 log = logging.getLogger("llamajob.operator")
 

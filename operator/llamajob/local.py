@@ -27,21 +27,14 @@ from llamajob_trainer import protocol
 from prometheus_client import start_http_server
 
 from . import metrics as op_metrics
+from .actions import CreateObject, DeletePods, EmitEvent, RequeueAfter
 from .api import LlamaTrainingJob, LlamaTrainingJobStatus
 from .catalogue import INSTANCE_TYPES
 from .jobfile import JobFileError, load_job
+from .observed import Observed, ObservedPod, Progress
 from .plan import make_plan
 from .progress import ScrapeError, parse_progress
-from .reconcile import (
-    CreateObject,
-    DeletePods,
-    EmitEvent,
-    Observed,
-    ObservedPod,
-    Progress,
-    RequeueAfter,
-    reconcile,
-)
+from .reconcile import reconcile
 from .render import SHUTDOWN_TIMEOUT_ENV, shutdown_timeout, trainer_config
 
 EXIT_INVALID = 2

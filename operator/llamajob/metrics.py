@@ -1,4 +1,4 @@
-"""The operator's own Prometheus metrics (DESIGN section 6), on a registry of their own.
+"""The operator's own Prometheus metrics (listed in docs/monitoring.md), on their own registry.
 
 ``REGISTRY`` is what ``llamajob operator --metrics-port`` serves and what the chart's dashboard
 and alert rules are checked against, so the names here are part of the product's interface.

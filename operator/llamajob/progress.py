@@ -14,7 +14,7 @@ import aiohttp
 from llamajob_trainer import protocol
 from prometheus_client.parser import text_string_to_metric_families
 
-from .reconcile import Progress
+from .observed import Progress
 
 _WANTED = {
     protocol.TRAIN_STEP,

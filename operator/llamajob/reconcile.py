@@ -2,9 +2,11 @@
 
 Pure: no I/O, no clock (``now`` is an argument), no Kubernetes client. The kopf shell
 (``handlers.py``) and the local runner (``local.py``) both feed this function and carry out what
-it returns, so they cannot diverge in their decisions.
+it returns, so they cannot diverge in their decisions. Its inputs and outputs are plain data
+(``observed.py``, ``actions.py``); the verdict on one pod is in ``faults.py``, the status
+vocabulary in ``status.py``, and the Events follow from the status change (``events.py``).
 
-Lifecycle (DESIGN section 4):
+Lifecycle:
 
     Pending -> Compiling -> Training -> Succeeded
                    \\           \\
@@ -63,219 +65,64 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, timedelta
-from typing import Any
-
-from llamajob_trainer import protocol
+from datetime import datetime, timedelta
 
 from . import render
-from .api import Condition, Fault, LlamaTrainingJob, LlamaTrainingJobStatus
+from .actions import (
+    Action,
+    CreateObject,
+    Decision,
+    DeletePods,
+    RequeueAfter,
+)
+from .api import Fault, LlamaTrainingJob, LlamaTrainingJobStatus
+from .events import events
+from .faults import (
+    HANG,
+    NODE_GONE,
+    NODE_UNHEALTHY,
+    POD_DELETED,
+    Finding,
+    is_node_fault,
+    pod_finding,
+)
 from .jobfile import SpecError
+from .observed import Observed, ObservedPod
 from .plan import Plan, make_plan
+from .status import (
+    BACKOFF_LIMIT_EXCEEDED,
+    COMPILE_DISABLED,
+    COMPILE_FINISHED,
+    COMPILE_SKIPPED,
+    COMPILED,
+    COMPILING,
+    FAILED,
+    INVALID_SPEC,
+    PENDING,
+    PODS_UNSCHEDULABLE,
+    RESTARTING,
+    RUNNING,
+    SPEC_CHANGED,
+    SUCCEEDED,
+    TERMINAL,
+    TRAINER_ERROR,
+    TRAINING,
+    VALIDATED,
+    aware,
+    clip,
+    get_condition,
+    is_true,
+    parse_time,
+    set_condition,
+    timestamp,
+)
 
-# --- vocabulary -------------------------------------------------------------------------------
-PENDING, COMPILING, TRAINING, RESTARTING = "Pending", "Compiling", "Training", "Restarting"
-SUCCEEDED, FAILED = "Succeeded", "Failed"
-TERMINAL = (SUCCEEDED, FAILED)
 RESTART_GRACE_SECONDS = 30  # Kubernetes' default grace period
-
-VALIDATED, COMPILED, RUNNING = "Validated", "Compiled", "Running"
-CONDITION_TYPES = (VALIDATED, COMPILED, RUNNING, SUCCEEDED, FAILED)
-
-# Condition / failure reasons
-INVALID_SPEC = "InvalidSpec"
-TRAINER_ERROR = "TrainerError"
-BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
-COMPILE_SKIPPED, COMPILE_FINISHED, COMPILE_DISABLED = (
-    "CompileSkipped",
-    "CompileFinished",
-    "CompileDisabled",
-)
-SPEC_CHANGED = "SpecChanged"
-PODS_UNSCHEDULABLE = "PodsUnschedulable"
-
-# Fault reasons (status.faults[].reason)
-NODE_UNHEALTHY = "NodeUnhealthy"
-NODE_GONE = render.NODE_GONE
-NODE_LOST = "NodeLost"
-EVICTED = "Evicted"
-POD_FAILED = "PodFailed"
-OOM_KILLED = "OOMKilled"
-POD_DELETED = "PodDeleted"
-HANG = "Hang"
-
-# Pod-level reasons (pod.status.reason or the DisruptionTarget reason) that mean the node, not
-# the job, ended the pod. Reasons starting with "OutOf" (device plugin lost the devices at
-# admission) count too.
-NODE_POD_REASONS = frozenset(
-    {
-        EVICTED,
-        NODE_LOST,
-        NODE_GONE,
-        "NodeNotReady",
-        "NodeShutdown",
-        "Shutdown",
-        "Terminated",
-        "TerminationByKubelet",
-        "UnexpectedAdmissionError",
-    }
-)
-
 MAX_BACKOFF_SECONDS = 600.0
 MAX_FAULTS = 10  # status.faults keeps the most recent ones
-MESSAGE_LIMIT = 512  # termination messages can be long; status and Events stay readable
 
 _STARTED_PHASES = ("Running", "Succeeded")
 _LIVE_PHASES = ("Pending", "Running", "Unknown")
-
-
-def is_node_fault(reason: str | None) -> bool:
-    if not reason:
-        return False
-    return reason in NODE_POD_REASONS or reason == NODE_UNHEALTHY or reason.startswith("OutOf")
-
-
-# --- observations -----------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ObservedPod:
-    name: str
-    role: str  # "compile" | "train"
-    attempt: int
-    rank: int
-    phase: str  # Pending | Running | Succeeded | Failed | Unknown
-    node: str | None = None
-    exit_code: int | None = None  # the trainer container's terminated exit code
-    reason: str | None = None  # pod.status.reason / disruption reason / container reason
-    termination_message: Mapping[str, Any] = field(default_factory=dict)
-    deleting: bool = False  # metadata.deletionTimestamp is set
-    ip: str | None = None
-    unschedulable: str | None = None  # the scheduler's reason while no node fits the pod
-
-
-@dataclass(frozen=True)
-class NodeHealth:
-    """A node the job's pods run on. Unhealthy: HyperPod health label not Schedulable, Ready not
-    True, or gone (reason ``NodeGone``). A node absent from ``Observed.nodes`` is unknown and
-    judged healthy: a brand-new node can run a pod before the shell has seen the node itself."""
-
-    name: str
-    healthy: bool
-    reason: str = ""
-
-
-@dataclass(frozen=True)
-class Progress:
-    """Rank 0's training metrics as last read by the shell. ``max_steps`` is informational:
-    status.maxSteps comes from the spec, which the trainer reads too."""
-
-    step: int | None
-    loss: float | None
-    tokens_per_second: float | None
-    mfu: float | None
-    last_checkpoint_step: int | None
-    max_steps: int | None
-    observed_at: datetime
-
-
-@dataclass(frozen=True)
-class Observed:
-    pods: tuple[ObservedPod, ...] = ()
-    nodes: Mapping[str, NodeHealth] = field(default_factory=dict)
-    progress: Progress | None = None  # from the training gang's rank 0
-    service: bool = False  # the headless Service exists
-    configmaps: frozenset[str] = frozenset()  # names of the job's trainer ConfigMaps
-
-
-# --- actions ----------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class CreateObject:
-    """Create a Service, ConfigMap or Pod. For pods, role/attempt/rank repeat the labels so the
-    local runner need not parse the manifest."""
-
-    manifest: dict[str, Any]
-    role: str | None = None
-    attempt: int | None = None
-    rank: int | None = None
-
-    @property
-    def kind(self) -> str:
-        return str(self.manifest.get("kind", ""))
-
-    @property
-    def name(self) -> str:
-        return str(self.manifest.get("metadata", {}).get("name", ""))
-
-
-@dataclass(frozen=True)
-class DeletePods:
-    names: tuple[str, ...]
-    reason: str
-    # Overrides the pods' terminationGracePeriodSeconds; None keeps it.
-    grace_seconds: int | None = None
-
-
-@dataclass(frozen=True)
-class EmitEvent:
-    type: str  # Normal | Warning
-    reason: str
-    message: str
-
-
-@dataclass(frozen=True)
-class RequeueAfter:
-    """Reconcile again after this long even if nothing changes (backoff expiry, hang timer)."""
-
-    seconds: float
-
-
-Action = CreateObject | DeletePods | EmitEvent | RequeueAfter
-
-
-@dataclass(frozen=True)
-class Decision:
-    actions: tuple[Action, ...]
-    status: LlamaTrainingJobStatus
-
-    @property
-    def creates(self) -> list[CreateObject]:
-        return [a for a in self.actions if isinstance(a, CreateObject)]
-
-    @property
-    def created_pods(self) -> list[CreateObject]:
-        return [a for a in self.creates if a.kind == "Pod"]
-
-    @property
-    def deleted(self) -> list[str]:
-        return [n for a in self.actions if isinstance(a, DeletePods) for n in a.names]
-
-    @property
-    def events(self) -> list[EmitEvent]:
-        return [a for a in self.actions if isinstance(a, EmitEvent)]
-
-    @property
-    def requeue_after(self) -> float | None:
-        times = [a.seconds for a in self.actions if isinstance(a, RequeueAfter)]
-        return min(times) if times else None
-
-
-# --- time -------------------------------------------------------------------------------------
-def _aware(dt: datetime) -> datetime:
-    return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
-
-
-def timestamp(dt: datetime) -> str:
-    """RFC 3339 in UTC with a Z, as Kubernetes writes times (fraction only when present)."""
-    return _aware(dt).astimezone(UTC).isoformat().replace("+00:00", "Z")
-
-
-def parse_time(text: str | None) -> datetime | None:
-    if not text:
-        return None
-    try:
-        return _aware(datetime.fromisoformat(text.replace("Z", "+00:00")))
-    except ValueError:
-        return None
 
 
 def backoff_seconds(base: float, restarts: int) -> float:
@@ -284,99 +131,6 @@ def backoff_seconds(base: float, restarts: int) -> float:
         return 0.0
     # Cap the exponent first: 2**1000 overflows a float.
     return min(base * 2 ** min(restarts, 32), MAX_BACKOFF_SECONDS)
-
-
-# --- conditions -------------------------------------------------------------------------------
-def get_condition(status: LlamaTrainingJobStatus, type_: str) -> Condition | None:
-    return next((c for c in status.conditions if c.type == type_), None)
-
-
-def set_condition(
-    status: LlamaTrainingJobStatus,
-    type_: str,
-    value: str,
-    reason: str,
-    message: str,
-    now: datetime,
-    generation: int | None,
-) -> None:
-    """Upsert a condition; lastTransitionTime moves only when the status value flips."""
-    old = get_condition(status, type_)
-    since = (
-        old.last_transition_time
-        if old is not None and old.status == value and old.last_transition_time
-        else timestamp(now)
-    )
-    new = Condition(
-        type=type_,
-        status=value,  # type: ignore[arg-type]
-        reason=reason,
-        message=_clip(message),
-        last_transition_time=since,
-        observed_generation=generation,
-    )
-    status.conditions = [new if c.type == type_ else c for c in status.conditions]
-    if old is None:
-        status.conditions.append(new)
-
-
-def _is_true(status: LlamaTrainingJobStatus, type_: str) -> bool:
-    c = get_condition(status, type_)
-    return c is not None and c.status == "True"
-
-
-def _clip(text: str) -> str:
-    return text if len(text) <= MESSAGE_LIMIT else text[: MESSAGE_LIMIT - 3] + "..."
-
-
-# --- faults -----------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class _Finding:
-    rank: int
-    pod: str
-    node: str | None
-    reason: str
-    message: str
-    permanent: bool = False
-
-    @property
-    def node_level(self) -> bool:
-        return is_node_fault(self.reason)
-
-
-def _pod_finding(pod: ObservedPod, nodes: Mapping[str, NodeHealth]) -> _Finding | None:
-    """Why this pod ends its attempt, or None while it is healthy (or finished)."""
-    if pod.phase == "Succeeded":
-        return None  # its part is done; whatever happens to its node now changes nothing
-
-    def finding(reason: str, message: str, permanent: bool = False) -> _Finding:
-        return _Finding(pod.rank, pod.name, pod.node, reason, message, permanent)
-
-    health = nodes.get(pod.node) if pod.node else None
-    if health is not None and not health.healthy:
-        reason = NODE_GONE if health.reason == NODE_GONE else NODE_UNHEALTHY
-        detail = "is gone" if reason == NODE_GONE else f"is unhealthy ({health.reason or '?'})"
-        return finding(reason, f"node {pod.node} {detail}")
-    if pod.phase == "Unknown":
-        return finding(NODE_LOST, f"pod state unknown: node {pod.node or '?'} stopped reporting")
-    if is_node_fault(pod.reason):
-        return finding(pod.reason, f"pod removed by its node ({pod.reason})")
-    if pod.phase == "Failed":
-        tm = pod.termination_message
-        permanent = pod.exit_code in protocol.PERMANENT_EXIT_CODES or tm.get("permanent") is True
-        parts = [f"exit code {pod.exit_code}" if pod.exit_code is not None else "failed"]
-        cause = tm.get("reason") or pod.reason
-        if cause:
-            parts.append(str(cause))
-        text = ", ".join(parts)
-        if tm.get("message"):
-            text += f": {tm['message']}"
-        if permanent:
-            return finding(TRAINER_ERROR, text, permanent=True)
-        return finding(OOM_KILLED if pod.reason == OOM_KILLED else POD_FAILED, text)
-    if pod.deleting:
-        return finding(POD_DELETED, "deleted while the gang was running")
-    return None
 
 
 # --- the reconciler ---------------------------------------------------------------------------
@@ -391,7 +145,7 @@ class _Pass:
         old: LlamaTrainingJobStatus,
         plan: Plan | None,
     ) -> None:
-        self.job, self.obs, self.now, self.plan = job, observed, _aware(now), plan
+        self.job, self.obs, self.now, self.plan = job, observed, aware(now), plan
         self.old = old
         self.st = old.model_copy(deep=True)
         self.gen = job.metadata.generation
@@ -449,7 +203,7 @@ class _Pass:
             f"(tensor {plan.tensor}, pipeline {plan.pipeline}, data {plan.data_parallel}) on "
             f"{plan.instance.name}, backend {plan.backend}",
         )
-        if not spec.compile.enabled and not _is_true(st, COMPILED):
+        if not spec.compile.enabled and not is_true(st, COMPILED):
             self.cond(COMPILED, "True", COMPILE_DISABLED, "spec.compile.enabled is false")
         if not self.obs.service:
             self.creates.append(CreateObject(render.render_service(self.job)))
@@ -478,7 +232,7 @@ class _Pass:
         if recompile:
             st.compile_key = self.compile_key
         st.revision = self.revision
-        compiled = _is_true(st, COMPILED) and not recompile
+        compiled = is_true(st, COMPILED) and not recompile
         st.phase = TRAINING if compiled else COMPILING
         if not compiled:
             why = " (spec changed)" if recompile else ""
@@ -495,12 +249,12 @@ class _Pass:
         assert plan is not None
         role = self.role()
         gang = self.current_gang()
-        formed = _is_true(st, RUNNING)
+        formed = is_true(st, RUNNING)
         if st.revision is None:
             st.revision = self.revision  # a gang started by an operator without revisions
         edited = st.revision != self.revision
 
-        findings: list[_Finding] = []
+        findings: list[Finding] = []
         for rank in range(plan.pods):
             pod = gang.get(rank)
             if pod is None:
@@ -508,12 +262,12 @@ class _Pass:
                 if formed and not edited:
                     name = self.pod_name(role, st.attempt, rank)
                     findings.append(
-                        _Finding(
+                        Finding(
                             rank, name, None, POD_DELETED, "pod disappeared after the gang formed"
                         )
                     )
                 continue
-            f = _pod_finding(pod, self.obs.nodes)
+            f = pod_finding(pod, self.obs.nodes)
             if f is not None:
                 findings.append(f)
         permanent = [f for f in findings if f.permanent]
@@ -606,7 +360,7 @@ class _Pass:
         last = f"step {self.st.step}" if self.st.step is not None else "before the first step"
         self.fault(
             [
-                _Finding(
+                Finding(
                     0,
                     rank0.name if rank0 else self.pod_name(render.ROLE_TRAIN, self.st.attempt, 0),
                     rank0.node if rank0 else None,
@@ -621,7 +375,7 @@ class _Pass:
         p, st = self.obs.progress, self.st
         if p is None:
             return
-        at = _aware(p.observed_at)
+        at = aware(p.observed_at)
         total = st.max_steps or self.job.spec.total_steps()
         if p.step is not None and p.step != st.step:
             prev_step, prev_time = st.step, parse_time(st.last_progress_time)
@@ -685,13 +439,13 @@ class _Pass:
     def fail(self, reason: str, message: str) -> None:
         st = self.st
         st.phase = FAILED
-        st.message = _clip(message)
+        st.message = clip(message)
         st.completion_time = st.completion_time or timestamp(self.now)
         st.restart_after = None
         self.cond(FAILED, "True", reason, message)
         self.cond(RUNNING, "False", FAILED, "job failed")
 
-    def record(self, findings: Iterable[_Finding]) -> None:
+    def record(self, findings: Iterable[Finding]) -> None:
         st = self.st
         for f in findings:
             st.faults.append(
@@ -700,13 +454,13 @@ class _Pass:
                     pod=f.pod,
                     node=f.node,
                     reason=f.reason,
-                    message=_clip(f.message),
+                    message=clip(f.message),
                     time=timestamp(self.now),
                 )
             )
         st.faults = st.faults[-MAX_FAULTS:]
 
-    def fail_trainer(self, findings: list[_Finding]) -> None:
+    def fail_trainer(self, findings: list[Finding]) -> None:
         first = min(findings, key=lambda f: f.rank)
         self.record([first])
         self.fail(
@@ -715,7 +469,7 @@ class _Pass:
             f"{first.message}",
         )
 
-    def fault(self, findings: list[_Finding]) -> None:
+    def fault(self, findings: list[Finding]) -> None:
         st, policy = self.st, self.policy
         ordered = sorted(findings, key=lambda f: (not f.node_level, f.rank))
         node_level = [f for f in ordered if f.node_level]
@@ -740,7 +494,7 @@ class _Pass:
         delay = backoff_seconds(policy.backoff_seconds, st.restarts)
         st.phase = RESTARTING
         st.restart_after = timestamp(self.now + timedelta(seconds=delay))
-        st.message = _clip(f"{summary}; next attempt in {delay:g} s")
+        st.message = clip(f"{summary}; next attempt in {delay:g} s")
         self.cond(RUNNING, "False", "Restarting", st.message)
         if delay > 0:
             self.requeue.append(delay)
@@ -777,7 +531,7 @@ class _Pass:
         for pod in self.obs.pods:
             if pod.attempt != st.attempt or (pod.attempt, pod.name) in known:
                 continue
-            f = _pod_finding(pod, self.obs.nodes)
+            f = pod_finding(pod, self.obs.nodes)
             if f is not None and f.reason in (NODE_UNHEALTHY, NODE_GONE):
                 late.append(f)
         if not late:
@@ -823,76 +577,8 @@ class _Pass:
         return [DeletePods(tuple(names), why)]
 
 
-def _events(
-    job: LlamaTrainingJob, old: LlamaTrainingJobStatus, new: LlamaTrainingJobStatus
-) -> list[EmitEvent]:
-    """Events for what changed between two statuses, and nothing else."""
-    out: list[EmitEvent] = []
-
-    def flipped(type_: str, value: str) -> Condition | None:
-        n, o = get_condition(new, type_), get_condition(old, type_)
-        if n is not None and n.status == value and (o is None or o.status != value):
-            return n
-        return None
-
-    if c := flipped(VALIDATED, "True"):
-        out.append(EmitEvent("Normal", "Validated", c.message))
-    running, was = get_condition(new, RUNNING), get_condition(old, RUNNING)
-    if running is not None and (was is None or was.reason != running.reason):
-        if running.reason == SPEC_CHANGED:
-            out.append(EmitEvent("Normal", SPEC_CHANGED, running.message))
-        elif running.reason == PODS_UNSCHEDULABLE:
-            out.append(EmitEvent("Warning", "Unschedulable", running.message))
-    seen = {(f.attempt, f.pod, f.reason, f.time) for f in old.faults}
-    for f in new.faults:
-        if (f.attempt, f.pod, f.reason, f.time) in seen or f.reason == TRAINER_ERROR:
-            continue
-        reason = "NodeFault" if is_node_fault(f.reason) else f.reason
-        where = f" on node {f.node}" if f.node else ""
-        text = f"attempt {f.attempt}: pod {f.pod}{where}: {f.reason}: {f.message}"
-        if new.phase == RESTARTING and new.restart_after:
-            text += f"; restarting the gang at {new.restart_after}"
-        out.append(EmitEvent("Warning", reason, _clip(text)))
-    c = flipped(COMPILED, "True")
-    if c is not None and c.reason in (COMPILE_SKIPPED, COMPILE_FINISHED):
-        out.append(EmitEvent("Normal", c.reason, c.message))
-    if new.phase in (COMPILING, TRAINING) and (
-        old.phase != new.phase or old.attempt != new.attempt
-    ):
-        role = "compile" if new.phase == COMPILING else "training"
-        gang = f"{new.pods} {role} pod(s)"
-        if new.restarts > old.restarts:
-            avoid = (
-                f", avoiding node(s) {', '.join(new.faulty_nodes)}"
-                if new.faulty_nodes and job.spec.restart_policy.avoid_faulty_nodes
-                else ""
-            )
-            text = (
-                f"attempt {new.attempt}: restart {new.restarts} of at most "
-                f"{job.spec.restart_policy.max_restarts}, recreating {gang}{avoid}"
-            )
-            out.append(EmitEvent("Normal", "Restarting", text))
-        elif new.phase == COMPILING:
-            out.append(EmitEvent("Normal", "CompileStarted", f"attempt {new.attempt}: {gang}"))
-        else:
-            out.append(EmitEvent("Normal", "TrainingStarted", f"attempt {new.attempt}: {gang}"))
-    if new.last_checkpoint_step is not None and (
-        old.last_checkpoint_step is None or new.last_checkpoint_step > old.last_checkpoint_step
-    ):
-        out.append(
-            EmitEvent("Normal", "CheckpointSaved", f"checkpoint at step {new.last_checkpoint_step}")
-        )
-    if new.phase == SUCCEEDED and old.phase != SUCCEEDED:
-        out.append(EmitEvent("Normal", "Succeeded", new.message or "job finished"))
-    if new.phase == FAILED and old.phase != FAILED:
-        c = get_condition(new, FAILED)
-        reason = c.reason if c else "Failed"
-        out.append(EmitEvent("Warning", "Failed", _clip(f"{reason}: {new.message or ''}")))
-    return out
-
-
 def _decide(p: _Pass) -> Decision:
-    actions: list[Action] = [*p.creates, *p.cleanup(), *_events(p.job, p.old, p.st)]
+    actions: list[Action] = [*p.creates, *p.cleanup(), *events(p.job, p.old, p.st)]
     if p.requeue:
         actions.append(RequeueAfter(max(min(p.requeue), 0.0)))
     return Decision(tuple(actions), p.st)
@@ -1007,28 +693,3 @@ def reconcile_invalid(
     old = status or LlamaTrainingJobStatus()
     p = _Pass(placeholder, observed, now, old, None)
     return _invalid_pass(p, errors or [SpecError("spec", "invalid")])
-
-
-def apply_actions(observed: Observed, decision: Decision) -> Observed:
-    """The observation once a shell has carried out ``decision``: created pods appear Pending,
-    deleted pods are marked deleting, Service and ConfigMap exist. Shells can use it to count
-    their own fresh writes as seen (no AlreadyExists storm while the watch catches up), and tests
-    use it to check the fixed point."""
-    pods = {p.name: p for p in observed.pods}
-    service, configmaps = observed.service, observed.configmaps
-    for a in decision.actions:
-        if isinstance(a, CreateObject):
-            if a.kind == "Service":
-                service = True
-            elif a.kind == "ConfigMap" and a.name not in configmaps:
-                configmaps = configmaps | {a.name}
-            elif a.kind == "Pod" and a.name not in pods:
-                assert a.role is not None and a.attempt is not None and a.rank is not None
-                pods[a.name] = ObservedPod(a.name, a.role, a.attempt, a.rank, "Pending")
-        elif isinstance(a, DeletePods):
-            for name in a.names:
-                if name in pods:
-                    pods[name] = replace(pods[name], deleting=True)
-    return replace(
-        observed, pods=tuple(pods.values()), service=service, configmaps=configmaps
-    )

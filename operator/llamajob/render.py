@@ -22,7 +22,7 @@ import json
 import math
 import re
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
 from llamajob_trainer import protocol
@@ -31,10 +31,8 @@ from llamajob_trainer.config import TrainerConfig
 from .api import API_VERSION, KIND, LlamaTrainingJob
 from .catalogue import EFA_RESOURCE
 from .jobfile import JobFileError
+from .observed import NodeHealth, ObservedPod
 from .plan import Plan, make_plan
-
-if TYPE_CHECKING:
-    from .reconcile import NodeHealth, ObservedPod
 
 APP = "llamajob"
 LABEL_NAME = "app.kubernetes.io/name"
@@ -545,8 +543,6 @@ _DISRUPTION_REASONS = {
 
 def observed_pod(obj: Mapping[str, Any]) -> ObservedPod | None:
     """Read a pod this operator created (None for anything without our labels)."""
-    from .reconcile import ObservedPod  # reconcile imports this module; keep the edge one-way
-
     meta = obj.get("metadata") or {}
     lbls = meta.get("labels") or {}
     try:
@@ -597,8 +593,6 @@ def observed_pod(obj: Mapping[str, Any]) -> ObservedPod | None:
 def node_health(name: str, obj: Mapping[str, Any] | None) -> NodeHealth:
     """Healthy unless gone, not Ready, or labelled non-Schedulable by HyperPod. Nodes without
     the HyperPod label (plain EKS, kind) are judged by Ready alone."""
-    from .reconcile import NodeHealth
-
     if obj is None:
         return NodeHealth(name, False, NODE_GONE)
     meta = obj.get("metadata") or {}
