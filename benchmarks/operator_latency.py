@@ -41,7 +41,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 import kmock  # noqa: E402
-from kube_emulator import EmulatorThread, metrics_server, node_manifest  # noqa: E402
+from kube_cluster import metrics_server, node_manifest  # noqa: E402
+from kube_emulator import EmulatorThread  # noqa: E402
 
 PODS = kmock.resource("", "v1", "pods")
 NODES = kmock.resource("", "v1", "nodes")

@@ -42,7 +42,8 @@ from chart_helpers import (
     selectors,
 )
 from kmock import KubernetesError
-from kube_emulator import Client, Emulator, EmulatorThread, kubectl
+from kube_cluster import Client, kubectl
+from kube_emulator import Emulator, EmulatorThread
 from llamajob import permissions
 from llamajob.crd import crd_yaml
 

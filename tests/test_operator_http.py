@@ -20,13 +20,12 @@ import pytest
 import yaml
 from conftest import avoided_nodes
 from kopf.testing import KopfRunner
-from kube_emulator import (
+from kube_cluster import (
     HEALTH_LABEL,
     JOB,
     ApiError,
     Client,
     Cluster,
-    EmulatorThread,
     Kubelet,
     TrainerMetrics,
     apply,
@@ -38,7 +37,6 @@ from kube_emulator import (
     example,
     finish_all,
     gang,
-    label_matcher,
     operator_requests,
     pods,
     reasons,
@@ -48,6 +46,7 @@ from kube_emulator import (
     wait_for,
     wait_phase,
 )
+from kube_emulator import EmulatorThread, label_matcher
 from llamajob import handlers, metrics
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from kube_emulator import (
+from kube_cluster import (
     ROOT,
     Cluster,
     TrainerMetrics,
@@ -197,7 +197,7 @@ def test_peering_mode(cluster: Cluster, start_operator: Starter) -> None:
     crd = yaml.safe_load((ROOT / "charts/llamajob/crds/clusterkopfpeerings.kopf.dev.yaml")
                          .read_text())
     cluster.emu.call(cluster.emu.emulator.install_crd, crd)
-    from kube_emulator import API_PATHS, CLUSTER_SCOPED
+    from kube_cluster import API_PATHS, CLUSTER_SCOPED
 
     API_PATHS["clusterkopfpeerings"] = "apis/kopf.dev/v1"
     CLUSTER_SCOPED.add("clusterkopfpeerings")
