@@ -1230,6 +1230,17 @@ def test_edits_the_checkpoints_can_take_are_planned_restarts(change: Any) -> Non
     )
 
 
+def test_unedited_job_is_not_judged_against_its_recorded_fingerprint() -> None:
+    """A fingerprint that reads differently without an edit (another operator version, say)
+    never fails a running job: only edits are checked."""
+    w = checkpointed_world()
+    w.job = with_status(
+        w.job, w.job.status.model_copy(update={"checkpoint_fingerprint": "0123456789abcdef"})
+    )
+    d = w.step(5)
+    assert d.status.phase == "Training" and d.deleted == [] and d.events == []
+
+
 def test_model_edit_before_any_checkpoint_is_a_planned_restart() -> None:
     w = running_world()
     assert w.job.status.checkpoint_fingerprint is None

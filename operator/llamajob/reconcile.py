@@ -598,10 +598,13 @@ def _invalid_pass(p: _Pass, problems: list[SpecError]) -> Decision:
 def checkpoint_conflict(job: LlamaTrainingJob, status: LlamaTrainingJobStatus) -> SpecError | None:
     """An edit of the model or the sequence length while the job's checkpoint directory holds
     checkpoints of the old one. The trainer would refuse them too, but only in the next
-    attempt's pods, after a compile for the new model; here it fails before anything starts."""
+    attempt's pods, after a compile for the new model; here it fails before anything starts.
+    Only an edit is judged: a spec whose pods already run (the same revision) is left alone even
+    if its fingerprint reads differently now (say, after an operator upgrade)."""
     spec = job.spec
     if (
         status.checkpoint_fingerprint is None
+        or status.revision == render.spec_revision(job)
         or spec.checkpoint.resume == "none"
         or spec.checkpoint.dir != status.checkpoint_dir
     ):
