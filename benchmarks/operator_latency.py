@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 import kmock  # noqa: E402
-from kube_cluster import metrics_server, node_manifest  # noqa: E402
+from kube_cluster import metrics_server, node_manifest, wait_for  # noqa: E402
 from kube_emulator import EmulatorThread  # noqa: E402
 
 PODS = kmock.resource("", "v1", "pods")
@@ -122,13 +122,7 @@ class Bench:
         return self.call(lambda: self.e._get((res, ns, name)))
 
     def wait(self, predicate: Any, timeout: float, what: str, interval: float = 0.02) -> Any:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            value = predicate()
-            if value:
-                return value
-            time.sleep(interval)
-        raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        return wait_for(predicate, timeout, interval, what)
 
     def writes_since(self, index: int) -> list[tuple[float, str, str, str | None, str]]:
         return self.call(lambda: list(self.e.writes[index:]))

@@ -595,16 +595,19 @@ def _invalid_pass(p: _Pass, problems: list[SpecError]) -> Decision:
     return _decide(p)
 
 
-def checkpoint_conflict(job: LlamaTrainingJob, status: LlamaTrainingJobStatus) -> SpecError | None:
+def checkpoint_conflict(
+    job: LlamaTrainingJob, status: LlamaTrainingJobStatus, revision: str
+) -> SpecError | None:
     """An edit of the model or the sequence length while the job's checkpoint directory holds
     checkpoints of the old one. The trainer would refuse them too, but only in the next
     attempt's pods, after a compile for the new model; here it fails before anything starts.
     Only an edit is judged: a spec whose pods already run (the same revision) is left alone even
-    if its fingerprint reads differently now (say, after an operator upgrade)."""
+    if its fingerprint reads differently now (say, after an operator upgrade). ``revision`` is
+    the job's ``render.spec_revision``."""
     spec = job.spec
     if (
         status.checkpoint_fingerprint is None
-        or status.revision == render.spec_revision(job)
+        or status.revision == revision
         or spec.checkpoint.resume == "none"
         or spec.checkpoint.dir != status.checkpoint_dir
     ):
@@ -649,8 +652,6 @@ def reconcile(job: LlamaTrainingJob, observed: Observed, now: datetime) -> Decis
         return _decide(p)
     plan = make_plan(job.spec)
     problems = plan.problems()
-    if conflict := checkpoint_conflict(job, old):
-        problems.append(conflict)
     start = old
     if old.phase in TERMINAL:
         # Starting over: the fault history, the attempt count and what is known of the saved
@@ -665,6 +666,8 @@ def reconcile(job: LlamaTrainingJob, observed: Observed, now: datetime) -> Decis
         )
     p = _Pass(job, observed, now, start, plan)
     p.old = old  # events compare with what was written, also when starting over
+    if conflict := checkpoint_conflict(job, old, p.revision):
+        problems.append(conflict)
     if problems:
         return _invalid_pass(p, problems)
     p.run()
