@@ -5,7 +5,9 @@ Usage: python _layout_worker.py '<json spec>' <result.json>
 Spec keys: arch ("tiny" or a dict of Architecture fields), parallelism (ParallelismSpec fields,
 snake_case), torch_compile, compile_cache_dir, precision, steps, micro_batch_size,
 global_batch_size, seq_length, lr, clip.
-Rank 0 writes {"losses": [...], "grad_norms": [...], "layout": {...}} to the result file.
+Rank 0 writes {"losses": [...], "grad_norms": [...], "layout": {...}, "logits_width": N} to the
+result file; logits_width is the vocabulary width of the logits one rank holds (the widest over
+ranks with the output layer), which loss parallel keeps at vocab / tensor.
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ import sys
 from dataclasses import asdict
 
 import torch
+import torch.distributed as dist
 from llamajob_trainer.config import TrainerConfig
 from llamajob_trainer.parallel import init_distributed, parallelize, shutdown_distributed
 from llamajob_trainer.presets import PRESETS, Architecture
+from torch.distributed.tensor import DTensor
 
 
 def synthetic_batch(step: int, gbs: int, seq: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,6 +61,15 @@ def main() -> None:
     opt = pm.make_optimizer(
         torch.optim.AdamW, pm.parameters(), lr=spec.get("lr", 3e-3), weight_decay=0.1
     )
+    widths: list[int] = [0]
+
+    def record_width(module: torch.nn.Module, args: object, out: torch.Tensor) -> None:
+        local = out.to_local() if isinstance(out, DTensor) else out
+        widths.append(local.shape[-1])
+
+    for part in pm.model_parts:
+        if part.output is not None:
+            part.output.register_forward_hook(record_width)
     per_rank = gbs // pm.dp_size
     losses, norms = [], []
     for step in range(spec["steps"]):
@@ -68,9 +81,14 @@ def main() -> None:
         norms.append(pm.clip_grad_norm(spec.get("clip", 0.0)))
         opt.step()
         opt.zero_grad(set_to_none=True)
+    width = torch.tensor(max(widths))
+    if env.world_size > 1:
+        dist.all_reduce(width, op=dist.ReduceOp.MAX)
     if env.rank == 0:
+        result = {"losses": losses, "grad_norms": norms, "layout": asdict(pm.layout),
+                  "logits_width": int(width)}
         with open(out_path, "w") as f:
-            json.dump({"losses": losses, "grad_norms": norms, "layout": asdict(pm.layout)}, f)
+            json.dump(result, f)
     shutdown_distributed()
 
 

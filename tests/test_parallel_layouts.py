@@ -74,6 +74,8 @@ LAYOUTS = [
     ("fsdp-x-tp", 4, {"fsdp": True, "tensor": 2}, "tiny"),
     ("dp-x-tp-no-sp", 4, {"tensor": 2, "sequence_parallel": False}, "tiny"),
     ("pp-x-fsdp", 4, {"pipeline": 2, "fsdp": True}, "tiny"),
+    ("pp-x-tp", 4, {"pipeline": 2, "tensor": 2}, "tiny"),
+    ("tp-sp-tied", 2, {"tensor": 2}, "tied"),
 ]
 
 
@@ -94,6 +96,8 @@ def test_layout_matches_single_process(
     assert layout["world_size"] == nproc
     assert layout["pp"] * layout["dp"] * layout["tp"] == nproc
     expected = reference[model]
+    # Loss parallel: a rank holds only its vocabulary shard of the logits.
+    assert result["logits_width"] == expected["logits_width"] // layout["tp"]
     assert result["losses"] == pytest.approx(expected["losses"], rel=1e-4)
     assert result["grad_norms"] == pytest.approx(expected["grad_norms"], rel=1e-4)
     assert result["losses"][-1] < result["losses"][0]
