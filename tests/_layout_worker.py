@@ -5,9 +5,11 @@ Usage: python _layout_worker.py '<json spec>' <result.json>
 Spec keys: arch ("tiny" or a dict of Architecture fields), parallelism (ParallelismSpec fields,
 snake_case), torch_compile, compile_cache_dir, precision, steps, micro_batch_size,
 global_batch_size, seq_length, lr, clip.
-Rank 0 writes {"losses": [...], "grad_norms": [...], "layout": {...}, "logits_width": N} to the
-result file; logits_width is the vocabulary width of the logits one rank holds (the widest over
-ranks with the output layer), which loss parallel keeps at vocab / tensor.
+Rank 0 writes {"losses": [...], "grad_norms": [...], "layout": {...}, "logits_width": N,
+"eval_loss_sum": x, "eval_tokens": n} to the result file: after the steps, `evaluate` runs on one
+more global batch (forward only) and returns its summed loss and token count; logits_width is
+the vocabulary width of the logits one rank holds (the widest over ranks with the output
+layer), which loss parallel keeps at vocab / tensor.
 """
 
 from __future__ import annotations
@@ -81,12 +83,19 @@ def main() -> None:
         norms.append(pm.clip_grad_norm(spec.get("clip", 0.0)))
         opt.step()
         opt.zero_grad(set_to_none=True)
+    # Validation pass over one global batch the steps did not train on.
+    inputs, labels = synthetic_batch(spec["steps"], gbs, seq, arch.vocab_size)
+    lo = pm.dp_rank * per_rank
+    mine_x, mine_y = inputs[lo : lo + per_rank], labels[lo : lo + per_rank]
+    loss_sum, tokens = pm.evaluate(
+        [(mine_x[i : i + mbs], mine_y[i : i + mbs]) for i in range(0, per_rank, mbs)]
+    )
     width = torch.tensor(max(widths))
     if env.world_size > 1:
         dist.all_reduce(width, op=dist.ReduceOp.MAX)
     if env.rank == 0:
         result = {"losses": losses, "grad_norms": norms, "layout": asdict(pm.layout),
-                  "logits_width": int(width)}
+                  "logits_width": int(width), "eval_loss_sum": loss_sum, "eval_tokens": tokens}
         with open(out_path, "w") as f:
             json.dump(result, f)
     shutdown_distributed()

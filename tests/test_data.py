@@ -23,6 +23,7 @@ from llamajob_trainer.data import (
     rank_micro_batches,
     read_metadata,
     token_dtype,
+    validation_rounds,
 )
 from llamajob_trainer.errors import ConfigError, DataError
 from llamajob_trainer.tokenizer import ByteTokenizer, load_tokenizer
@@ -175,6 +176,9 @@ def test_compatibility_checks(small_ds: Path) -> None:
         check_compatible(meta, **{**ok, "tokenizer_identity": "hf:0123"})
     with pytest.raises(DataError, match="fewer than one global batch"):
         check_compatible(meta, **{**ok, "global_batch_size": 64})
+    check_compatible(meta, **ok, held_out=24)  # 30 rows: 24 held out, 6 left >= 4
+    with pytest.raises(DataError, match=r"validation\.sequences \(28\) leaves fewer than one"):
+        check_compatible(meta, **ok, held_out=28)
 
 
 # --- order -----------------------------------------------------------------------------------
@@ -217,3 +221,36 @@ def test_state_round_trip_continues_exactly(small_ds: Path) -> None:
         got = resumed.next_micro_batches()
         assert [g.tolist() for g in got] == [e.tolist() for e in expected]
     assert resumed.state == saved
+
+
+def test_validation_rows_are_the_tail_and_never_trained_on(tmp_path: Path) -> None:
+    # 30 rows, all distinct (a period of 90 characters, 8 new ones per row), so rows identify
+    # their index.
+    (tmp_path / "t.txt").write_text("".join(chr(33 + i % 90) for i in range(30 * 8 + 1)))
+    prepare_data([str(tmp_path / "t.txt")], tmp_path / "ds", BYTE, seq_length=8, progress=False)
+    ds = PackedDataset(tmp_path / "ds")
+    assert len(ds) == 30
+    held_out = 8
+    trained: set[int] = set()
+    for rank in range(2):
+        source = BatchSource(ds, seed=5, global_batch_size=4, micro_batch_size=1, dp_rank=rank,
+                             dp_size=2, held_out=held_out)
+        for _ in range(30):  # 60 samples per rank's source: several epochs of 22 rows
+            for rows in source.next_micro_batches():
+                trained.update(_row_ids(ds, rows))
+    assert trained == set(range(22))  # every training row, none of the held-out ones
+
+    rounds = [validation_rounds(30, held_out, 4, r, 2, 1) for r in range(2)]
+    assert [len(r) for r in rounds] == [2, 2]  # two global batches of 4
+    seen = [int(i) for r in rounds for batch in r for mb in batch for i in mb]
+    assert sorted(seen) == list(range(22, 30))  # each held-out row once, across the ranks
+    assert [mb.tolist() for mb in rounds[1][0]] == [[24], [25]]  # rank 1: second half
+    assert validation_rounds(30, 0, 4, 0, 2, 1) == []
+
+
+def _row_ids(ds: PackedDataset, rows: np.ndarray) -> list[int]:
+    """Which dataset rows these are (rows of the dataset are distinct)."""
+    every = ds.rows(np.arange(len(ds)))
+    ids = [np.flatnonzero((every == row).all(axis=1)) for row in rows]
+    assert all(len(i) == 1 for i in ids)
+    return [int(i[0]) for i in ids]

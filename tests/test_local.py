@@ -43,6 +43,8 @@ def _job_yaml(tmp: Path, data_dir: Path, name: str = "t") -> Path:
     spec["checkpoint"].update(dir=str(tmp / "ckpt"), everySteps=EVERY, keep=2)
     spec["compile"]["cacheDir"] = str(tmp / "cache")
     spec["restartPolicy"].update(backoffSeconds=0, hangTimeoutSeconds=300)
+    # Validation on: a resumed run must also repeat the validation losses exactly.
+    spec["validation"] = {"sequences": 2 * spec["batch"]["globalBatchSize"], "everySteps": EVERY}
     path = tmp / "job.yaml"
     path.write_text(yaml.safe_dump(obj))
     return path
@@ -92,12 +94,15 @@ def _run(tmp: Path, job: Path, *extra: str, timeout: float = 600) -> tuple[dict[
     return json.loads(summary.read_text()), res.stdout + res.stderr
 
 
-def _losses(tmp: Path) -> dict[int, float]:
-    """step -> loss of the last attempt that logged the step."""
-    out: dict[int, float] = {}
+def _losses(tmp: Path) -> dict[int, float | tuple[float, float]]:
+    """step -> loss (and validation loss on the steps that have one) of the last attempt that
+    logged the step."""
+    out: dict[int, float | tuple[float, float]] = {}
     for line in (tmp / "run" / "steps.jsonl").read_text().splitlines():
         rec = json.loads(line)
-        out[rec["step"]] = rec["loss"]
+        out[rec["step"]] = (
+            (rec["loss"], rec["validation_loss"]) if "validation_loss" in rec else rec["loss"]
+        )
     return out
 
 
@@ -113,7 +118,10 @@ def test_uninterrupted_run_succeeds_and_loss_falls(baseline: dict[str, Any]) -> 
     s, losses = baseline["summary"], baseline["losses"]
     assert s["restarts"] == 0 and s["final_step"] == STEPS
     assert sorted(losses) == list(range(1, STEPS + 1))
-    assert losses[STEPS] < losses[1] - 1.0, losses
+    validated = {step: v for step, v in losses.items() if isinstance(v, tuple)}
+    assert sorted(validated) == list(range(EVERY, STEPS + 1, EVERY))
+    assert validated[STEPS][0] < losses[1] - 1.0, losses  # type: ignore[operator]
+    assert s["final_validation_loss"] == validated[STEPS][1] < validated[EVERY][1]
     assert s["checkpoints"] == [f"step_{STEPS - EVERY}", f"step_{STEPS}"]  # keep: 2
 
 
@@ -125,6 +133,7 @@ def test_kill_at_step_resumes_to_the_same_loss(
     assert summary["restarts"] == 1
     assert summary["faults"][0]["attempt"] == 1
     assert summary["final_loss"] == baseline["summary"]["final_loss"]  # bit-identical
+    assert summary["final_validation_loss"] == baseline["summary"]["final_validation_loss"]
     assert _losses(tmp_path) == baseline["losses"]
     # Attempt 2 resumed from step 20 (the newest complete checkpoint), not from scratch.
     second = (tmp_path / "run" / "attempt-2" / "train.log").read_text()

@@ -1,9 +1,10 @@
 """Parallel layouts of the torch backend give the single-process numbers.
 
 Each layout runs as real processes (torchrun, gloo on CPU) through `_layout_worker.py`: a few
-AdamW steps of a tiny Llama on fixed synthetic data. In fp32 the per-step loss and the global
-gradient norm must equal a single process's; the gradient norm is what catches a wrongly scaled
-or missing reduction (AdamW itself is nearly scale-invariant). bf16-mixed runs must learn.
+AdamW steps of a tiny Llama on fixed synthetic data. In fp32 the per-step loss, the global
+gradient norm and a forward-only validation pass afterwards must equal a single process's; the
+gradient norm is what catches a wrongly scaled or missing reduction (AdamW itself is nearly
+scale-invariant). bf16-mixed runs must learn.
 """
 
 from __future__ import annotations
@@ -101,6 +102,9 @@ def test_layout_matches_single_process(
     assert result["losses"] == pytest.approx(expected["losses"], rel=1e-4)
     assert result["grad_norms"] == pytest.approx(expected["grad_norms"], rel=1e-4)
     assert result["losses"][-1] < result["losses"][0]
+    # Forward-only validation of the trained model: the same sum over the same tokens.
+    assert result["eval_tokens"] == expected["eval_tokens"] == 8 * 32
+    assert result["eval_loss_sum"] == pytest.approx(expected["eval_loss_sum"], rel=1e-4)
 
 
 @pytest.mark.slow

@@ -104,6 +104,11 @@ BAD_INPUTS = [
         "spec.parallelism.tensor: 3 does not divide",
     ),
     ("lr-order", _tiny_with(spec__optimizer__minLr=0.5), "minLr (0.5) must not exceed lr"),
+    (
+        "validation-batches",
+        _tiny_with(spec__validation__sequences=12),
+        "validation.sequences (12) must be a multiple of batch.globalBatchSize (16)",
+    ),
     ("empty", "", "expected a mapping"),
 ]
 

@@ -948,10 +948,11 @@ def test_progress_is_copied_with_an_eta_from_the_step_rate() -> None:
     w.observed = replace(
         w.observed,
         progress=progress(100, t, loss=2.5, tokens_per_second=4096.0, mfu=0.31,
-                          last_checkpoint_step=100),
+                          last_checkpoint_step=100, validation_loss=2.75),
     )  # fmt: skip
     d = w.step(0)
     st = d.status
+    assert st.validation_loss == 2.75
     assert (st.step, st.loss, st.tokens_per_second, st.mfu, st.last_checkpoint_step) == (
         100,
         2.5,
@@ -969,6 +970,7 @@ def test_progress_is_copied_with_an_eta_from_the_step_rate() -> None:
     assert d.status.eta_seconds == pytest.approx(890 / 0.1)
     assert d.status.last_progress_time == "2025-03-01T12:01:50Z"
     assert d.status.loss == 2.4 and d.status.last_checkpoint_step == 100
+    assert d.status.validation_loss == 2.75  # kept until the next evaluation
     assert d.events == []  # same checkpoint: no second event
 
 

@@ -254,11 +254,13 @@ def test_torch_compile_step_fills_the_cache_that_training_reuses(
     tmp_path: Path, data: Path
 ) -> None:
     """With compile.torchCompile the compile step is real work: Inductor compiles the blocks
-    into compile.cacheDir, and the training process then loads every graph from there."""
+    into compile.cacheDir, and the training process then loads every graph from there, the
+    forward-only ones of validation included."""
     cache = tmp_path / "compile-cache"
     wire = tiny_config(
         data, tmp_path / "ckpt", maxSteps=3,
         compile={"cacheDir": str(cache), "torchCompile": True},
+        validation={"sequences": 8, "everySteps": 2},
     )
     cfg_path = write_config(tmp_path / "cfg.yaml", wire)
 
@@ -267,19 +269,21 @@ def test_torch_compile_step_fills_the_cache_that_training_reuses(
     hits, misses = _compile_report(compiled.stdout)
     assert (hits, misses > 0) == (0, True), compiled.stdout
     assert any((cache / "inductor").rglob("*")), "nothing written under cacheDir/inductor"
+    assert "compile validation pass" in compiled.stdout
 
     trained = run_trainer("train", cfg_path, tmp_path, None, timeout=300)
     assert trained.returncode == 0, trained.stdout[-2000:] + trained.stderr[-2000:]
+    # Reported after the first step, then again after the first validation.
     assert _compile_report(trained.stdout) == (misses, 0), trained.stdout
     steps = [line for line in trained.stdout.splitlines() if line.startswith("step ")]
-    assert len(steps) == 3
+    assert len(steps) == 3 and "validation loss" in steps[1]
 
 
 def _compile_report(stdout: str) -> tuple[int, int]:
-    """(graphs from the cache, graphs compiled) from the trainer's torch.compile line."""
-    match = re.search(r"torch\.compile: (\d+) graph\(s\) from the cache, (\d+) compiled", stdout)
-    assert match, stdout[-2000:]
-    return int(match[1]), int(match[2])
+    """(graphs from the cache, graphs compiled) from the trainer's last torch.compile line."""
+    found = re.findall(r"torch\.compile: (\d+) graph\(s\) from the cache, (\d+) compiled", stdout)
+    assert found, stdout[-2000:]
+    return int(found[-1][0]), int(found[-1][1])
 
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
@@ -340,3 +344,41 @@ def test_chaos_settings_from_flags_or_environment() -> None:
     at_20 = {protocol.CHAOS_KILL_DURING_CHECKPOINT_ENV: "20"}
     assert chaos_from(None, None, at_20) == ChaosConfig(None, 20)
     assert chaos_from(None, 7, at_20) == ChaosConfig(None, 7)
+
+
+def test_validation_loss_is_the_saved_models_loss_on_the_held_out_rows(
+    tmp_path: Path, data: Path
+) -> None:
+    """2 ranks evaluate the held-out tail every 4 steps and at the end; the last figure is what
+    one process computes from the checkpoint of that step on the last 16 rows."""
+    import numpy as np
+    import torch
+    from llamajob_trainer.config import TrainerConfig
+    from llamajob_trainer.data import PackedDataset
+    from llamajob_trainer.hf import export_checkpoint, load_pretrained
+    from llamajob_trainer.model import Llama, loss_sum
+
+    wire = tiny_config(data, tmp_path / "ckpt", maxSteps=6, checkpoint={"everySteps": 6},
+                       validation={"sequences": 16, "everySteps": 4})
+    cfg = TrainerConfig.model_validate(wire)
+    jsonl = tmp_path / "steps.jsonl"
+    out = run_trainer("train", write_config(tmp_path / "cfg.yaml", wire), tmp_path, 2,
+                      "--log-jsonl", str(jsonl))
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    records = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    validation = {r["step"]: r["validation_loss"] for r in records if "validation_loss" in r}
+    assert sorted(validation) == [4, 6]
+    assert re.search(r"step 4/6 \|.*\| validation loss \d+\.\d{4}", out.stdout)
+
+    arch = cfg.model.architecture()
+    hf_dir = export_checkpoint(tmp_path / "ckpt", 6, arch, cfg.training_fingerprint(),
+                               tmp_path / "hf")
+    model = Llama(arch)
+    model.load_state_dict(load_pretrained(hf_dir, arch))
+    dataset = PackedDataset(data)
+    rows = torch.from_numpy(dataset.rows(np.arange(len(dataset) - 16, len(dataset))))
+    with torch.no_grad():
+        expected = loss_sum(model(rows[:, :-1]), rows[:, 1:]).item() / rows[:, 1:].numel()
+    assert validation[6] == pytest.approx(expected, rel=1e-5)
+    assert validation[4] != pytest.approx(expected, rel=1e-3)  # step 4's model was another

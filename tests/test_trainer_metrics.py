@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ from llamajob_trainer.metrics import (
     scrape_values,
     serve,
 )
+from prometheus_client import generate_latest
 from trainer_helpers import MODEL, free_port
 
 CATALOGUE = sorted(
@@ -39,7 +41,7 @@ RECORD = StepRecord(
 
 
 def test_registry_holds_exactly_the_protocol_catalogue() -> None:
-    assert len(CATALOGUE) == 12
+    assert len(CATALOGUE) == 13
     assert metric_names() == CATALOGUE
 
 
@@ -88,7 +90,23 @@ def test_log_line_and_jsonl(tmp_path: Path) -> None:
     assert len(records) == 2
     assert records[0]["loss"] == RECORD.loss  # exact float round trip
     assert set(records[0]) >= {"step", "loss", "lr", "grad_norm", "tokens_per_second", "mfu"}
+    assert "validation_loss" not in records[0] and "validation" not in line
     json.dumps(records)
+
+
+def test_validation_loss_in_line_record_and_gauge(tmp_path: Path) -> None:
+    registry, metrics = build_registry("job-a", "ns-b")
+    metrics.record_step(RECORD)
+    assert str(scrape_values(generate_latest(registry).decode())[protocol.VALIDATION_LOSS]) == "nan"
+    evaluated = replace(RECORD, validation_loss=2.5)
+    metrics.record_step(evaluated)
+    metrics.record_step(RECORD)  # a step without evaluation keeps the last figure
+    assert scrape_values(generate_latest(registry).decode())[protocol.VALIDATION_LOSS] == 2.5
+    assert evaluated.log_line().endswith(" | validation loss 2.5000")
+    log = JsonlLog(tmp_path / "steps.jsonl")
+    log.write(evaluated)
+    log.close()
+    assert read_jsonl(tmp_path / "steps.jsonl")[0]["validation_loss"] == 2.5
 
 
 def test_flops_per_token_counts_matmul_parameters() -> None:

@@ -170,6 +170,9 @@ class LlamaTrainingJobStatus(StatusModel):
     step: int | None = None
     max_steps: int | None = None
     loss: float | None = None
+    validation_loss: float | None = Field(
+        None, description="Loss on the held-out validation sequences at the last evaluation."
+    )
     tokens_per_second: float | None = None
     mfu: float | None = None
     last_checkpoint_step: int | None = None

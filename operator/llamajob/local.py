@@ -350,6 +350,8 @@ class LocalRunner:
             "final_step": last.get("step", status.step),
             "max_steps": status.max_steps or self.job.spec.total_steps(),
             "final_loss": last.get("loss", status.loss),
+            # Validation runs after the last step too, so its record holds the final figure.
+            "final_validation_loss": last.get("validation_loss", status.validation_loss),
             "restarts": status.restarts,
             "faults": [f.model_dump(mode="json") for f in status.faults],
             "wall_seconds": round(wall, 2),
@@ -398,6 +400,8 @@ class ConsoleUI:
 
     def _fields(self, s: LlamaTrainingJobStatus) -> str:
         parts = [f"loss {s.loss:.4f}" if s.loss is not None else "loss -"]
+        if s.validation_loss is not None:
+            parts.append(f"validation {s.validation_loss:.4f}")
         parts.append(f"{s.tokens_per_second:,.0f} tok/s" if s.tokens_per_second else "- tok/s")
         parts.append(f"MFU {s.mfu:.1%}" if s.mfu is not None else "MFU -")
         if s.eta_seconds is not None:
@@ -563,6 +567,8 @@ def print_summary(ui: ConsoleUI, summary: dict[str, Any]) -> None:
     loss = summary["final_loss"]
     c.print(f"  steps       {summary['final_step']}/{summary['max_steps']}")
     c.print(f"  final loss  {loss:.4f}" if loss is not None else "  final loss  -")
+    if (validation := summary.get("final_validation_loss")) is not None:
+        c.print(f"  validation  {validation:.4f}")
     c.print(f"  restarts    {summary['restarts']}")
     c.print(f"  wall time   {summary['wall_seconds']:.1f} s")
     kept = ", ".join(summary["checkpoints"]) or "none"

@@ -49,6 +49,7 @@ class Progress:
     last_checkpoint_step: int | None
     max_steps: int | None
     observed_at: datetime
+    validation_loss: float | None = None
 
 
 @dataclass(frozen=True)

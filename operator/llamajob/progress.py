@@ -23,6 +23,7 @@ _WANTED = {
     protocol.TRAIN_MFU,
     protocol.LAST_CHECKPOINT_STEP,
     protocol.TRAIN_MAX_STEPS,
+    protocol.VALIDATION_LOSS,
 }
 # A metrics page is a few kB; anything far larger is not the trainer.
 MAX_BODY_BYTES = 4 * 1024 * 1024
@@ -77,6 +78,7 @@ def parse_progress(
         last_checkpoint_step=integer(protocol.LAST_CHECKPOINT_STEP),
         max_steps=integer(protocol.TRAIN_MAX_STEPS),
         observed_at=now,
+        validation_loss=value(protocol.VALIDATION_LOSS),
     )
 
 

@@ -388,6 +388,8 @@ class _Pass:
                     st.eta_seconds = round(max(total - p.step, 0) / rate, 1)
         if p.loss is not None and math.isfinite(p.loss):
             st.loss = p.loss
+        if p.validation_loss is not None and math.isfinite(p.validation_loss):
+            st.validation_loss = p.validation_loss
         if p.tokens_per_second is not None:
             st.tokens_per_second = p.tokens_per_second
         if p.mfu is not None:

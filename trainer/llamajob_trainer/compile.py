@@ -5,7 +5,9 @@
   extracts the XLA graphs of those steps and compiles them in parallel into the cache on the
   shared file system. Needs Trainium and the Neuron SDK; it cannot run on CPU.
 - torch backend: one validation step (forward + backward of one optimizer step's
-  micro-batches), which fails fast on a layout or model that cannot run. With
+  micro-batches), which fails fast on a layout or model that cannot run.
+- either backend, with ``validation.sequences``: then one forward-only pass as validation runs
+  it, so its graphs are in the cache too. With
   ``compile.torchCompile`` that step also compiles the blocks into Inductor's cache under
   ``compile.cacheDir``, so the training pods load the kernels instead of compiling them.
 
@@ -70,6 +72,12 @@ def run_compile(
                 opt.zero_grad(set_to_none=True)
         if env.rank == 0:
             log(f"compile step {i + 1}/{steps}: loss {loss:.4f}")
+    if cfg.validation.sequences:
+        # Validation runs forward-only graphs, which the training steps above do not contain.
+        rows = [torch.randint(0, arch.vocab_size, shape, generator=gen) for _ in range(n_micro)]
+        loss_sum, tokens = pm.evaluate([(r[:, :-1], r[:, 1:]) for r in rows])
+        if env.rank == 0:
+            log(f"compile validation pass: loss {loss_sum / max(tokens, 1):.4f}")
     if env.rank == 0 and (report := pm.compile_report()):
         log(report)
     if not math.isfinite(loss):

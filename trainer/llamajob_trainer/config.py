@@ -182,6 +182,18 @@ class CheckpointSpec(SpecModel):
     )
 
 
+class ValidationSpec(SpecModel):
+    sequences: int = Field(
+        0,
+        ge=0,
+        description="Hold out the last N sequences of data.path for a validation loss (never "
+        "trained on); a multiple of batch.globalBatchSize. 0 turns validation off.",
+    )
+    every_steps: PositiveInt = Field(
+        50, description="Evaluate every N optimizer steps, and after the last step."
+    )
+
+
 class CompileSpec(SpecModel):
     enabled: bool = Field(True, description="Run the compile step before training.")
     cache_dir: str = Field(
@@ -222,12 +234,20 @@ class TrainingSpec(SpecModel):
         description="auto: neuron on Trainium instance types, torch elsewhere.",
     )
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)  # type: ignore[arg-type]
+    validation: ValidationSpec = Field(default_factory=ValidationSpec)  # type: ignore[arg-type]
     compile: CompileSpec = Field(default_factory=CompileSpec)  # type: ignore[arg-type]
 
     @model_validator(mode="after")
     def _length(self) -> TrainingSpec:
         if self.max_steps is None and self.max_tokens is None:
             self.max_steps = 100
+        held_out, gbs = self.validation.sequences, self.batch.global_batch_size
+        if held_out % gbs:
+            raise ValueError(
+                f"validation.sequences ({held_out}) must be a multiple of "
+                f"batch.globalBatchSize ({gbs}): validation runs whole global batches; "
+                f"use {max(gbs, held_out // gbs * gbs)}"
+            )
         return self
 
     def tokens_per_step(self) -> int:
@@ -253,6 +273,10 @@ class TrainingSpec(SpecModel):
             "activationCheckpointing": p.activation_checkpointing,
             "torchCompile": self.compile.torch_compile,
         }
+        if self.validation.sequences:
+            # The compile step then also runs the forward-only graphs; keys of jobs without
+            # validation stay what they were.
+            layout["validation"] = True
         return compile_key(
             arch=self.model.architecture().__dict__,
             layout=layout,

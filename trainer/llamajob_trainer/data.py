@@ -342,6 +342,7 @@ def check_compatible(
     vocab_size: int,
     global_batch_size: int,
     tokenizer_identity: str | None,
+    held_out: int = 0,
 ) -> None:
     """Raise a clear error when a dataset cannot feed this job. Pure."""
     if int(meta["seq_length"]) != seq_length:
@@ -362,7 +363,13 @@ def check_compatible(
             f"prepared with ({meta['tokenizer']['identity']}); rerun llamajob prepare-data "
             "with this tokenizer or point model.tokenizer at the original one"
         )
-    if int(meta["num_sequences"]) < global_batch_size:
+    if int(meta["num_sequences"]) < global_batch_size + held_out:
+        if held_out:
+            raise DataError(
+                f"the dataset holds {meta['num_sequences']} sequences: validation.sequences "
+                f"({held_out}) leaves fewer than one global batch ({global_batch_size}) to "
+                "train on; lower validation.sequences or add data"
+            )
         raise DataError(
             f"the dataset holds {meta['num_sequences']} sequences, fewer than one global batch "
             f"({global_batch_size}); add data or lower batch.globalBatchSize"
@@ -437,8 +444,11 @@ class BatchSource:
         dp_rank: int,
         dp_size: int,
         state: DataState | None = None,
+        held_out: int = 0,
     ) -> None:
         self.dataset = dataset
+        # The last `held_out` rows are the validation set: the order never reaches them.
+        self.num_sequences = len(dataset) - held_out
         self.seed = seed
         self.global_batch_size = global_batch_size
         self.micro_batch_size = micro_batch_size
@@ -451,7 +461,7 @@ class BatchSource:
     def next_micro_batches(self) -> list[np.ndarray]:
         """Rows (each seq_length + 1 tokens) per micro-batch; advances the state."""
         indices = global_batch_indices(
-            len(self.dataset), self.seed, self.state.consumed_samples, self.global_batch_size
+            self.num_sequences, self.seed, self.state.consumed_samples, self.global_batch_size
         )
         self.state.consumed_samples += self.global_batch_size
         return [
@@ -460,3 +470,22 @@ class BatchSource:
                 indices, self.dp_rank, self.dp_size, self.micro_batch_size
             )
         ]
+
+
+def validation_rounds(
+    num_sequences: int,
+    held_out: int,
+    global_batch_size: int,
+    dp_rank: int,
+    dp_size: int,
+    micro_batch_size: int,
+) -> list[list[np.ndarray]]:
+    """Row indices of the validation set (the last `held_out` rows, in order), as global
+    batches, each as this data-parallel rank's micro-batches. Pure."""
+    first = num_sequences - held_out
+    return [
+        rank_micro_batches(
+            np.arange(start, start + global_batch_size), dp_rank, dp_size, micro_batch_size
+        )
+        for start in range(first, num_sequences, global_batch_size)
+    ]

@@ -62,6 +62,10 @@ class TrainerMetrics:
         self.grad_norm = gauge(protocol.TRAIN_GRAD_NORM, "Global gradient norm before clipping.")
         self.learning_rate = gauge(protocol.TRAIN_LEARNING_RATE, "Learning rate of the last step.")
         self.max_steps = gauge(protocol.TRAIN_MAX_STEPS, "Optimizer steps the job will run.")
+        self.validation_loss = gauge(
+            protocol.VALIDATION_LOSS,
+            "Mean token loss on the held-out validation sequences at the last evaluation.",
+        )
         self.last_checkpoint_step = gauge(
             protocol.LAST_CHECKPOINT_STEP, "Step of the newest complete checkpoint."
         )
@@ -86,6 +90,8 @@ class TrainerMetrics:
         self.samples_per_second.set(record.samples_per_second)
         self.mfu.set(record.mfu)
         self.step_seconds.observe(record.step_seconds)
+        if record.validation_loss is not None:
+            self.validation_loss.set(record.validation_loss)
 
 
 def build_registry(job: str, namespace: str) -> tuple[CollectorRegistry, TrainerMetrics]:
@@ -121,17 +127,22 @@ class StepRecord:
     mfu: float
     step_seconds: float
     consumed_samples: int
+    validation_loss: float | None = None  # set on the steps that evaluate
 
     def log_line(self) -> str:
-        return (
+        line = (
             f"step {self.step}/{self.max_steps} | loss {self.loss:.4f} | lr {self.lr:.3e} | "
             f"grad norm {self.grad_norm:.3f} | {self.tokens_per_second:,.0f} tok/s | "
             f"MFU {self.mfu * 100:.2f}% | {self.step_seconds:.3f} s/step"
         )
+        if self.validation_loss is not None:
+            line += f" | validation loss {self.validation_loss:.4f}"
+        return line
 
     def json_line(self) -> str:
         # Floats are written with repr precision, so equal losses compare equal after a reload.
-        return json.dumps(asdict(self), sort_keys=True)
+        fields = {k: v for k, v in asdict(self).items() if v is not None}
+        return json.dumps(fields, sort_keys=True)
 
 
 class JsonlLog:

@@ -1,8 +1,14 @@
 """The training loop of one rank (`llamajob train --config FILE`, started by torchrun).
 
 Per step: the data-parallel rank's micro-batches -> `forward_backward` (gradient accumulation,
-global mean loss) -> clip -> AdamW step -> learning-rate schedule -> log/metrics -> checkpoint
-every `checkpoint.everySteps` steps and at the end -> fault injection hook.
+global mean loss) -> clip -> AdamW step -> learning-rate schedule -> validation loss every
+`validation.everySteps` steps (when `validation.sequences` holds sequences out) -> log/metrics ->
+checkpoint every `checkpoint.everySteps` steps and at the end -> fault injection hook.
+
+Validation. The last `validation.sequences` rows of the dataset are never trained on; each
+evaluation runs all of them forward only (no gradients, no RNG, no data position), so it changes
+nothing in training and a resumed run evaluates the same rows. The reported figure is the mean
+token loss over them; it is logged, written to the JSONL record and exported as a metric.
 
 Resume and determinism. A resumed run restores parameters, optimizer moments, the step (the
 learning rate is a pure function of it), the data position (consumed samples) and every rank's
@@ -15,8 +21,9 @@ of these hold (tests/test_train_resume.py checks it):
   process when it starts several) and the same hardware;
 - the CPU torch backend (gloo reductions and CPU kernels are deterministic); GPU runs would also
   need `torch.use_deterministic_algorithms(True)`, which this trainer does not set;
-- the same training config, maxSteps included (it shapes the learning-rate decay); checkpoint,
-  metrics and logging settings may differ. The fingerprint refuses a different model.
+- the same training config, maxSteps and validation.sequences included (they shape the
+  learning-rate decay and which rows are trained on); checkpoint, metrics and logging settings
+  and validation.everySteps may differ. The fingerprint refuses a different model.
 Model initialisation depends only on the seed (per-parameter generators), never on the layout.
 
 Termination. With `checkpoint.saveOnTerminate` (the default) SIGTERM does not kill a rank
@@ -46,7 +53,14 @@ from . import metrics as m
 from .chaos import Chaos, ChaosConfig
 from .checkpoint import CheckpointManager
 from .config import OptimizerSpec, TrainerConfig
-from .data import BatchSource, DataState, PackedDataset, check_compatible, read_metadata
+from .data import (
+    BatchSource,
+    DataState,
+    PackedDataset,
+    check_compatible,
+    read_metadata,
+    validation_rounds,
+)
 from .errors import ConfigError
 from .presets import Architecture
 from .tokenizer import load_tokenizer
@@ -144,7 +158,8 @@ def to_batch(rows: np.ndarray) -> tuple[Tensor, Tensor]:
     return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
 
 
-def is_checkpoint_step(step: int, every: int, max_steps: int) -> bool:
+def is_due(step: int, every: int, max_steps: int) -> bool:
+    """Checkpoints and validation: every `every` steps, and after the last one."""
     return step % every == 0 or step == max_steps
 
 
@@ -161,6 +176,7 @@ def open_dataset(cfg: TrainerConfig) -> PackedDataset:
         vocab_size=arch.vocab_size,
         global_batch_size=cfg.batch.global_batch_size,
         tokenizer_identity=identity,
+        held_out=cfg.validation.sequences,
     )
     if cfg.data.seq_length > arch.max_position_embeddings:
         raise ConfigError(
@@ -306,7 +322,20 @@ def _loop(
         dp_rank=pm.dp_rank,
         dp_size=pm.dp_size,
         state=data_state,
+        held_out=cfg.validation.sequences,
     )
+    validation = validation_rounds(
+        len(dataset), cfg.validation.sequences, cfg.batch.global_batch_size,
+        pm.dp_rank, pm.dp_size, cfg.batch.micro_batch_size,
+    )
+
+    def validate() -> float:
+        """Mean token loss over the held-out sequences (the same on every rank)."""
+        loss_sum, tokens = 0.0, 0
+        for micro in validation:
+            batch_sum, batch_tokens = pm.evaluate([to_batch(dataset.rows(mb)) for mb in micro])
+            loss_sum, tokens = loss_sum + batch_sum, tokens + batch_tokens
+        return loss_sum / max(tokens, 1)
     tokens_per_step = cfg.tokens_per_step()
     fpt = m.flops_per_token(arch, cfg.data.seq_length)
     peak = 0.0
@@ -347,7 +376,7 @@ def _loop(
         if at is not None and rank0.metrics:
             rank0.metrics.last_checkpoint_step.set(at)
 
-    first_step = step
+    first_step, validated = step, False
     while step < max_steps:
         started = time.perf_counter()
         lr = lr_at(step, spec, max_steps)
@@ -361,6 +390,12 @@ def _loop(
         seconds = time.perf_counter() - started
         if step == first_step + 1 and (report := pm.compile_report()):
             log(report)
+        validation_loss = None
+        if validation and is_due(step, cfg.validation.every_steps, max_steps):
+            first_validation = not validated
+            validation_loss, validated = validate(), True
+            if first_validation and (report := pm.compile_report()):
+                log(report)  # forward-only graphs now loaded too
         if rank0.active:
             tps = tokens_per_step / seconds
             record = m.StepRecord(
@@ -374,12 +409,13 @@ def _loop(
                 mfu=m.mfu(tps, fpt, peak),
                 step_seconds=seconds,
                 consumed_samples=source.state.consumed_samples,
+                validation_loss=validation_loss,
             )
             log(record.log_line())
             rank0.jsonl.write(record)
             if rank0.metrics:
                 rank0.metrics.record_step(record)
-        saved = is_checkpoint_step(step, cfg.checkpoint.every_steps, max_steps)
+        saved = is_due(step, cfg.checkpoint.every_steps, max_steps)
         if saved:
             save(step)
         elif cfg.checkpoint.async_save:

@@ -38,6 +38,12 @@ class ParallelModel(ABC):
         """
 
     @abstractmethod
+    def evaluate(self, micro_batches: list[tuple[Tensor, Tensor]]) -> tuple[float, int]:
+        """Forward only, without gradients, over one global batch (this DP rank's
+        micro-batches, as for ``forward_backward``). Returns the summed token cross-entropy and
+        the number of tokens over the whole global batch, the same on all ranks."""
+
+    @abstractmethod
     def clip_grad_norm(self, max_norm: float) -> float:
         """Global gradient norm across all ranks; scales gradients to ``max_norm`` if it is
         exceeded. ``max_norm <= 0`` only computes the norm."""

@@ -382,6 +382,29 @@ class NeuronParallelModel(ParallelModel):
         mean = xm.all_reduce(xm.REDUCE_SUM, total / (n * self.dp_size), groups=self._dp_groups)
         return float(mean.item())
 
+    @torch.no_grad()
+    def evaluate(self, micro_batches: list[tuple[Tensor, Tensor]]) -> tuple[float, int]:
+        """The model's loss is a per-micro-batch mean; packed sequences have no ignored labels,
+        so every micro-batch counts the same tokens and mean x tokens is the exact sum."""
+        import torch_xla.core.xla_model as xm
+
+        device = self.env.device
+        n = len(micro_batches)
+        tokens = sum(int((y != IGNORE_INDEX).sum()) for _, y in micro_batches) * self.dp_size
+        if self.pp_size > 1:
+            inputs = torch.cat([x for x, _ in micro_batches]).to(device)
+            labels = torch.cat([y for _, y in micro_batches]).to(device)
+            with self._autocast():
+                mean = float(self.model.run_eval(input_ids=inputs, labels=labels))
+            return mean * tokens, tokens
+        total = torch.zeros((), device=device)
+        for x, y in micro_batches:
+            with self._autocast():
+                (loss,) = self.model(input_ids=x.to(device), labels=y.to(device))
+            total += loss
+        mean = xm.all_reduce(xm.REDUCE_SUM, total / (n * self.dp_size), groups=self._dp_groups)
+        return float(mean.item()) * tokens, tokens
+
     def any_rank(self, flag: bool) -> bool:
         import torch_xla.core.xla_model as xm
 

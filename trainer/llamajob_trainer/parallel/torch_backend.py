@@ -225,24 +225,51 @@ class TorchParallelModel(ParallelModel):
 
     # --- the training step ------------------------------------------------------------------
     def forward_backward(self, micro_batches: list[tuple[Tensor, Tensor]]) -> float:
-        if not micro_batches:
-            raise ValueError("forward_backward needs at least one micro-batch")
-        device = self.env.device
-        batches = [(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
-                   for x, y in micro_batches]
-        tokens = torch.stack([(y != IGNORE_INDEX).sum() for _, y in batches]).sum()
-        if self.dp_size > 1:
-            dist.all_reduce(tokens, group=self._dp_group)
+        batches, tokens = self._prepare(micro_batches)
         tokens = tokens.clamp_min(1).to(torch.float32)
         # Gradients of sum(CE) / global tokens; DDP/FSDP divide by dp, so pre-multiply.
         self._loss_scale = self._averaging_dp / tokens
         run = self._run_pipeline if self.pp_size > 1 else self._run_plain
         local_sum = run(batches)
         self._finish_gradients()
+        return float((self._global_loss_sum(local_sum) / tokens).item())
+
+    @torch.no_grad()
+    def evaluate(self, micro_batches: list[tuple[Tensor, Tensor]]) -> tuple[float, int]:
+        batches, tokens = self._prepare(micro_batches)
+        if self.pp_size > 1:
+            self._loss_scale = torch.ones((), device=self.env.device)  # plain sums
+            local_sum = self._run_pipeline(batches, backward=False)
+        else:
+            # The bare module: DDP's wrapper has nothing to do without gradients.
+            model = self.model_parts[0]
+            local_sum = torch.zeros((), dtype=torch.float32, device=self.env.device)
+            with self._autocast(), self._loss_parallel():
+                for x, y in batches:
+                    local_sum += _local(loss_sum(model(x), y))
+        return float(self._global_loss_sum(local_sum).item()), int(tokens.item())
+
+    def _prepare(
+        self, micro_batches: list[tuple[Tensor, Tensor]]
+    ) -> tuple[list[tuple[Tensor, Tensor]], Tensor]:
+        """Micro-batches on the device, and the token count of the global batch."""
+        if not micro_batches:
+            raise ValueError("a step needs at least one micro-batch")
+        device = self.env.device
+        batches = [(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+                   for x, y in micro_batches]
+        tokens = torch.stack([(y != IGNORE_INDEX).sum() for _, y in batches]).sum()
+        if self.dp_size > 1:
+            dist.all_reduce(tokens, group=self._dp_group)
+        return batches, tokens
+
+    def _global_loss_sum(self, local_sum: Tensor) -> Tensor:
+        """Sum over data parallel of the loss sums, counted once per model replica (the last
+        stage's first tensor-parallel rank holds it); the same on every rank."""
         total = local_sum if self._reports_loss else torch.zeros_like(local_sum)
         if self.env.world_size > 1:
             dist.all_reduce(total)
-        return float((total / tokens).item())
+        return total
 
     def _run_plain(self, batches: list[tuple[Tensor, Tensor]]) -> Tensor:
         runner, model = self._runners[0], self.model_parts[0]
@@ -256,8 +283,9 @@ class TorchParallelModel(ParallelModel):
             acc += _local(raw.detach())
         return acc
 
-    def _run_pipeline(self, batches: list[tuple[Tensor, Tensor]]) -> Tensor:
+    def _run_pipeline(self, batches: list[tuple[Tensor, Tensor]], backward: bool = True) -> Tensor:
         schedule = self._schedule(len(batches))
+        run = schedule.step if backward else schedule.eval  # type: ignore[attr-defined]
         inputs = torch.cat([x for x, _ in batches])
         targets = torch.cat([y for _, y in batches])
         has_first = 0 in self.stage_ids
@@ -265,7 +293,7 @@ class TorchParallelModel(ParallelModel):
         losses: list[Tensor] = []
         with self._autocast(), self._loss_parallel():
             args = (inputs,) if has_first else ()
-            schedule.step(  # type: ignore[attr-defined]
+            run(
                 *args,
                 target=targets if has_last else None,
                 losses=losses if has_last else None,
