@@ -96,6 +96,15 @@ def test_dataset_does_not_fit_the_model(
     assert_permanent(run(tmp_path, cfg), protocol.EXIT_CONFIG, term, capsys, needle)
 
 
+def test_validation_that_leaves_nothing_to_train_on(
+    tmp_path: Path, data: Path, term: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = tiny_config(data, tmp_path / "ckpt", validation={"sequences": 800_000})
+    assert_permanent(run(tmp_path, cfg), protocol.EXIT_DATA, term, capsys,
+                     "validation.sequences (800000) leaves fewer than one global batch (8)",
+                     "lower validation.sequences")
+
+
 def test_invalid_config_and_usage(
     tmp_path: Path, data: Path, term: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -158,6 +158,34 @@ def to_batch(rows: np.ndarray) -> tuple[Tensor, Tensor]:
     return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
 
 
+class Validation:
+    """The held-out tail of the dataset (`validation.sequences` rows), evaluated as whole
+    global batches, each data-parallel rank taking its share as in training."""
+
+    def __init__(self, cfg: TrainerConfig, dataset: PackedDataset, pm: ParallelModel) -> None:
+        self.every = cfg.validation.every_steps
+        self.dataset = dataset
+        self.pm = pm
+        self.rounds = validation_rounds(
+            len(dataset), cfg.validation.sequences, cfg.batch.global_batch_size,
+            pm.dp_rank, pm.dp_size, cfg.batch.micro_batch_size,
+        )
+        self.runs = 0
+
+    def due(self, step: int, max_steps: int) -> bool:
+        return bool(self.rounds) and is_due(step, self.every, max_steps)
+
+    def loss(self) -> float:
+        """Mean token loss over the held-out rows, the same on every rank."""
+        loss_sum, tokens = 0.0, 0
+        for micro in self.rounds:
+            batch = [to_batch(self.dataset.rows(indices)) for indices in micro]
+            batch_sum, batch_tokens = self.pm.evaluate(batch)
+            loss_sum, tokens = loss_sum + batch_sum, tokens + batch_tokens
+        self.runs += 1
+        return loss_sum / max(tokens, 1)
+
+
 def is_due(step: int, every: int, max_steps: int) -> bool:
     """Checkpoints and validation: every `every` steps, and after the last one."""
     return step % every == 0 or step == max_steps
@@ -324,18 +352,7 @@ def _loop(
         state=data_state,
         held_out=cfg.validation.sequences,
     )
-    validation = validation_rounds(
-        len(dataset), cfg.validation.sequences, cfg.batch.global_batch_size,
-        pm.dp_rank, pm.dp_size, cfg.batch.micro_batch_size,
-    )
-
-    def validate() -> float:
-        """Mean token loss over the held-out sequences (the same on every rank)."""
-        loss_sum, tokens = 0.0, 0
-        for micro in validation:
-            batch_sum, batch_tokens = pm.evaluate([to_batch(dataset.rows(mb)) for mb in micro])
-            loss_sum, tokens = loss_sum + batch_sum, tokens + batch_tokens
-        return loss_sum / max(tokens, 1)
+    validation = Validation(cfg, dataset, pm)
     tokens_per_step = cfg.tokens_per_step()
     fpt = m.flops_per_token(arch, cfg.data.seq_length)
     peak = 0.0
@@ -376,7 +393,7 @@ def _loop(
         if at is not None and rank0.metrics:
             rank0.metrics.last_checkpoint_step.set(at)
 
-    first_step, validated = step, False
+    first_step = step
     while step < max_steps:
         started = time.perf_counter()
         lr = lr_at(step, spec, max_steps)
@@ -391,9 +408,9 @@ def _loop(
         if step == first_step + 1 and (report := pm.compile_report()):
             log(report)
         validation_loss = None
-        if validation and is_due(step, cfg.validation.every_steps, max_steps):
-            first_validation = not validated
-            validation_loss, validated = validate(), True
+        if validation.due(step, max_steps):
+            first_validation = validation.runs == 0
+            validation_loss = validation.loss()
             if first_validation and (report := pm.compile_report()):
                 log(report)  # forward-only graphs now loaded too
         if rank0.active:
