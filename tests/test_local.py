@@ -34,10 +34,11 @@ STEPS = 40
 EVERY = 10
 
 
-def _job_yaml(tmp: Path, data_dir: Path, name: str = "t") -> Path:
+def _job_yaml(tmp: Path, data_dir: Path, name: str = "t", process_restarts: int = 0) -> Path:
     obj = yaml.safe_load((ROOT / "examples" / "tiny.yaml").read_text())
     obj["metadata"]["name"] = name
     spec = obj["spec"]
+    spec["restartPolicy"]["processRestarts"] = process_restarts
     spec["maxSteps"] = STEPS
     spec["data"]["path"] = str(data_dir)
     spec["checkpoint"].update(dir=str(tmp / "ckpt"), everySteps=EVERY, keep=2)
@@ -138,6 +139,22 @@ def test_kill_at_step_resumes_to_the_same_loss(
     # Attempt 2 resumed from step 20 (the newest complete checkpoint), not from scratch.
     second = (tmp_path / "run" / "attempt-2" / "train.log").read_text()
     assert "resumed from step_20 " in second, second[-3000:]
+
+
+def test_process_restart_in_place_needs_no_new_attempt(
+    tmp_path: Path, dataset: Path, baseline: dict[str, Any]
+) -> None:
+    job = _job_yaml(tmp_path, dataset, process_restarts=1)
+    summary, out = _run(tmp_path, job, "--chaos-kill-at-step", "25")
+    assert summary["phase"] == "Succeeded", out
+    assert summary["restarts"] == 0 and summary["faults"] == []  # torchrun handled it
+    assert summary["final_loss"] == baseline["summary"]["final_loss"]
+    assert _losses(tmp_path) == baseline["losses"]
+    log = (tmp_path / "run" / "attempt-1" / "train.log").read_text()
+    assert "chaos: injecting killAtStep (25)" in log
+    assert "torchrun restarted the processes in place (1 time(s) in this attempt)" in log
+    assert "resumed from step_20 " in log, log[-3000:]
+    assert not (tmp_path / "run" / "attempt-2").exists()
 
 
 def test_kill_during_checkpoint_write_resumes_from_a_complete_checkpoint(

@@ -30,9 +30,10 @@ from trainer_helpers import free_port, prepare_pydoc
 NODES = 2
 
 
-def two_node_job(tmp: Path) -> Any:
+def two_node_job(tmp: Path, process_restarts: int = 0) -> Any:
     obj = yaml.safe_load((ROOT / "examples" / "tiny.yaml").read_text())
     spec = obj["spec"]
+    spec["restartPolicy"]["processRestarts"] = process_restarts
     spec["cluster"].update(nodes=NODES, processesPerNode=1)
     spec["data"].update(path=str(prepare_pydoc(tmp / "data", spec["data"]["seqLength"])))
     spec["checkpoint"].update(dir=str(tmp / "checkpoints"), everySteps=10)
@@ -42,14 +43,20 @@ def two_node_job(tmp: Path) -> Any:
 
 
 def pod_process(
-    pod: dict[str, Any], config: Path, master_port: int, tmp: Path
+    pod: dict[str, Any], config: Path, master_port: int, tmp: Path, rank: int,
+    extra_env: dict[str, str] | None = None,
 ) -> subprocess.Popen[str]:
+    """Pod `rank`'s DNS name is 127.0.0.{rank + 1}: all of 127/8 is this machine's loopback."""
     container = pod["spec"]["containers"][0]
     argv = list(container["command"])
     assert argv[0] == "torchrun"
     argv[:1] = [sys.executable, "-m", "torch.distributed.run"]
-    argv[argv.index("--master_addr") + 1] = "127.0.0.1"
-    argv[argv.index("--master_port") + 1] = str(master_port)
+    if "--master_addr" in argv:  # static rendezvous
+        argv[argv.index("--master_addr") + 1] = "127.0.0.1"
+        argv[argv.index("--master_port") + 1] = str(master_port)
+    else:  # c10d: pod 0 hosts the rendezvous; each pod names itself by its address
+        argv[argv.index("--rdzv-endpoint") + 1] = f"127.0.0.1:{master_port}"
+        argv[argv.index("--local-addr") + 1] = f"127.0.0.{rank + 1}"
     argv[argv.index("--config") + 1] = str(config)
     name = pod["metadata"]["name"]
     env = dict(os.environ)
@@ -63,20 +70,28 @@ def pod_process(
     )
     for chaos in (protocol.CHAOS_KILL_AT_STEP_ENV, protocol.CHAOS_KILL_DURING_CHECKPOINT_ENV):
         env.pop(chaos, None)
+    env.update(extra_env or {})
     log = (tmp / f"{name}.log").open("w")
     return subprocess.Popen(argv, env=env, cwd=tmp, stdout=log, stderr=subprocess.STDOUT,
                             text=True)
 
 
 def run_gang(
-    job: Any, role: str, config: Path, tmp: Path, *, while_running: Any = None
+    job: Any, role: str, config: Path, tmp: Path, *, while_running: Any = None,
+    env: dict[int, dict[str, str]] | None = None, last_pod_first: bool = False,
 ) -> list[str]:
-    """Start every pod of the gang, wait for all; returns their logs."""
+    """Start every pod of the gang (`env`: extra environment by pod index), wait for all;
+    returns their logs."""
     plan = make_plan(job.spec)
     port = free_port()
     tmp.mkdir(parents=True, exist_ok=True)
     pods = [render.render_pod(job, plan, role, 1, rank) for rank in range(plan.pods)]
-    procs = [pod_process(pod, config, port, tmp) for pod in pods]
+    order = range(plan.pods - 1, -1, -1) if last_pod_first else range(plan.pods)
+    started = {
+        rank: pod_process(pods[rank], config, port, tmp, rank, (env or {}).get(rank))
+        for rank in order
+    }
+    procs = [started[rank] for rank in range(plan.pods)]
     try:
         if while_running is not None:
             while_running(procs)
@@ -137,3 +152,32 @@ def test_rendered_two_node_gang_compiles_trains_and_serves_metrics_from_pod_0(
     done = [p.name for p in sorted((tmp_path / "checkpoints").iterdir())
             if (p / protocol.CHECKPOINT_DONE_MARKER).is_file()]
     assert done == ["step_20", "step_30"]  # keep: 2
+
+
+def test_process_restarts_resume_in_place_with_rank_0_on_pod_0(tmp_path: Path) -> None:
+    """restartPolicy.processRestarts: the rendered c10d command restarts both pods' processes
+    in place after rank 0 is killed at step 12; they resume from step_10 without a new gang.
+    Pod 1 starts first, so node ranks come from the addresses, not from who joined first."""
+    job = two_node_job(tmp_path, process_restarts=1)
+    plan = make_plan(job.spec)
+    wire = yaml.safe_load(render.render_configmap(job, plan)["data"][render.CONFIG_KEY])
+    wire["metricsPort"] = 0
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(wire, sort_keys=False))
+
+    kill = {0: {protocol.CHAOS_KILL_AT_STEP_ENV: "12"}}
+    pod0, pod1 = run_gang(job, render.ROLE_TRAIN, config, tmp_path / "train", env=kill,
+                          last_pod_first=True)
+    assert "chaos: injecting killAtStep (12)" in pod0
+    assert "torchrun restarted the processes in place (1 time(s) in this attempt)" in pod0
+    assert "resumed from step_10" in pod0 and "done: 30 steps" in pod0
+    assert "step 1/30" not in pod1  # rank 0, the one that logs steps, stayed on pod 0
+    # Steps 11 and 12 ran twice, before the kill and after the resume: the same losses.
+    losses: dict[int, set[str]] = {}
+    for line in pod0.splitlines():
+        if line.startswith("step ") and "/30 | loss " in line:
+            step = int(line.split()[1].split("/")[0])
+            losses.setdefault(step, set()).add(line.split(" | ")[1])
+    assert sorted(losses) == list(range(1, 31))
+    assert all(len(seen) == 1 for seen in losses.values()), losses
+    assert sum(line.startswith("step 11/30 ") for line in pod0.splitlines()) == 2

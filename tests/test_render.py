@@ -619,3 +619,59 @@ def test_llamajob_render_console_script(llamajob_bin: str) -> None:
         "tiny-train-a1-0",
     ]
     assert load_job(ROOT / "examples" / "tiny.yaml").metadata.name == "tiny"
+
+
+def test_process_restarts_use_c10d_with_addresses_that_sort_by_rank() -> None:
+    obj = yaml.safe_load((ROOT / "examples" / "llama3-70b.yaml").read_text())
+    # Long enough that pod names are shortened, by one character more from rank 10 on.
+    name = "llama3-70b-continued-pretraining-on-the-support-corpus"
+    obj["metadata"].update(name=name, namespace="training", uid=UID)
+    obj["spec"]["restartPolicy"]["processRestarts"] = 2
+    job = parse_job(obj)
+    plan = make_plan(job.spec)
+    gang = render.render_gang(job, plan, render.ROLE_TRAIN, 3)
+    assert len(gang) == 16
+    names = [pod["metadata"]["name"] for pod in gang]
+    assert sorted(names) != names  # why c10d cannot be given the pod names
+    addresses = [container(p)["command"][container(p)["command"].index("--local-addr") + 1]
+                 for p in gang]
+    # c10d numbers the nodes in the sorted order of their addresses: node rank = pod index.
+    assert sorted(addresses) == addresses and len(set(addresses)) == 16
+    service = render.service_name(name)
+    for rank, pod in enumerate(gang):
+        spec = pod["spec"]
+        assert spec["hostname"] == f"train-a3-n{rank:04d}" and spec["subdomain"] == service
+        assert addresses[rank] == f"{spec['hostname']}.{service}.training.svc"
+        assert container(pod)["command"] == [
+            "torchrun",
+            "--nnodes", "16",
+            "--nproc_per_node", "32",
+            "--rdzv-backend", "c10d",
+            "--rdzv-endpoint", f"{addresses[0]}:29500",
+            "--rdzv-id", f"{service}-train-a3",
+            "--rdzv-conf", f"is_host={int(rank == 0)},join_timeout=1800,read_timeout=1800",
+            "--local-addr", addresses[rank],
+            "--max-restarts", "2",
+            "-m", "llamajob.cli", "train", "--config", "/etc/llamajob/config.yaml",
+        ]  # fmt: skip
+        assert env_of(pod)["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"]["value"] == "1"
+        valid_k8s(pod)
+    # The compile gang keeps the static rendezvous and the pod names as hostnames.
+    compile_pod = render.render_pod(job, plan, render.ROLE_COMPILE, 1, 3)
+    assert "--node_rank" in container(compile_pod)["command"]
+    assert compile_pod["spec"]["hostname"] == compile_pod["metadata"]["name"]
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE" not in env_of(compile_pod)
+
+
+def test_process_restarts_change_the_revision_only_when_set() -> None:
+    job = example("llama3-70b")
+    base = render.spec_revision(job)
+
+    def with_restarts(n: int) -> LlamaTrainingJob:
+        policy = job.spec.restart_policy.model_copy(update={"process_restarts": n})
+        spec = job.spec.model_copy(update={"restart_policy": policy})
+        return job.model_copy(update={"spec": spec})
+
+    assert render.spec_revision(with_restarts(0)) == base  # jobs without it keep their revision
+    revisions = {render.spec_revision(with_restarts(n)) for n in (1, 2)}
+    assert len(revisions) == 2 and base not in revisions

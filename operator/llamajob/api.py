@@ -118,6 +118,14 @@ class RestartPolicy(SpecModel):
         description="Later attempts prefer other nodes than those where a node-level fault was "
         "seen (used again only when nothing else fits).",
     )
+    process_restarts: int = Field(
+        0,
+        ge=0,
+        le=100,
+        description="torchrun restarts the training processes of a gang in place up to N times "
+        "(c10d rendezvous; they resume from the newest checkpoint) before a fault ends the "
+        "attempt. 0: every fault is a gang restart. Lost pods and nodes always are.",
+    )
 
 
 class LlamaTrainingJobSpec(TrainingSpec):

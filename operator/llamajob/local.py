@@ -241,6 +241,8 @@ class LocalRunner:
         term_path = attempt_dir / f"{role}.termination.json"
         term_path.unlink(missing_ok=True)
         command = "train" if role == "train" else "compile"
+        # One node, so the standalone rendezvous restarts in place as c10d does in a cluster.
+        restarts = self.job.spec.restart_policy.process_restarts if role == "train" else 0
         argv = [
             sys.executable,
             "-m",
@@ -249,7 +251,7 @@ class LocalRunner:
             "--nproc_per_node",
             str(self.plan.processes_per_node),
             "--max-restarts",
-            "0",
+            str(restarts),
             "-m",
             "llamajob.cli",
             command,

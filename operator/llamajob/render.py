@@ -53,6 +53,10 @@ CONFIG_DIR = "/etc/llamajob"
 CONFIG_KEY = "config.yaml"
 CONFIG_PATH = f"{CONFIG_DIR}/{CONFIG_KEY}"
 RENDEZVOUS_PORT = 29500
+# c10d rendezvous: how long nodes may join late (image pulls on a large gang take minutes) and
+# how long a store operation, the first connection to pod 0 included, may wait.
+RDZV_TIMEOUT = 1800
+DISABLE_SHARED_STORE_ENV = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
 METRICS_PORT = protocol.DEFAULT_METRICS_PORT
 # Reserved volume names: user volumes are DNS labels too, so ours carry a prefix no sane claim
 # mount would pick.
@@ -128,13 +132,40 @@ def spec_revision(job: LlamaTrainingJob) -> str:
     older one is restarted with it (see ``reconcile``).
     """
     payload = job.spec.model_dump(mode="json", exclude={"restart_policy"})
+    if job.spec.restart_policy.process_restarts:
+        # The exception: it changes the torchrun command. Absent when 0, so jobs that do not
+        # use it keep the revision they had.
+        payload["processRestarts"] = job.spec.restart_policy.process_restarts
     return _digest(json.dumps(payload, sort_keys=True), 10)
 
 
+def elastic(job: LlamaTrainingJob, role: str) -> bool:
+    """Training gangs with ``restartPolicy.processRestarts`` use torchrun's c10d rendezvous,
+    the one that can restart processes in place; everything else the static rendezvous."""
+    return role == ROLE_TRAIN and job.spec.restart_policy.process_restarts > 0
+
+
+def pod_hostname(job: LlamaTrainingJob, role: str, attempt: int, rank: int) -> str:
+    """The pod's name in the headless Service's DNS. Normally the pod name. For the c10d
+    rendezvous it is ``{role}-a{attempt}-n{rank}``, the rank zero-padded: c10d numbers the nodes
+    by sorting their addresses, and pod names do not sort by rank (``-10`` before ``-2``, and a
+    long job name is shortened by a different amount for a longer rank), while these do. That
+    keeps node rank = pod index, so rank 0, whose metrics the operator reads, is on pod 0."""
+    if elastic(job, role):
+        width = max(4, len(str(job.spec.cluster.nodes - 1)))
+        return f"{role}-a{attempt}-n{rank:0{width}d}"
+    return pod_name(job.metadata.name, role, attempt, rank)
+
+
+def pod_address(job: LlamaTrainingJob, role: str, attempt: int, rank: int) -> str:
+    """Stable DNS name of one pod of a gang, through the headless Service."""
+    host = pod_hostname(job, role, attempt, rank)
+    return f"{host}.{service_name(job.metadata.name)}.{job.metadata.namespace}.svc"
+
+
 def master_addr(job: LlamaTrainingJob, role: str, attempt: int) -> str:
-    """Stable DNS name of rank 0 of a gang, through the headless Service."""
-    name = job.metadata.name
-    return f"{pod_name(name, role, attempt, 0)}.{service_name(name)}.{job.metadata.namespace}.svc"
+    """Stable DNS name of rank 0 of a gang: the rendezvous."""
+    return pod_address(job, role, attempt, 0)
 
 
 def labels(
@@ -246,21 +277,42 @@ def command(
     job: LlamaTrainingJob,
     plan: Plan,
     role: str,
+    attempt: int,
     rank: int,
-    master: str,
     config_path: str = CONFIG_PATH,
 ) -> list[str]:
-    """torchrun with a static rendezvous at rank 0; compile on Neuron under neuron_parallel_compile
-    (it runs the script once to extract graphs, then compiles them in parallel into the cache)."""
+    """torchrun with its rendezvous at pod 0; compile on Neuron under neuron_parallel_compile
+    (it runs the script once to extract graphs, then compiles them in parallel into the cache).
+
+    Static rendezvous (``--node_rank``, no in-place restarts: after one, the restarted processes
+    read the previous round's addresses and never connect) unless ``elastic``: then c10d with
+    ``--max-restarts``, pod 0 hosting the rendezvous store, every pod naming itself by its
+    sortable address, and a fresh bootstrap store per round
+    (``TORCH_DISABLE_SHARE_RDZV_TCP_STORE``, in ``env``) so no round reads an older one's keys.
+    """
     if role not in ROLES:
         raise ValueError(f"unknown role {role!r}; expected one of {', '.join(ROLES)}")
+    master = master_addr(job, role, attempt)
+    rendezvous = [
+        "--node_rank", str(rank),
+        "--master_addr", master,
+        "--master_port", str(RENDEZVOUS_PORT),
+    ]  # fmt: skip
+    if elastic(job, role):
+        conf = f"is_host={int(rank == 0)},join_timeout={RDZV_TIMEOUT},read_timeout={RDZV_TIMEOUT}"
+        rendezvous = [
+            "--rdzv-backend", "c10d",
+            "--rdzv-endpoint", f"{master}:{RENDEZVOUS_PORT}",
+            "--rdzv-id", f"{service_name(job.metadata.name)}-{role}-a{attempt}",
+            "--rdzv-conf", conf,
+            "--local-addr", pod_address(job, role, attempt, rank),
+            "--max-restarts", str(job.spec.restart_policy.process_restarts),
+        ]  # fmt: skip
     argv = [
         "torchrun",
         "--nnodes", str(plan.nodes),
         "--nproc_per_node", str(plan.processes_per_node),
-        "--node_rank", str(rank),
-        "--master_addr", master,
-        "--master_port", str(RENDEZVOUS_PORT),
+        *rendezvous,
         "-m", "llamajob.cli", role, "--config", config_path,
     ]  # fmt: skip
     if role == ROLE_COMPILE and plan.backend == "neuron":
@@ -304,7 +356,7 @@ def shutdown_timeout(grace_seconds: int) -> int:
     return max(1, grace_seconds - 5)
 
 
-def env(job: LlamaTrainingJob, plan: Plan) -> list[dict[str, Any]]:
+def env(job: LlamaTrainingJob, plan: Plan, role: str) -> list[dict[str, Any]]:
     """Container environment. Secrets only by reference: their values never pass through the
     operator, so they cannot reach status, Events or logs."""
     spec, inst = job.spec, plan.instance
@@ -316,6 +368,8 @@ def env(job: LlamaTrainingJob, plan: Plan) -> list[dict[str, Any]]:
             "value": str(shutdown_timeout(spec.checkpoint.terminate_grace_seconds)),
         },
     ]
+    if elastic(job, role):
+        items.append({"name": DISABLE_SHARED_STORE_ENV, "value": "1"})
     if inst.trainium:
         cache = spec.compile.cache_dir
         items += [
@@ -457,8 +511,8 @@ def render_pod(
         "name": CONTAINER,
         "image": cluster.image,
         "imagePullPolicy": cluster.image_pull_policy,
-        "command": command(job, plan, role, rank, master_addr(job, role, attempt)),
-        "env": env(job, plan),
+        "command": command(job, plan, role, attempt, rank),
+        "env": env(job, plan, role),
         "ports": [
             {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
             {"name": "rendezvous", "containerPort": RENDEZVOUS_PORT, "protocol": "TCP"},
@@ -475,7 +529,7 @@ def render_pod(
         "restartPolicy": "Never",
         # Time for the SIGTERM-ed trainer to finish its step and save (checkpoint.saveOnTerminate).
         "terminationGracePeriodSeconds": job.spec.checkpoint.terminate_grace_seconds,
-        "hostname": name,
+        "hostname": pod_hostname(job, role, attempt, rank),
         "subdomain": service_name(job.metadata.name),
         # Thousands of service env vars help nobody and slow process start-up.
         "enableServiceLinks": False,

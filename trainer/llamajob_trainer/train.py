@@ -38,6 +38,7 @@ end of the grace period can only tear the save in progress, which is never loade
 from __future__ import annotations
 
 import math
+import os
 import signal
 import threading
 import time
@@ -64,6 +65,9 @@ from .data import (
 from .errors import ConfigError
 from .presets import Architecture
 from .tokenizer import load_tokenizer
+
+# Set by torchrun for its workers: how many times it has restarted them in place.
+TORCHRUN_RESTART_COUNT_ENV = "TORCHELASTIC_RESTART_COUNT"
 
 if TYPE_CHECKING:
     from .parallel import DistEnv, ParallelModel
@@ -323,6 +327,9 @@ def _loop(
         f"{torch.get_num_threads()}"
     )
 
+    restarts = int(os.environ.get(TORCHRUN_RESTART_COUNT_ENV, "0") or 0)
+    if restarts:
+        log(f"torchrun restarted the processes in place ({restarts} time(s) in this attempt)")
     step, data_state = 0, DataState()
     if resume_step is not None:
         started = time.perf_counter()
