@@ -148,6 +148,7 @@ def test_process_restart_in_place_needs_no_new_attempt(
     summary, out = _run(tmp_path, job, "--chaos-kill-at-step", "25")
     assert summary["phase"] == "Succeeded", out
     assert summary["restarts"] == 0 and summary["faults"] == []  # torchrun handled it
+    assert summary["process_restarts"] == 1  # rank 0's metric, through the status
     assert summary["final_loss"] == baseline["summary"]["final_loss"]
     assert _losses(tmp_path) == baseline["losses"]
     log = (tmp_path / "run" / "attempt-1" / "train.log").read_text()
@@ -358,3 +359,22 @@ def test_local_and_kubernetes_shells_decide_alike(
     d_k8s = reconcile(job, Observed(pods=(from_k8s,), service=True), now)
     d_local = reconcile(job, Observed(pods=(from_local,), service=True), now)
     assert d_k8s == d_local
+
+
+def test_console_prints_log_text_with_brackets_literally(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Status messages quote pod logs; a gloo line like "[/.../pair.cc:152] ..." once crashed
+    the runner as a rich markup error."""
+    from llamajob.api import LlamaTrainingJobStatus
+    from llamajob.local import ConsoleUI, print_summary
+
+    ui = ConsoleUI(enabled=False)
+    quoted = "exit code 1: [/__w/pytorch/third_party/gloo/pair.cc:152] timed out [bold]"
+    ui.phase(LlamaTrainingJobStatus(phase="Restarting", message=quoted))
+    ui.event("Warning", "PodFailed", quoted)
+    ui.note(quoted)
+    print_summary(ui, {"job": "t", "phase": "Failed", "message": quoted, "final_step": 1,
+                       "max_steps": 2, "final_loss": None, "restarts": 0,
+                       "wall_seconds": 1.0, "checkpoints": [], "checkpoint_dir": "c"})
+    assert capsys.readouterr().out.count(quoted) == 4

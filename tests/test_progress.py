@@ -30,12 +30,13 @@ def exposition(job: str = "llm", namespace: str = "default", **values: float) ->
 
 def test_parses_the_trainers_exposition() -> None:
     text = exposition(step=120, loss=2.75, tokens_per_second=31000.5, mfu=0.28,
-                      last_checkpoint_step=100, max_steps=1000, validation_loss=2.9)
+                      last_checkpoint_step=100, max_steps=1000, validation_loss=2.9,
+                      process_restarts=2)
     p = parse_progress(text, now=NOW, job="llm", namespace="default")
     assert p is not None
     assert (p.step, p.loss, p.tokens_per_second, p.mfu) == (120, 2.75, 31000.5, 0.28)
     assert (p.last_checkpoint_step, p.max_steps, p.observed_at) == (100, 1000, NOW)
-    assert p.validation_loss == 2.9
+    assert p.validation_loss == 2.9 and p.process_restarts == 2
     # Without validation the trainer leaves the gauge at NaN: no figure.
     assert parse_progress(exposition(step=1), now=NOW).validation_loss is None  # type: ignore[union-attr]
     assert isinstance(p.step, int) and isinstance(p.last_checkpoint_step, int)

@@ -948,11 +948,11 @@ def test_progress_is_copied_with_an_eta_from_the_step_rate() -> None:
     w.observed = replace(
         w.observed,
         progress=progress(100, t, loss=2.5, tokens_per_second=4096.0, mfu=0.31,
-                          last_checkpoint_step=100, validation_loss=2.75),
+                          last_checkpoint_step=100, validation_loss=2.75, process_restarts=1),
     )  # fmt: skip
     d = w.step(0)
     st = d.status
-    assert st.validation_loss == 2.75
+    assert st.validation_loss == 2.75 and st.process_restarts == 1
     assert (st.step, st.loss, st.tokens_per_second, st.mfu, st.last_checkpoint_step) == (
         100,
         2.5,

@@ -41,7 +41,7 @@ RECORD = StepRecord(
 
 
 def test_registry_holds_exactly_the_protocol_catalogue() -> None:
-    assert len(CATALOGUE) == 13
+    assert len(CATALOGUE) == 14
     assert metric_names() == CATALOGUE
 
 

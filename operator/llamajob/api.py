@@ -169,6 +169,11 @@ class LlamaTrainingJobStatus(StatusModel):
     observed_generation: int | None = None
     attempt: int = Field(0, description="Current gang attempt (1 = first).")
     restarts: int = 0
+    process_restarts: int | None = Field(
+        None,
+        description="In-place restarts of the training processes by torchrun in the current "
+        "attempt (restartPolicy.processRestarts), as rank 0 reports them.",
+    )
     world_size: int | None = None
     pods: int | None = None
     compile_key: str | None = None

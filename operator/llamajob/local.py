@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 from llamajob_trainer import protocol
 from prometheus_client import start_http_server
+from rich.markup import escape
 
 from . import metrics as op_metrics
 from .actions import CreateObject, DeletePods, EmitEvent, RequeueAfter
@@ -35,7 +36,7 @@ from .observed import Observed, ObservedPod, Progress
 from .plan import make_plan
 from .progress import ScrapeError, parse_progress
 from .reconcile import reconcile
-from .render import SHUTDOWN_TIMEOUT_ENV, shutdown_timeout, trainer_config
+from .render import DISABLE_SHARED_STORE_ENV, SHUTDOWN_TIMEOUT_ENV, shutdown_timeout, trainer_config
 
 EXIT_INVALID = 2
 EXIT_INTERRUPTED = 130
@@ -270,6 +271,10 @@ class LocalRunner:
                 SHUTDOWN_TIMEOUT_ENV: str(shutdown_timeout(self.stop_grace)),
             }
         )
+        if restarts:
+            # As in the cluster: a fresh store per rendezvous round, so the restarted
+            # processes never read the previous round's addresses.
+            env[DISABLE_SHARED_STORE_ENV] = "1"
         if role == "train":
             if self.options.chaos_kill_at_step is not None:
                 env[protocol.CHAOS_KILL_AT_STEP_ENV] = str(self.options.chaos_kill_at_step)
@@ -355,6 +360,7 @@ class LocalRunner:
             # Validation runs after the last step too, so its record holds the final figure.
             "final_validation_loss": last.get("validation_loss", status.validation_loss),
             "restarts": status.restarts,
+            "process_restarts": status.process_restarts or 0,
             "faults": [f.model_dump(mode="json") for f in status.faults],
             "wall_seconds": round(wall, 2),
             "checkpoint_dir": str(ckpt_dir),
@@ -388,16 +394,17 @@ class ConsoleUI:
         self.last_plain_step: int | None = None
 
     def note(self, text: str) -> None:
-        self.console.print(f"[dim]{_clock()}  {text}[/dim]")
+        self.console.print(f"[dim]{_clock()}  {escape(text)}[/dim]")
 
     def event(self, type_: str, reason: str, message: str) -> None:
         style = "yellow" if type_ == "Warning" else "cyan"
-        self.console.print(f"{_clock()}  [{style}]{reason:<16}[/{style}] {message}")
+        self.console.print(f"{_clock()}  [{style}]{reason:<16}[/{style}] {escape(message)}")
 
     def phase(self, status: LlamaTrainingJobStatus) -> None:
         self.console.print(
             f"{_clock()}  [bold]phase -> {status.phase}[/bold]"
-            + (f"  ({status.message})" if status.message else "")
+            # Messages quote pod logs (e.g. "[.../pair.cc:152] ..."), which are not markup.
+            + (f"  ({escape(status.message)})" if status.message else "")
         )
 
     def _fields(self, s: LlamaTrainingJobStatus) -> str:
@@ -564,7 +571,7 @@ def print_summary(ui: ConsoleUI, summary: dict[str, Any]) -> None:
     c.print()
     c.print(
         f"[bold]Job {summary['job']}[/bold]: [{style}]{summary['phase']}[/{style}]"
-        + (f" ({summary['message']})" if summary.get("message") else "")
+        + (f" ({escape(summary['message'])})" if summary.get("message") else "")
     )
     loss = summary["final_loss"]
     c.print(f"  steps       {summary['final_step']}/{summary['max_steps']}")

@@ -50,6 +50,7 @@ class Progress:
     max_steps: int | None
     observed_at: datetime
     validation_loss: float | None = None
+    process_restarts: int | None = None
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ _WANTED = {
     protocol.LAST_CHECKPOINT_STEP,
     protocol.TRAIN_MAX_STEPS,
     protocol.VALIDATION_LOSS,
+    protocol.TRAIN_PROCESS_RESTARTS,
 }
 # A metrics page is a few kB; anything far larger is not the trainer.
 MAX_BODY_BYTES = 4 * 1024 * 1024
@@ -79,6 +80,7 @@ def parse_progress(
         max_steps=integer(protocol.TRAIN_MAX_STEPS),
         observed_at=now,
         validation_loss=value(protocol.VALIDATION_LOSS),
+        process_restarts=integer(protocol.TRAIN_PROCESS_RESTARTS),
     )
 
 

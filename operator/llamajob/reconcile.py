@@ -390,6 +390,8 @@ class _Pass:
             st.loss = p.loss
         if p.validation_loss is not None and math.isfinite(p.validation_loss):
             st.validation_loss = p.validation_loss
+        if p.process_restarts is not None:
+            st.process_restarts = p.process_restarts
         if p.tokens_per_second is not None:
             st.tokens_per_second = p.tokens_per_second
         if p.mfu is not None:

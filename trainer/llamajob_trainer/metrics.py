@@ -62,6 +62,11 @@ class TrainerMetrics:
         self.grad_norm = gauge(protocol.TRAIN_GRAD_NORM, "Global gradient norm before clipping.")
         self.learning_rate = gauge(protocol.TRAIN_LEARNING_RATE, "Learning rate of the last step.")
         self.max_steps = gauge(protocol.TRAIN_MAX_STEPS, "Optimizer steps the job will run.")
+        self.process_restarts = gauge(
+            protocol.TRAIN_PROCESS_RESTARTS,
+            "In-place restarts of the training processes by torchrun in this attempt "
+            "(restartPolicy.processRestarts).",
+        )
         self.validation_loss = gauge(
             protocol.VALIDATION_LOSS,
             "Mean token loss on the held-out validation sequences at the last evaluation.",

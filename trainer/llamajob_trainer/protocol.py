@@ -105,6 +105,7 @@ TRAIN_LEARNING_RATE = "llamajob_train_learning_rate"
 TRAIN_SAMPLES_PER_SECOND = "llamajob_train_samples_per_second"
 TRAIN_MAX_STEPS = "llamajob_train_max_steps"
 VALIDATION_LOSS = "llamajob_validation_loss"
+TRAIN_PROCESS_RESTARTS = "llamajob_train_process_restarts"
 TRAIN_STEP_SECONDS = "llamajob_train_step_seconds"  # histogram
 CHECKPOINT_SAVE_SECONDS = "llamajob_checkpoint_save_seconds"  # histogram
 CHECKPOINT_LOAD_SECONDS = "llamajob_checkpoint_load_seconds"  # histogram

@@ -328,6 +328,8 @@ def _loop(
     )
 
     restarts = int(os.environ.get(TORCHRUN_RESTART_COUNT_ENV, "0") or 0)
+    if rank0.metrics:
+        rank0.metrics.process_restarts.set(restarts)
     if restarts:
         log(f"torchrun restarted the processes in place ({restarts} time(s) in this attempt)")
     step, data_state = 0, DataState()
