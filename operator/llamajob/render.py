@@ -1,8 +1,9 @@
 """Kubernetes objects for a LlamaTrainingJob, as plain dicts (pure: spec in, manifests out).
 
 One job owns three kinds of children:
-- a headless Service named after the job, so every pod resolves as ``{pod}.{service}.{ns}.svc``
-  and rank 0 is the torchrun rendezvous (``publishNotReadyAddresses`` so the name resolves before
+- a headless Service named after the job, so every pod resolves as
+  ``{hostname}.{service}.{ns}.svc`` (the hostname is the pod name, or see ``pod_hostname``)
+  and pod 0 is the torchrun rendezvous (``publishNotReadyAddresses`` so the name resolves before
   any readiness);
 - a ConfigMap per spec revision with the trainer's config (``TrainerConfig`` as YAML), mounted
   at /etc/llamajob: ``{job}-config-{revision}``. A gang's pods keep reading their own revision's
