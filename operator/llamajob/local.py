@@ -36,7 +36,13 @@ from .observed import Observed, ObservedPod, Progress
 from .plan import make_plan
 from .progress import ScrapeError, parse_progress
 from .reconcile import reconcile
-from .render import DISABLE_SHARED_STORE_ENV, SHUTDOWN_TIMEOUT_ENV, shutdown_timeout, trainer_config
+from .render import (
+    DISABLE_SHARED_STORE_ENV,
+    SHUTDOWN_TIMEOUT_ENV,
+    elastic,
+    shutdown_timeout,
+    trainer_config,
+)
 
 EXIT_INVALID = 2
 EXIT_INTERRUPTED = 130
@@ -243,7 +249,7 @@ class LocalRunner:
         term_path.unlink(missing_ok=True)
         command = "train" if role == "train" else "compile"
         # One node, so the standalone rendezvous restarts in place as c10d does in a cluster.
-        restarts = self.job.spec.restart_policy.process_restarts if role == "train" else 0
+        restarts = self.job.spec.restart_policy.process_restarts if elastic(self.job, role) else 0
         argv = [
             sys.executable,
             "-m",

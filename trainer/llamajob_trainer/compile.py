@@ -5,11 +5,11 @@
   extracts the XLA graphs of those steps and compiles them in parallel into the cache on the
   shared file system. Needs Trainium and the Neuron SDK; it cannot run on CPU.
 - torch backend: one validation step (forward + backward of one optimizer step's
-  micro-batches), which fails fast on a layout or model that cannot run.
-- either backend, with ``validation.sequences``: then one forward-only pass as validation runs
-  it, so its graphs are in the cache too. With
+  micro-batches), which fails fast on a layout or model that cannot run. With
   ``compile.torchCompile`` that step also compiles the blocks into Inductor's cache under
   ``compile.cacheDir``, so the training pods load the kernels instead of compiling them.
+- either backend, with ``validation.sequences``: then one forward-only pass as validation runs
+  it, so its graphs are in the cache too.
 
 Either way rank 0 then writes the compile marker at
 `protocol.compile_marker_path(compile.cacheDir, key)`. When the marker already exists the work
@@ -62,10 +62,15 @@ def run_compile(
     n_micro = cfg.batch.global_batch_size // (cfg.batch.micro_batch_size * pm.dp_size)
     gen = torch.Generator().manual_seed(cfg.seed)
     shape = (cfg.batch.micro_batch_size, cfg.data.seq_length + 1)
+
+    def random_batch() -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """One optimizer step's micro-batches of random tokens, as (inputs, labels)."""
+        rows = [torch.randint(0, arch.vocab_size, shape, generator=gen) for _ in range(n_micro)]
+        return [(r[:, :-1], r[:, 1:]) for r in rows]
+
     loss = float("nan")
     for i in range(steps):
-        rows = [torch.randint(0, arch.vocab_size, shape, generator=gen) for _ in range(n_micro)]
-        loss = pm.forward_backward([(r[:, :-1], r[:, 1:]) for r in rows])
+        loss = pm.forward_backward(random_batch())
         if neuron:
             optimizer_step(pm, optimizers, cfg.optimizer.grad_clip)
             for opt in optimizers:
@@ -74,8 +79,7 @@ def run_compile(
             log(f"compile step {i + 1}/{steps}: loss {loss:.4f}")
     if cfg.validation.sequences:
         # Validation runs forward-only graphs, which the training steps above do not contain.
-        rows = [torch.randint(0, arch.vocab_size, shape, generator=gen) for _ in range(n_micro)]
-        loss_sum, tokens = pm.evaluate([(r[:, :-1], r[:, 1:]) for r in rows])
+        loss_sum, tokens = pm.evaluate(random_batch())
         if env.rank == 0:
             log(f"compile validation pass: loss {loss_sum / max(tokens, 1):.4f}")
     if env.rank == 0 and (report := pm.compile_report()):
