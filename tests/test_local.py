@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -112,7 +113,7 @@ def baseline(tmp_path_factory: pytest.TempPathFactory, dataset: Path) -> dict[st
     tmp = tmp_path_factory.mktemp("baseline")
     summary, out = _run(tmp, _job_yaml(tmp, dataset))
     assert summary["phase"] == "Succeeded", out
-    return {"summary": summary, "losses": _losses(tmp)}
+    return {"summary": summary, "losses": _losses(tmp), "checkpoints": tmp / "ckpt"}
 
 
 def test_uninterrupted_run_succeeds_and_loss_falls(baseline: dict[str, Any]) -> None:
@@ -156,6 +157,25 @@ def test_process_restart_in_place_needs_no_new_attempt(
     assert "torchrun restarted the processes in place (1 time(s) in this attempt)" in log
     assert "resumed from step_20 " in log, log[-3000:]
     assert not (tmp_path / "run" / "attempt-2").exists()
+
+
+def test_damaged_checkpoint_fails_the_job_without_retries(
+    tmp_path: Path, dataset: Path, baseline: dict[str, Any]
+) -> None:
+    """A permanent error in training (the compile step never loads checkpoints) is neither
+    restarted in place nor by a new attempt: the job fails, naming the damaged file."""
+    shutil.copytree(baseline["checkpoints"], tmp_path / "ckpt")
+    shard = next((tmp_path / "ckpt" / f"step_{STEPS}" / "state").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:100])
+    summary, out = _run(tmp_path, _job_yaml(tmp_path, dataset, process_restarts=2))
+    assert summary["phase"] == "Failed", out
+    assert summary["restarts"] == 0 and summary["process_restarts"] == 0
+    assert f"step_{STEPS} is damaged" in summary["message"], summary
+    assert not (tmp_path / "run" / "attempt-2").exists()
+    log = (tmp_path / "run" / "attempt-1" / "train.log").read_text()
+    assert log.count("failed (exitcode: 65)") == 3, log[-3000:]  # torchrun's three rounds
+    assert "error (an earlier round of this process group" in log, log[-3000:]
+    assert shard.stat().st_size == 100  # left as found, for the user to look at
 
 
 def test_kill_during_checkpoint_write_resumes_from_a_complete_checkpoint(

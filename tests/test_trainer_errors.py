@@ -7,6 +7,7 @@ These checks run before the trainer joins a process group, so `train_main` runs 
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,14 @@ from llamajob_trainer.checkpoint import CheckpointManager
 from llamajob_trainer.cli import train_main
 from llamajob_trainer.config import TrainerConfig
 from llamajob_trainer.model import Llama
-from trainer_helpers import prepare_pydoc, tiny_config, tree_fingerprint, write_config
+from trainer_helpers import (
+    prepare_pydoc,
+    tiny_config,
+    trainer_argv,
+    trainer_env,
+    tree_fingerprint,
+    write_config,
+)
 
 
 @pytest.fixture(scope="module")
@@ -176,3 +184,67 @@ def test_neuron_backend_without_the_neuron_sdk(
     assert err.startswith(f"llamajob {command}: error: backend 'neuron' needs torch_xla")
     message = json.loads(term.read_text())
     assert message["permanent"] is True and message["reason"] == "MissingDependency"
+
+
+# --- in-place restarts (restartPolicy.processRestarts) -----------------------------------------
+
+
+def test_a_restarted_round_repeats_an_earlier_permanent_error_without_running(
+    tmp_path: Path, term: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    cfg = tiny_config(tmp_path / "no-such-data", tmp_path / "ckpt")
+    config = write_config(tmp_path / "cfg.yaml", cfg)
+    assert train_main(["--config", str(config)]) == protocol.EXIT_DATA
+    first = capsys.readouterr().err
+    assert json.loads(term.read_text())["exitCode"] == protocol.EXIT_DATA
+
+    # torchrun's next round: the work is not repeated. Without the config file it would fail
+    # differently (exit 78, "cannot read it") if it ran at all.
+    config.unlink()
+    monkeypatch.setenv(protocol.TORCHELASTIC_RESTART_COUNT_ENV, "1")
+    assert train_main(["--config", str(config)]) == protocol.EXIT_DATA
+    err = capsys.readouterr().err
+    assert err.startswith("llamajob train: error (an earlier round of this process group")
+    assert first.removeprefix("llamajob train: error: ").strip() in err
+    assert "cannot read it" not in err
+
+
+@pytest.mark.parametrize("restart_count", ["0", "1"])
+def test_a_round_runs_unless_an_earlier_one_failed_permanently(
+    tmp_path: Path, term: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch, restart_count: str,
+) -> None:
+    """Round 0 never trusts the log (a fresh container's is empty); a transient failure (a
+    crash, permanent: false) in an earlier round is what in-place restarts are for."""
+    stale = {"permanent": restart_count == "0", "exitCode": protocol.EXIT_CONFIG,
+             "reason": "InvalidConfig", "message": "stale"}
+    term.write_text(json.dumps(stale))
+    monkeypatch.setenv(protocol.TORCHELASTIC_RESTART_COUNT_ENV, restart_count)
+    cfg = tiny_config(tmp_path / "no-such-data", tmp_path / "ckpt")
+    assert_permanent(run(tmp_path, cfg), protocol.EXIT_DATA, term, capsys, "no-such-data")
+
+
+def test_torchrun_does_not_retry_a_corrupted_checkpoint(tmp_path: Path, data: Path) -> None:
+    """The error the compile step cannot catch: a checkpoint damaged after it was written. With
+    --max-restarts 2 both rounds after the first end at once with the first round's error."""
+    cfg = tiny_config(data, tmp_path / "ckpt")
+    ckpt = make_checkpoint(cfg, 4)
+    shard = next((ckpt / "step_4" / "state").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    before = tree_fingerprint(ckpt)
+    argv = trainer_argv("train", write_config(tmp_path / "cfg.yaml", cfg), 2)
+    argv[argv.index("--max-restarts") + 1] = "2"
+    proc = subprocess.run(argv, env=trainer_env(tmp_path), cwd=tmp_path, capture_output=True,
+                          text=True, timeout=150)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out
+    # torchrun stops a round's other rank when one fails, so a rank may not get to print.
+    real = out.count("llamajob train: error: checkpoint ")
+    repeated = out.count("llamajob train: error (an earlier round")
+    assert 1 <= real <= 2, out  # round 0 only
+    assert repeated >= 2, out  # at least one rank in each of rounds 1 and 2
+    assert out.count("failed (exitcode: 65)") == 3, out
+    message = json.loads((tmp_path / "termination.json").read_text())
+    assert message["permanent"] is True and message["reason"] == "CheckpointCorrupt"
+    assert tree_fingerprint(ckpt) == before

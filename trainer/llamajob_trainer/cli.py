@@ -4,7 +4,9 @@ Each `*_main(argv) -> int` parses its own arguments and returns the process exit
 error (bad config, missing dataset, incompatible checkpoint, ...) prints one line naming the
 field or file and the fix, writes the termination message with `"permanent": true` and returns
 the protocol exit code; restarting cannot fix it. Any other failure is treated as transient:
-traceback, termination message with `"permanent": false`, exit code 1.
+traceback, termination message with `"permanent": false`, exit code 1. When torchrun restarts
+the processes in place after such a permanent error, they exit with it again at once instead
+of repeating the work that failed.
 """
 
 from __future__ import annotations
@@ -92,6 +94,12 @@ def _local_rank0() -> bool:
 
 
 def _run(prog: str, body: Callable[[], int]) -> int:
+    earlier = protocol.earlier_permanent_failure(os.environ)
+    if earlier is not None:
+        print(f"{prog}: error (an earlier round of this process group; torchrun's in-place "
+              f"restart cannot fix it): {earlier.get('message', earlier.get('reason'))}",
+              file=sys.stderr, flush=True)
+        return int(earlier["exitCode"])
     try:
         return body()
     except UsageError as exc:
@@ -110,7 +118,7 @@ def _run(prog: str, body: Callable[[], int]) -> int:
         print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
         if _local_rank0():
             protocol.write_termination_message(
-                reason=user.reason, permanent=True, message=message[:2000]
+                reason=user.reason, permanent=True, exitCode=user.exit_code, message=message[:2000]
             )
         return user.exit_code
 

@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +26,9 @@ PERMANENT_EXIT_CODES = frozenset({EXIT_USAGE, EXIT_DATA, EXIT_CONFIG, EXIT_DEPEN
 # --- termination message ----------------------------------------------------------------------
 # torchrun turns any worker failure into exit code 1, so the cause travels out of band: the
 # trainer writes one JSON object to this file (Kubernetes shows it as the container's
-# terminationMessage). Keys: "reason" (str), "permanent" (bool), "message" (str), and for the
-# compile step "compileCached" (bool) and "compileKey" (str).
+# terminationMessage). Keys: "reason" (str), "permanent" (bool), "message" (str), for a
+# permanent error "exitCode" (int), and for the compile step "compileCached" (bool) and
+# "compileKey" (str).
 TERMINATION_LOG_ENV = "LLAMAJOB_TERMINATION_LOG"
 DEFAULT_TERMINATION_LOG = "/dev/termination-log"
 
@@ -52,10 +54,36 @@ def parse_termination_message(text: str | None) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+def earlier_permanent_failure(environ: Mapping[str, str]) -> dict[str, Any] | None:
+    """The permanent error an earlier torchrun round in this container recorded, if any.
+
+    torchrun restarts all local workers after any failure (``--max-restarts``) and cannot be told
+    that some exit codes are final. A restarted worker that finds such a record in the container's
+    termination log exits with it at once, so the remaining rounds cost seconds instead of
+    repeating the failure. The log starts empty with each container (and each local attempt), so
+    a record in it at a restart comes from this gang's own earlier round.
+    """
+    try:
+        restarted = int(environ.get(TORCHELASTIC_RESTART_COUNT_ENV, "0")) > 0
+    except ValueError:
+        return None
+    if not restarted:
+        return None
+    try:
+        text = termination_log_path().read_text()
+    except OSError:
+        return None
+    record = parse_termination_message(text)
+    if record.get("permanent") is not True or record.get("exitCode") not in PERMANENT_EXIT_CODES:
+        return None
+    return record
+
+
 # --- environment --------------------------------------------------------------------------------
 CONFIG_ENV = "LLAMAJOB_CONFIG"  # path of the TrainerConfig YAML
 CHAOS_KILL_AT_STEP_ENV = "LLAMAJOB_CHAOS_KILL_AT_STEP"
 CHAOS_KILL_DURING_CHECKPOINT_ENV = "LLAMAJOB_CHAOS_KILL_DURING_CHECKPOINT"
+TORCHELASTIC_RESTART_COUNT_ENV = "TORCHELASTIC_RESTART_COUNT"  # set by torchrun: 0, 1, ...
 DEFAULT_METRICS_PORT = 9400
 
 # --- files ------------------------------------------------------------------------------------

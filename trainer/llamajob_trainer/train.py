@@ -51,6 +51,7 @@ import torch
 from torch import Tensor, nn
 
 from . import metrics as m
+from . import protocol
 from .chaos import Chaos, ChaosConfig
 from .checkpoint import CheckpointManager
 from .config import OptimizerSpec, TrainerConfig
@@ -65,9 +66,6 @@ from .data import (
 from .errors import ConfigError
 from .presets import Architecture
 from .tokenizer import load_tokenizer
-
-# Set by torchrun for its workers: how many times it has restarted them in place.
-TORCHRUN_RESTART_COUNT_ENV = "TORCHELASTIC_RESTART_COUNT"
 
 if TYPE_CHECKING:
     from .parallel import DistEnv, ParallelModel
@@ -327,7 +325,7 @@ def _loop(
         f"{torch.get_num_threads()}"
     )
 
-    restarts = int(os.environ.get(TORCHRUN_RESTART_COUNT_ENV, "0") or 0)
+    restarts = int(os.environ.get(protocol.TORCHELASTIC_RESTART_COUNT_ENV, "0") or 0)
     if rank0.metrics:
         rank0.metrics.process_restarts.set(restarts)
     if restarts:
