@@ -430,7 +430,8 @@ def test_rbac_equals_permissions_module(scope: permissions.Scope, peering: bool)
 
 
 def test_permissions_cover_what_the_operator_does() -> None:
-    """The calls handlers.py and kube.py make, by triple, so a regrouping cannot hide a change."""
+    """The calls handlers.py, worker.py and kube.py make, by triple, so a regrouping cannot hide
+    a change."""
     namespaced = permissions.triples(permissions.grants("namespace", peering=True).namespaced)
     for verb in ("create", "delete", "list", "watch"):
         assert ("", "pods", verb) in namespaced

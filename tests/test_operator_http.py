@@ -47,7 +47,7 @@ from kube_cluster import (
     wait_phase,
 )
 from kube_emulator import EmulatorThread, label_matcher
-from llamajob import handlers, metrics
+from llamajob import handlers, metrics, worker
 
 
 @contextlib.contextmanager
@@ -165,21 +165,21 @@ def test_label_matcher_grammar() -> None:
 def test_merge_diff_is_a_json_merge_patch() -> None:
     old = {"phase": "Training", "step": 3, "conditions": [{"type": "A"}], "x": {"a": 1, "b": 2}}
     new = {"phase": "Training", "step": 4, "conditions": [{"type": "B"}], "x": {"a": 1}}
-    patch = handlers._merge_diff(old, new)
+    patch = worker.merge_diff(old, new)
     assert patch == {"step": 4, "conditions": [{"type": "B"}], "x": {"b": None}}
-    assert handlers._merge_diff(new, new) == {}
+    assert worker.merge_diff(new, new) == {}
 
 
 def test_failure_time_prefers_the_containers_finish() -> None:
     pod = {"status": {"phase": "Failed", "containerStatuses": [{"name": "trainer", "state": {
         "terminated": {"finishedAt": "2026-01-01T00:00:10Z"}}}], "conditions": [
         {"type": "Ready", "status": "False", "lastTransitionTime": "2026-01-01T00:00:12Z"}]}}
-    assert handlers.failure_time(pod) == 1767225610.0
+    assert worker.failure_time(pod) == 1767225610.0
     evicted = {"status": {"phase": "Failed", "conditions": [
         {"type": "DisruptionTarget", "status": "True", "lastTransitionTime":
          "2026-01-01T00:00:05Z"}]}}
-    assert handlers.failure_time(evicted) == 1767225605.0
-    assert handlers.failure_time({"status": {"phase": "Running"}}) is None
+    assert worker.failure_time(evicted) == 1767225605.0
+    assert worker.failure_time({"status": {"phase": "Running"}}) is None
 
 
 # --- scenarios --------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import asyncio
 import time
 from types import SimpleNamespace
 
-from llamajob.handlers import JobWorker, OperatorConfig
+from llamajob.worker import JobWorker, OperatorConfig
 
 
 async def test_worker_woken_and_stopped_in_one_step_never_reconciles_again() -> None:

@@ -5,9 +5,9 @@ the chart and asserts that its Roles and ClusterRoles equal :func:`grants` exact
 scopes, with peering on and off. A call the operator starts making must be added here first, and
 one it stops making removed, so that the grant stays least-privilege.
 
-What the operator calls (handlers.py, kube.py): kopf watches (list + watch) jobs, their pods,
-Services and ConfigMaps, and nodes, through event handlers and indices only, so kopf never
-patches a job and adds no finalizer; the operator itself patches a job's ``status``
+What the operator calls (handlers.py, worker.py, kube.py): kopf watches (list + watch) jobs,
+their pods, Services and ConfigMaps, and nodes, through event handlers and indices only, so kopf
+never patches a job and adds no finalizer; the operator itself patches a job's ``status``
 subresource, creates pods, Services, ConfigMaps and Events, and deletes pods (Services and
 ConfigMaps go with their job, through ownerReferences and the garbage collector).
 

@@ -1,10 +1,11 @@
 """The operator's decisions: (job with its last status, what is observed, now) -> actions + status.
 
 Pure: no I/O, no clock (``now`` is an argument), no Kubernetes client. The kopf shell
-(``handlers.py``) and the local runner (``local.py``) both feed this function and carry out what
-it returns, so they cannot diverge in their decisions. Its inputs and outputs are plain data
-(``observed.py``, ``actions.py``); the verdict on one pod is in ``faults.py``, the status
-vocabulary in ``status.py``, and the Events follow from the status change (``events.py``).
+(``handlers.py``, ``worker.py``) and the local runner (``local.py``) both feed this function and
+carry out what it returns, so they cannot diverge in their decisions. Its inputs and outputs are
+plain data (``observed.py``, ``actions.py``); the verdict on one pod is in ``faults.py``, the
+status vocabulary in ``status.py``, and the Events follow from the status change
+(``events.py``).
 
 Lifecycle:
 
