@@ -279,6 +279,17 @@ def test_trainium_job_is_refused_with_a_hint(tmp_path: Path) -> None:
     assert not (tmp_path / "runs").exists()
 
 
+def test_suspended_job_is_refused_and_nothing_starts(tmp_path: Path) -> None:
+    obj = yaml.safe_load((ROOT / "examples" / "tiny.yaml").read_text())
+    obj["spec"]["suspend"] = True
+    path = tmp_path / "suspended.yaml"
+    path.write_text(yaml.safe_dump(obj))
+    res = _run_cli(tmp_path, str(path))
+    assert res.returncode == 2
+    assert res.stderr.startswith("error: spec.suspend: ") and "set it to false" in res.stderr
+    assert not (tmp_path / "runs").exists()
+
+
 @pytest.mark.parametrize("name", ["llama3-70b", "llama3-8b"])
 def test_scaled_down_job_keeps_the_family_and_is_valid(name: str) -> None:
     job = load_job(ROOT / "examples" / f"{name}.yaml")

@@ -390,6 +390,39 @@ def test_spec_edit_by_kubectl_apply_restarts_the_gang_with_the_new_config(
     assert cluster.client.get("configmaps", old_config)["metadata"]["ownerReferences"]
 
 
+def test_suspend_by_kubectl_patch_stops_the_gang_and_resume_starts_the_next_attempt(
+    cluster: Cluster, operator: KopfRunner, tmp_path: Path
+) -> None:
+    nodes, first = start_training(cluster, tmp_path, nodes=2)
+    wait_for(lambda: condition(status(cluster), "Running").get("status") == "True",
+             what="gang running")
+    revision = status(cluster)["revision"]
+
+    cluster.kubectl("patch", "ltj", JOB, "--type", "merge", "-p", '{"spec":{"suspend":true}}')
+    st = wait_phase(cluster, "Suspended")
+    assert (st["attempt"], st["restarts"], st["revision"]) == (1, 0, revision)
+    assert condition(st, "Suspended")["status"] == "True"
+    wait_for(lambda: not pods(cluster), what="suspended pods gone")
+    # Stopped with their own grace period, so the trainer could save its step.
+    deletes = [r for r in operator_requests(cluster) if r.method == "DELETE" and r.plural == "pods"]
+    assert sorted(r.name for r in deletes) == sorted(p["metadata"]["name"] for p in first)
+    assert all("gracePeriodSeconds" not in (r.data or {}) for r in deletes)
+    row = cluster.kubectl("get", "ltj").splitlines()[1].split()
+    assert row[:2] == [JOB, "Suspended"]
+
+    cluster.kubectl("patch", "ltj", JOB, "--type", "merge", "-p", '{"spec":{"suspend":false}}')
+    second = gang(cluster, "train", 2, 2)
+    st = wait_phase(cluster, "Training")
+    assert (st["attempt"], st["restarts"], st["revision"]) == (2, 0, revision)
+    assert not st.get("faults")
+    assert condition(st, "Suspended")["reason"] == "Resumed"
+    got = reasons(cluster)
+    assert got.index("Suspended") < got.index("Resumed")
+    run_all(cluster, second, nodes)
+    wait_for(lambda: condition(status(cluster), "Running").get("status") == "True",
+             what="resumed gang running")
+
+
 def test_model_edit_against_saved_checkpoints_fails_before_any_pod_and_revert_resumes(
     cluster: Cluster, operator: KopfRunner, trainer: TrainerMetrics, tmp_path: Path
 ) -> None:

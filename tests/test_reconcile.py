@@ -983,6 +983,166 @@ def test_progress_ignored_outside_training() -> None:
     assert d.status.step is None and d.status.loss is None
 
 
+# --- suspend --------------------------------------------------------------------------------------
+def suspend(on: bool) -> Any:
+    return lambda spec: spec.update(suspend=on)
+
+
+def test_suspend_stops_the_gang_so_it_saves_and_resume_starts_the_next_attempt() -> None:
+    w = running_world()
+    revision = w.job.status.revision
+    w.observed = replace(w.observed, progress=progress(40, w.now, last_checkpoint_step=30))
+    edit(w, suspend(True))
+    d = w.step(5)
+    st = d.status
+    assert (st.phase, st.attempt, st.restarts, st.faults, st.revision) == (
+        "Suspended", 1, 0, [], revision)  # not an edit: the revision stays
+    assert (st.step, st.last_checkpoint_step) == (40, 30)  # progress up to the suspension
+    assert (cond(d, "Suspended").status, cond(d, "Running").reason) == ("True", "Suspended")
+    assert events(d) == [("Normal", "Suspended"), ("Normal", "CheckpointSaved")]
+    assert "the trainer saves its current step" in d.events[0].message
+    deletes = [a for a in d.actions if isinstance(a, DeletePods)]
+    assert len(deletes) == 1 and deletes[0].grace_seconds is None  # the pods' own grace period
+    assert sorted(deletes[0].names) == [name("train", 1, r) for r in range(NODES)]
+    assert d.creates == []
+    assert st.message == f"suspended (spec.suspend is true); {NODES} pod(s) still stopping"
+    assert_fixed_point(w.job, w.observed, d, w.now)
+
+    # The pods save and exit 143 (SIGTERM); while suspended that is no fault.
+    w.set("train", 1, phase="Failed", exit_code=143)
+    d = w.step(60)
+    assert d.status.phase == "Suspended" and d.status.faults == [] and d.events == []
+    assert d.status.message == "suspended (spec.suspend is true)"
+    w.gc()
+    d = w.step(3600)  # a long suspension: no requeue, no pods, nothing to do
+    assert d.creates == [] and d.deleted == [] and d.events == [] and d.requeue_after is None
+
+    edit(w, suspend(False))
+    d = w.step(5)
+    st = d.status
+    assert (st.phase, st.attempt, st.restarts, st.revision) == ("Training", 2, 0, revision)
+    assert (cond(d, "Suspended").status, cond(d, "Suspended").reason) == ("False", "Resumed")
+    assert events(d) == [("Normal", "Resumed"), ("Normal", "TrainingStarted")]
+    assert [c.name for c in d.created_pods] == [name("train", 2, r) for r in range(NODES)]
+    assert_fixed_point(w.job, w.observed, d, w.now)
+
+
+def test_resume_waits_for_the_suspended_pods_to_stop() -> None:
+    w = running_world()
+    edit(w, suspend(True))
+    w.step(5)
+    edit(w, suspend(False))  # back on before the old pods finished saving
+    d = w.step(1)
+    assert d.status.phase == "Suspended" and d.creates == [] and d.events == []
+    assert d.status.message == "resuming: waiting for the suspended pods to stop"
+    w.gc()
+    d = w.step(1)
+    assert (d.status.phase, d.status.attempt) == ("Training", 2) and len(d.created_pods) == NODES
+
+
+def test_job_created_suspended_is_validated_and_starts_nothing() -> None:
+    job = make_job()
+    obj = job.model_dump(by_alias=True, exclude_none=True)
+    obj["spec"]["suspend"] = True
+    w = World(parse_job(obj))
+    d = w.step()
+    assert (d.status.phase, d.status.attempt) == ("Suspended", 0)
+    assert cond(d, "Validated").status == "True" and d.created_pods == []
+    assert cond(d, "Suspended").message == "spec.suspend is true: no attempt starts while it is"
+    assert events(d) == [("Normal", "Validated"), ("Normal", "Suspended")]
+    assert d.status.start_time is None
+    edit(w, suspend(False))
+    d = w.step(5)
+    assert (d.status.phase, d.status.attempt) == ("Compiling", 1)
+    assert [c.name for c in d.created_pods] == [name("compile", 1, r) for r in range(NODES)]
+    assert d.status.start_time is not None
+
+
+def test_invalid_job_created_suspended_still_fails() -> None:
+    obj = make_job().model_dump(by_alias=True, exclude_none=True)
+    obj["spec"].update(suspend=True)
+    obj["spec"]["parallelism"]["tensor"] = 3
+    d = reconcile(parse_job(obj), Observed(), T0)
+    assert d.status.phase == "Failed" and cond(d, "Failed").reason == "InvalidSpec"
+
+
+def test_suspend_during_the_compile_step_compiles_again_on_resume() -> None:
+    w = World(make_job())
+    w.step()
+    w.schedule("compile", 1)
+    w.step(1)
+    edit(w, suspend(True))
+    d = w.step(5)
+    assert d.status.phase == "Suspended" and cond(d, "Compiled").status == "False"
+    assert sorted(d.deleted) == [name("compile", 1, r) for r in range(NODES)]
+    assert "(the trainer saves" not in d.status.conditions[-1].message  # nothing to save
+    w.gc()
+    edit(w, suspend(False))
+    d = w.step(5)
+    assert (d.status.phase, d.status.attempt) == ("Compiling", 2)
+
+
+def test_suspend_as_the_compile_step_finishes_keeps_its_result() -> None:
+    w = World(make_job())
+    w.step()
+    w.schedule("compile", 1)
+    w.step(1)
+    w.set("compile", 1, phase="Succeeded", exit_code=0,
+          termination_message={"compileCached": False, "compileKey": "k1"})
+    edit(w, suspend(True))
+    d = w.step(5)
+    assert d.status.phase == "Suspended" and cond(d, "Compiled").status == "True"
+    w.gc()
+    edit(w, suspend(False))
+    d = w.step(5)
+    assert (d.status.phase, d.status.attempt) == ("Training", 2)
+
+
+def test_suspend_as_training_finishes_is_a_success() -> None:
+    w = running_world()
+    w.set("train", 1, phase="Succeeded", exit_code=0)
+    edit(w, suspend(True))
+    d = w.step(5)
+    assert d.status.phase == "Succeeded" and cond(d, "Suspended") is None
+
+
+def test_suspend_during_a_fault_backoff_and_resume_without_it() -> None:
+    w = running_world()
+    w.set_rank("train", 1, 2, phase="Failed", exit_code=1)
+    d = w.step(5)
+    assert d.status.phase == "Restarting" and d.requeue_after == 30
+    edit(w, suspend(True))
+    d = w.step(1)
+    assert d.status.phase == "Suspended" and d.status.restart_after is None
+    assert d.requeue_after is None
+    w.gc()
+    edit(w, suspend(False))
+    d = w.step(1)  # well inside the backoff: a resume is not a fault restart
+    st = d.status
+    assert (st.phase, st.attempt, st.restarts) == ("Training", 2, 0)
+    assert [f.reason for f in st.faults] == ["PodFailed"]  # the history stays
+
+
+def test_suspended_job_ignores_spec_edits_until_resumed() -> None:
+    w = running_world()
+    edit(w, suspend(True))
+    w.step(5)
+    w.gc()
+    edit(w, max_steps(2000))
+    d = w.step(5)
+    assert d.status.phase == "Suspended" and d.created_pods == [] and d.events == []
+    revision = render.spec_revision(w.job)
+    assert [trainer_config_of(c)["maxSteps"] for c in d.creates] == [2000]  # ready, unused
+    edit(w, suspend(False))
+    d = w.step(5)
+    st = d.status
+    assert (st.phase, st.attempt, st.max_steps, st.revision) == ("Training", 2, 2000, revision)
+    assert render.spec_revision(w.job) == revision
+    for c in d.created_pods:
+        volume = next(v for v in c.manifest["spec"]["volumes"] if "configMap" in v)
+        assert volume["configMap"]["name"] == render.configmap_name("demo", revision)
+
+
 # --- level-triggered, idempotent, events only on transitions -------------------------------------
 def test_whole_life_reaches_a_fixed_point_at_every_step() -> None:
     """Drive a job through compile, training, a node fault, a restart and success; after every

@@ -131,9 +131,18 @@ class RestartPolicy(SpecModel):
 class LlamaTrainingJobSpec(TrainingSpec):
     cluster: ClusterSpec = Field(default_factory=ClusterSpec)  # type: ignore[arg-type]
     restart_policy: RestartPolicy = Field(default_factory=RestartPolicy)  # type: ignore[arg-type]
+    suspend: bool = Field(
+        False,
+        description="true stops the job's pods (the trainer saves the step it is on) and starts "
+        "none until it is false again; then the next attempt resumes from the newest checkpoint, "
+        "without backoff and not counted in restarts. A job created suspended is validated, "
+        "nothing more. As a Kubernetes Job's suspend.",
+    )
 
 
-Phase = Literal["Pending", "Compiling", "Training", "Restarting", "Succeeded", "Failed"]
+Phase = Literal[
+    "Pending", "Compiling", "Training", "Restarting", "Suspended", "Succeeded", "Failed"
+]
 PHASES: tuple[str, ...] = Phase.__args__  # type: ignore[attr-defined]
 
 

@@ -14,9 +14,11 @@ from .status import (
     FAILED,
     PODS_UNSCHEDULABLE,
     RESTARTING,
+    RESUMED,
     RUNNING,
     SPEC_CHANGED,
     SUCCEEDED,
+    SUSPENDED,
     TRAINER_ERROR,
     TRAINING,
     VALIDATED,
@@ -45,6 +47,10 @@ def events(
             out.append(EmitEvent("Normal", SPEC_CHANGED, running.message))
         elif running.reason == PODS_UNSCHEDULABLE:
             out.append(EmitEvent("Warning", "Unschedulable", running.message))
+    if c := flipped(SUSPENDED, "True"):
+        out.append(EmitEvent("Normal", SUSPENDED, c.message))
+    if (c := flipped(SUSPENDED, "False")) and c.reason == RESUMED:
+        out.append(EmitEvent("Normal", RESUMED, c.message))
     seen = {(f.attempt, f.pod, f.reason, f.time) for f in old.faults}
     for f in new.faults:
         if (f.attempt, f.pod, f.reason, f.time) in seen or f.reason == TRAINER_ERROR:

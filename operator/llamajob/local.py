@@ -599,6 +599,13 @@ def main(argv: list[str]) -> int:
         for e in exc.errors:
             print(f"error: {e}", file=sys.stderr)
         return EXIT_INVALID
+    if job.spec.suspend:
+        print(
+            f"error: spec.suspend: {args.file} is suspended, so nothing would run; set it to "
+            "false to run it (a local run stops with Ctrl-C and resumes when run again)",
+            file=sys.stderr,
+        )
+        return EXIT_INVALID
     inst = INSTANCE_TYPES[job.spec.cluster.instance_type]
     if inst.trainium:
         print(

@@ -13,6 +13,8 @@ Lifecycle:
                    \\           \\
                     +-> Restarting -> (Compiling | Training) ...   -> Failed
 
+    (any phase but Succeeded and Failed) <-> Suspended, while spec.suspend is true
+
 Choices worth knowing:
 - **One attempt counter** for both roles. Compile and training pods of the same attempt differ by
   role (``{job}-compile-a1-0``, ``{job}-train-a1-0``). A fault in either role starts attempt+1 in
@@ -25,6 +27,11 @@ Choices worth knowing:
   from that checkpoint with the new spec: no backoff, not counted against maxRestarts, compiling
   first when compile is enabled and the edit changed the compile key. An edit that makes the
   spec invalid fails the job like any invalid spec.
+- **Suspending** (``spec.suspend``) stops the gang the same way, with the pods' own grace
+  period, and starts none while it is true; the phase is Suspended and so is a condition.
+  Setting it back to false starts the next attempt once those pods are gone, without backoff
+  and not counted in ``restarts``, compiling first only if the compile step never finished.
+  It is not an edit: it does not change the spec revision.
 - **A job failed by its spec starts over once the spec is edited** (a new generation): InvalidSpec,
   or TrainerError (the trainer refused its config, data or checkpoints). It continues with the
   next attempt number, so no pod name is reused, and resumes from the newest checkpoint.
@@ -102,9 +109,11 @@ from .status import (
     PENDING,
     PODS_UNSCHEDULABLE,
     RESTARTING,
+    RESUMED,
     RUNNING,
     SPEC_CHANGED,
     SUCCEEDED,
+    SUSPENDED,
     TERMINAL,
     TRAINER_ERROR,
     TRAINING,
@@ -211,11 +220,15 @@ class _Pass:
         if render.configmap_name(self.job.metadata.name, self.revision) not in self.obs.configmaps:
             self.creates.append(CreateObject(render.render_configmap(self.job, plan)))
 
-        if st.phase in (None, PENDING):
+        if spec.suspend:
+            self.suspend()
+        elif st.phase in (None, PENDING):
             st.attempt = max(st.attempt, 1)
             self.start_gang()
         elif st.phase == RESTARTING:
             self.restarting()
+        elif st.phase == SUSPENDED:
+            self.resume()
         else:
             self.gang()
 
@@ -338,6 +351,49 @@ class _Pass:
             f"{st.attempt + 1} starts with the new spec"
         )
         self.cond(RUNNING, "False", SPEC_CHANGED, st.message)
+
+    def suspend(self) -> None:
+        """spec.suspend: stop the gang as an edit does (its pods get their own grace period, so
+        the trainer saves its step) and start nothing until it is false again."""
+        st, plan = self.st, self.plan
+        assert plan is not None
+        if st.phase == COMPILING:
+            gang = self.current_gang()
+            if len(gang) == plan.pods and all(p.phase == "Succeeded" for p in gang.values()):
+                self.compile_done(gang)  # done: the next attempt goes straight to training
+        if st.phase == TRAINING:
+            self.apply_progress()
+            gang = self.current_gang()
+            if len(gang) == plan.pods and all(p.phase == "Succeeded" for p in gang.values()):
+                self.succeed()  # finished before the suspension reached it
+                return
+        was = st.phase
+        st.phase = SUSPENDED
+        st.restart_after = None
+        stopping = sum(1 for p in self.obs.pods if p.phase in _LIVE_PHASES)
+        if was != SUSPENDED:
+            saving = was == TRAINING and self.job.spec.checkpoint.save_on_terminate
+            why = (
+                f"attempt {st.attempt}'s pods stop within their termination grace period"
+                f"{' (the trainer saves its current step)' if saving else ''}"
+                if was in (COMPILING, TRAINING) else "no attempt starts while it is"
+            )
+            self.cond(SUSPENDED, "True", SUSPENDED, f"spec.suspend is true: {why}")
+            self.cond(RUNNING, "False", SUSPENDED, "job suspended")
+        st.message = "suspended (spec.suspend is true)" + (
+            f"; {stopping} pod(s) still stopping" if stopping else ""
+        )
+
+    def resume(self) -> None:
+        """spec.suspend back to false: the next attempt starts once the suspended pods are gone
+        (they hold their nodes' devices), without backoff and not counted in restarts."""
+        st = self.st
+        if any(self.blocks_restart(p) for p in self.obs.pods):
+            st.message = "resuming: waiting for the suspended pods to stop"
+            return  # their deletion is a pod event: the shell calls again
+        st.attempt += 1
+        self.cond(SUSPENDED, "False", RESUMED, f"spec.suspend is false: attempt {st.attempt}")
+        self.start_gang()
 
     def planned_restart(self) -> bool:
         running = get_condition(self.st, RUNNING)
@@ -571,6 +627,8 @@ class _Pass:
         if self.planned_restart():
             # Healthy ranks: their full grace period lets the trainer save the current step.
             return [DeletePods(tuple(names), f"spec changed during attempt {st.attempt}")]
+        if st.phase == SUSPENDED:
+            return [DeletePods(tuple(names), f"job suspended during attempt {st.attempt}")]
         if st.phase == RESTARTING:
             # The survivors of a fault cannot save (a save is collective and a peer is gone)
             # and often hang in a collective; the new gang waits for them to go, so the long

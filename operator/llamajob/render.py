@@ -128,11 +128,12 @@ def configmap_name(job_name: str, revision: str) -> str:
 def spec_revision(job: LlamaTrainingJob) -> str:
     """Digest of everything in the spec that reaches the pods or the trainer's config.
 
-    ``restartPolicy`` is left out: only the operator reads it, so editing it takes effect
-    without touching a running gang. Any other edit gives a new revision, and a gang running an
-    older one is restarted with it (see ``reconcile``).
+    ``restartPolicy`` and ``suspend`` are left out: only the operator reads them, so editing
+    them takes effect without touching a running gang (suspending stops it, but as a suspension,
+    not an edit). Any other edit gives a new revision, and a gang running an older one is
+    restarted with it (see ``reconcile``).
     """
-    payload = job.spec.model_dump(mode="json", exclude={"restart_policy"})
+    payload = job.spec.model_dump(mode="json", exclude={"restart_policy", "suspend"})
     if job.spec.restart_policy.process_restarts:
         # The exception: it changes the torchrun command. Absent when 0, so jobs that do not
         # use it keep the revision they had.
@@ -224,7 +225,7 @@ def _metadata(job: LlamaTrainingJob, name: str, lbls: dict[str, str]) -> dict[st
 def trainer_config(job: LlamaTrainingJob, plan: Plan) -> TrainerConfig:
     """The training spec plus what the trainer cannot derive: identity, backend, device peak."""
     spec = job.spec
-    data = spec.model_dump(exclude={"cluster", "restart_policy"})
+    data = spec.model_dump(exclude={"cluster", "restart_policy", "suspend"})
     inst = plan.instance
     data.update(
         job_name=job.metadata.name,

@@ -8,11 +8,12 @@ from datetime import UTC, datetime
 from .api import Condition, LlamaTrainingJobStatus
 
 PENDING, COMPILING, TRAINING, RESTARTING = "Pending", "Compiling", "Training", "Restarting"
+SUSPENDED = "Suspended"  # also the condition type, as a Kubernetes Job's
 SUCCEEDED, FAILED = "Succeeded", "Failed"
 TERMINAL = (SUCCEEDED, FAILED)
 
 VALIDATED, COMPILED, RUNNING = "Validated", "Compiled", "Running"
-CONDITION_TYPES = (VALIDATED, COMPILED, RUNNING, SUCCEEDED, FAILED)
+CONDITION_TYPES = (VALIDATED, COMPILED, RUNNING, SUSPENDED, SUCCEEDED, FAILED)
 
 # Condition / failure reasons
 INVALID_SPEC = "InvalidSpec"
@@ -24,6 +25,7 @@ COMPILE_SKIPPED, COMPILE_FINISHED, COMPILE_DISABLED = (
     "CompileDisabled",
 )
 SPEC_CHANGED = "SpecChanged"
+RESUMED = "Resumed"
 PODS_UNSCHEDULABLE = "PodsUnschedulable"
 
 MESSAGE_LIMIT = 512  # termination messages can be long; status and Events stay readable
