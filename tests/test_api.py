@@ -109,6 +109,7 @@ def test_examples_validate_against_crd_schema(path: Path) -> None:
         (lambda s: s["model"].__setitem__("preset", "llama4"), "llama4"),
         (lambda s: s["checkpoint"].__setitem__("resume", "latest"), "latest"),
         (lambda s: s["cluster"].__setitem__("instanceType", "p5.48xlarge"), "p5.48xlarge"),
+        (lambda s: s["cluster"].__setitem__("podLabels", {"team": "a b"}), "a b"),
     ],
 )
 def test_crd_schema_rejects_what_the_models_reject(mutate, fragment: str) -> None:

@@ -305,6 +305,52 @@ def test_spec_node_selector_and_tolerations_are_added() -> None:
     assert spec["serviceAccountName"] == "trainer" and spec["priorityClassName"] == "high"
 
 
+def test_pod_labels_annotations_and_scheduler_reach_both_roles() -> None:
+    job = example(
+        "llama3-70b",
+        podLabels={"team": "llm", "kueue.x-k8s.io/queue-name": "training"},
+        podAnnotations={"karpenter.sh/do-not-disrupt": "true", "note": "free text: any value"},
+        schedulerName="volcano",
+    )
+    plan = make_plan(job.spec)
+    for role in (render.ROLE_COMPILE, render.ROLE_TRAIN):
+        pod = render.render_pod(job, plan, role, 2, 3)
+        meta = pod["metadata"]
+        assert meta["labels"]["team"] == "llm"
+        assert meta["labels"]["kueue.x-k8s.io/queue-name"] == "training"
+        assert meta["labels"] == {**meta["labels"], **render.labels(
+            job, role, 2, 3, render.spec_revision(job))}  # ours all there, unchanged
+        assert meta["annotations"] == {"karpenter.sh/do-not-disrupt": "true",
+                                       "note": "free text: any value"}
+        assert pod["spec"]["schedulerName"] == "volcano"
+        valid_k8s(pod)
+    # Without them, nothing extra is rendered.
+    plain = render.render_pod(example("llama3-70b"), plan, render.ROLE_TRAIN, 1, 0)
+    assert "annotations" not in plain["metadata"] and "schedulerName" not in plain["spec"]
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("podLabels", {"llamajob.dev/job": "x"}, "keys under llamajob.dev/ are set by the"),
+        ("podAnnotations", {"llamajob.dev/revision": "x"}, "are set by the operator"),
+        ("podLabels", {"team": "a b"}, "value 'a b' of 'team': at most 63 letters"),
+        ("podLabels", {"Example.com/team": "a"}, "the prefix before '/' must be a DNS subdomain"),
+        ("podAnnotations", {"-x": "1"}, "key '-x': the name must be 1-63 letters"),
+        ("nodeSelector", {"zone": "x" * 64}, "at most 63"),
+    ],
+)
+def test_bad_label_and_annotation_keys_are_refused_with_the_rule(
+    field: str, value: dict[str, str], message: str
+) -> None:
+    """A key or value Kubernetes would refuse fails the job up front, naming the field, instead
+    of every pod creation failing."""
+    with pytest.raises(JobFileError) as err:
+        example("llama3-70b", **{field: value})
+    assert [e.field for e in err.value.errors] == [f"spec.cluster.{field}"]
+    assert message in err.value.errors[0].message
+
+
 def test_volumes_shm_config_and_claims(
     gang70: list[dict[str, Any]], job70: LlamaTrainingJob
 ) -> None:

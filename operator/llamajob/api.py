@@ -6,10 +6,11 @@ copy, the operator's validation and the local runner all derive from them.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from llamajob_trainer.config import PositiveInt, SpecModel, TrainingSpec
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.alias_generators import to_camel
 
 from .catalogue import INSTANCE_TYPES
@@ -29,6 +30,43 @@ assert set(InstanceTypeName.__args__) == set(INSTANCE_TYPES), "catalogue and enu
 # label-safe name is always valid).
 EnvName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=253)]
 DnsLabel = Annotated[str, Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63)]
+
+# Label and annotation keys, label values: Kubernetes' own rules, checked here so that a bad one
+# fails the job with a message naming the field instead of every pod creation being refused.
+_NAME_PART = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+LABEL_VALUE_PATTERN = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
+# For the CRD, so that the API server refuses a bad label value at apply time already.
+_LABEL_VALUES_SCHEMA = {
+    "additionalProperties": {"type": "string", "maxLength": 63, "pattern": LABEL_VALUE_PATTERN}
+}
+
+
+def _key_problem(key: str) -> str | None:
+    prefix, slash, name = key.rpartition("/")
+    if slash and (not prefix or len(prefix) > 253 or not _DNS_SUBDOMAIN.match(prefix)):
+        return (f"key {key!r}: the prefix before '/' must be a DNS subdomain (lowercase letters, "
+                "digits, '-' and '.'), e.g. example.com/team")
+    if not name or len(name) > 63 or not _NAME_PART.match(name):
+        return (f"key {key!r}: the name must be 1-63 letters, digits, '-', '_' or '.', starting "
+                "and ending with a letter or digit")
+    return None
+
+
+def check_metadata_map(value: dict[str, str], *, label_values: bool, reserved: bool) -> None:
+    """Raise ValueError naming each bad key (and label value) with the rule it breaks."""
+    problems = [p for key in value if (p := _key_problem(key))]
+    if reserved:
+        problems += [f"key {key!r}: keys under {GROUP}/ are set by the operator"
+                     for key in value if key.startswith(f"{GROUP}/")]
+    if label_values:
+        problems += [
+            f"value {v!r} of {k!r}: at most 63 letters, digits, '-', '_' or '.', starting and "
+            "ending with a letter or digit (or empty)"
+            for k, v in value.items() if len(v) > 63 or not re.match(LABEL_VALUE_PATTERN, v)
+        ]
+    if problems:
+        raise ValueError("; ".join(problems))
 
 
 class Volume(SpecModel):
@@ -78,7 +116,9 @@ class ClusterSpec(SpecModel):
         default_factory=list, description="PersistentVolumeClaims (FSx) mounted into every pod."
     )
     node_selector: dict[str, str] = Field(
-        default_factory=dict, description="Extra node labels, added to the instance-type selector."
+        default_factory=dict,
+        description="Extra node labels, added to the instance-type selector.",
+        json_schema_extra=_LABEL_VALUES_SCHEMA,
     )
     tolerations: list[Toleration] = Field(default_factory=list)
     env: list[EnvVar] = Field(default_factory=list, description="Extra environment variables.")
@@ -95,12 +135,40 @@ class ClusterSpec(SpecModel):
     memory: str | None = Field(None, description="Memory request and limit per pod, e.g. '480Gi'.")
     shm_size: str = Field("64Gi", description="Size limit of the in-memory /dev/shm.")
     priority_class_name: str | None = None
+    scheduler_name: str | None = Field(
+        None,
+        max_length=253,
+        description="Scheduler for the pods (a gang scheduler, say); default: the cluster's.",
+    )
+    pod_labels: dict[str, str] = Field(
+        default_factory=dict,
+        description="Extra labels on every compile and training pod (keys under llamajob.dev/ "
+        "are the operator's).",
+        json_schema_extra=_LABEL_VALUES_SCHEMA,
+    )
+    pod_annotations: dict[str, str] = Field(
+        default_factory=dict,
+        description="Annotations on every compile and training pod, e.g. "
+        "karpenter.sh/do-not-disrupt: 'true' so that consolidation leaves a running gang alone.",
+    )
     hyperpod: bool = Field(
         True,
         description="SageMaker HyperPod nodes: select the ml.-prefixed instance type and the "
         "HyperPod health label Schedulable. false on plain EKS: select the EC2 instance type "
         "(no ml. prefix); node health is then the Ready condition alone.",
     )
+
+    @field_validator("node_selector", "pod_labels")
+    @classmethod
+    def _labels(cls, value: dict[str, str], info: Any) -> dict[str, str]:
+        check_metadata_map(value, label_values=True, reserved=info.field_name == "pod_labels")
+        return value
+
+    @field_validator("pod_annotations")
+    @classmethod
+    def _annotations(cls, value: dict[str, str]) -> dict[str, str]:
+        check_metadata_map(value, label_values=False, reserved=True)
+        return value
 
 
 class RestartPolicy(SpecModel):

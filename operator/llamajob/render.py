@@ -549,12 +549,15 @@ def render_pod(
         pod_spec["serviceAccountName"] = cluster.service_account_name
     if cluster.priority_class_name:
         pod_spec["priorityClassName"] = cluster.priority_class_name
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": _metadata(job, name, labels(job, role, attempt, rank, revision)),
-        "spec": pod_spec,
-    }
+    if cluster.scheduler_name:
+        pod_spec["schedulerName"] = cluster.scheduler_name
+    # The user's labels cannot shadow the operator's: keys under llamajob.dev/ are refused.
+    meta = _metadata(
+        job, name, {**cluster.pod_labels, **labels(job, role, attempt, rank, revision)}
+    )
+    if cluster.pod_annotations:
+        meta["annotations"] = dict(cluster.pod_annotations)
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": pod_spec}
 
 
 def render_gang(
