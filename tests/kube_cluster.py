@@ -154,6 +154,14 @@ class Kubelet:
             {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
              "message": message, "lastTransitionTime": now_iso()}]}}, self.namespace, sub="status")
 
+    def cannot_start(self, pod: str, node: str, reason: str, message: str) -> None:
+        """Placed on a node, but the container cannot start (image pull, missing Secret...)."""
+        self.client.patch("pods", pod, {"spec": {"nodeName": node}}, self.namespace)
+        self.client.patch("pods", pod, {"status": {"phase": "Pending", "containerStatuses": [
+            {"name": "trainer", "ready": False, "restartCount": 0,
+             "state": {"waiting": {"reason": reason, "message": message}}}]}},
+            self.namespace, sub="status")
+
     def finish(self, pod: str, exit_code: int, *, reason: str | None = None,
                message: Mapping[str, Any] | str | None = None) -> None:
         text = json.dumps(message) if isinstance(message, Mapping) else message

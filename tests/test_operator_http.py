@@ -478,6 +478,32 @@ def test_gang_that_cannot_be_scheduled_says_why_until_capacity_arrives(
     assert reasons(cluster).count("Unschedulable") == 1
 
 
+def test_pod_that_cannot_start_says_why_until_the_secret_exists(
+    cluster: Cluster, operator: KopfRunner, tmp_path: Path
+) -> None:
+    nodes = cluster.add_nodes(2)
+    doc = example("llama3-8b.yaml", nodes=2)
+    doc["spec"]["compile"]["enabled"] = False
+    apply(cluster, doc, tmp_path)
+    train = gang(cluster, "train", 1, 2)
+    cluster.kubelet.run(train[0]["metadata"]["name"], nodes[0])
+    missing = 'secret "hf-token" not found'
+    cluster.kubelet.cannot_start(train[1]["metadata"]["name"], nodes[1],
+                                 "CreateContainerConfigError", missing)
+    running = wait_for(
+        lambda: (c := condition(status(cluster), "Running")).get("reason") == "PodsNotStarting"
+        and c, what="Running condition PodsNotStarting")
+    assert missing in running["message"] and missing in status(cluster)["message"]
+    wait_for(lambda: "PodsNotStarting" in reasons(cluster), what="PodsNotStarting event")
+    # The user creates the Secret; the kubelet starts the container.
+    cluster.kubelet.run(train[1]["metadata"]["name"], nodes[1])
+    wait_for(lambda: condition(status(cluster), "Running").get("status") == "True",
+             what="gang running")
+    st = status(cluster)
+    assert "cannot start" not in st["message"] and st["restarts"] == 0 and not st.get("faults")
+    assert reasons(cluster).count("PodsNotStarting") == 1
+
+
 def test_permanent_error_fails_without_restart(
     cluster: Cluster, operator: KopfRunner, tmp_path: Path
 ) -> None:

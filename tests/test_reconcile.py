@@ -1143,6 +1143,57 @@ def test_suspended_job_ignores_spec_edits_until_resumed() -> None:
         assert volume["configMap"]["name"] == render.configmap_name("demo", revision)
 
 
+def test_pods_that_cannot_start_say_why_with_one_event_until_they_run() -> None:
+    w = World(make_job(compile_=False))
+    w.step()
+    w.schedule("train", 1)
+    w.set("train", 1, phase="Pending")
+    secret = 'CreateContainerConfigError: secret "hf" not found'
+    w.set_rank("train", 1, 1, not_starting=secret)
+    d = w.step(10)
+    running = cond(d, "Running")
+    assert (running.status, running.reason) == ("False", "PodsNotStarting")
+    assert d.status.message == (
+        f"attempt 1: 0/{NODES} training pod(s) running; 1 pod(s) cannot start, e.g. "
+        f"{name('train', 1, 1)}: {secret}"
+    )
+    assert events(d) == [("Warning", "PodsNotStarting")] and d.creates == [] and d.deleted == []
+    assert d.status.phase == "Training" and d.status.faults == []  # waits: no fault, no restart
+    # Between two retries the kubelet's reason blanks out: no flip, no second event.
+    w.set_rank("train", 1, 1, not_starting=None)
+    d = w.step(10)
+    assert cond(d, "Running").reason == "PodsNotStarting" and d.events == []
+    w.set_rank("train", 1, 1, not_starting='ImagePullBackOff: Back-off pulling image "x"')
+    d = w.step(10)
+    assert "ImagePullBackOff" in d.status.message and d.events == []
+    # The user fixes it; the gang runs.
+    w.set_rank("train", 1, 1, not_starting=None)
+    w.schedule("train", 1)
+    d = w.step(10)
+    assert (cond(d, "Running").status, cond(d, "Running").reason) == ("True", "AllPodsRunning")
+    assert "cannot start" not in d.status.message
+
+
+@pytest.mark.parametrize("reason", ["InvalidImageName", "ErrImageNeverPull"])
+def test_an_image_that_can_never_start_fails_the_job_naming_the_field(reason: str) -> None:
+    w = World(make_job(compile_=False))
+    w.step()
+    w.schedule("train", 1)
+    w.set("train", 1, phase="Pending")
+    w.set_rank("train", 1, 2, not_starting=f"{reason}: couldn't parse image reference")
+    d = w.step(10)
+    st = d.status
+    assert (st.phase, cond(d, "Failed").reason, st.restarts) == ("Failed", "InvalidSpec", 0)
+    assert st.message.startswith(f"spec.cluster.image: pod {name('train', 1, 2)}: ")
+    assert reason in st.message and "Fix spec.cluster.image" in st.message
+    assert events(d) == [("Warning", "Failed")]  # one event, not a fault event besides
+    assert sorted(d.deleted) == [name("train", 1, r) for r in range(NODES)]
+    # Fixing the image (an edit) starts the next attempt.
+    edit(w, lambda spec: spec["cluster"].update(image="ghcr.io/llamajob/trainer:0.1.1"))
+    d = w.step(5)
+    assert (d.status.phase, d.status.attempt) == ("Training", 2)
+
+
 # --- level-triggered, idempotent, events only on transitions -------------------------------------
 def test_whole_life_reaches_a_fixed_point_at_every_step() -> None:
     """Drive a job through compile, training, a node fault, a restart and success; after every

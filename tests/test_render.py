@@ -281,6 +281,29 @@ def test_unschedulable_pod_is_read_with_the_schedulers_message() -> None:
     assert observed is not None and observed.unschedulable is None
 
 
+@pytest.mark.parametrize(
+    ("waiting", "expected"),
+    [
+        ({"reason": "ImagePullBackOff", "message": 'Back-off pulling image "x:1"'},
+         'ImagePullBackOff: Back-off pulling image "x:1"'),
+        ({"reason": "CreateContainerConfigError", "message": 'secret "hf" not found'},
+         'CreateContainerConfigError: secret "hf" not found'),
+        ({"reason": "InvalidImageName"}, "InvalidImageName"),
+        ({"reason": "ContainerCreating"}, None),  # on its way
+        ({}, None),
+    ],
+)
+def test_container_that_cannot_start_is_read_with_the_kubelets_reason(
+    waiting: dict[str, str], expected: str | None
+) -> None:
+    job = example("llama3-8b")
+    pod = render.render_pod(job, make_plan(job.spec), "train", 1, 0)
+    pod["status"] = {"phase": "Pending", "containerStatuses": [
+        {"name": render.CONTAINER, "state": {"waiting": waiting}}]}
+    observed = render.observed_pod(pod)
+    assert observed is not None and observed.not_starting == expected
+
+
 def test_spec_node_selector_and_tolerations_are_added() -> None:
     job = example(
         "llama3-70b",

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from .actions import EmitEvent
 from .api import Condition, LlamaTrainingJob, LlamaTrainingJobStatus
-from .faults import is_node_fault
+from .faults import INVALID_IMAGE, is_node_fault
 from .status import (
     COMPILE_FINISHED,
     COMPILE_SKIPPED,
     COMPILED,
     COMPILING,
     FAILED,
+    PODS_NOT_STARTING,
     PODS_UNSCHEDULABLE,
     RESTARTING,
     RESUMED,
@@ -47,14 +48,18 @@ def events(
             out.append(EmitEvent("Normal", SPEC_CHANGED, running.message))
         elif running.reason == PODS_UNSCHEDULABLE:
             out.append(EmitEvent("Warning", "Unschedulable", running.message))
+        elif running.reason == PODS_NOT_STARTING:
+            out.append(EmitEvent("Warning", PODS_NOT_STARTING, running.message))
     if c := flipped(SUSPENDED, "True"):
         out.append(EmitEvent("Normal", SUSPENDED, c.message))
     if (c := flipped(SUSPENDED, "False")) and c.reason == RESUMED:
         out.append(EmitEvent("Normal", RESUMED, c.message))
     seen = {(f.attempt, f.pod, f.reason, f.time) for f in old.faults}
     for f in new.faults:
-        if (f.attempt, f.pod, f.reason, f.time) in seen or f.reason == TRAINER_ERROR:
+        if (f.attempt, f.pod, f.reason, f.time) in seen:
             continue
+        if f.reason in (TRAINER_ERROR, INVALID_IMAGE):
+            continue  # the job failed on it, and the Failed event says so
         reason = "NodeFault" if is_node_fault(f.reason) else f.reason
         where = f" on node {f.node}" if f.node else ""
         text = f"attempt {f.attempt}: pod {f.pod}{where}: {f.reason}: {f.message}"

@@ -20,6 +20,13 @@ POD_FAILED = "PodFailed"
 OOM_KILLED = "OOMKilled"
 POD_DELETED = "PodDeleted"
 HANG = "Hang"
+INVALID_IMAGE = "InvalidImage"
+
+# Container waiting reasons no retry by the kubelet can end: the image reference itself is
+# wrong (or may not be pulled at all). Others (ImagePullBackOff, CreateContainerConfigError for a
+# missing Secret, ...) can clear up once the user pushes the image or creates the Secret, so the
+# job waits for them and says why.
+IMAGE_NEVER_STARTS = frozenset({"InvalidImageName", "ErrImageNeverPull"})
 
 # Pod-level reasons (pod.status.reason or the DisruptionTarget reason) that mean the node, not
 # the job, ended the pod. Reasons starting with "OutOf" (device plugin lost the devices at
@@ -74,6 +81,13 @@ def pod_finding(pod: ObservedPod, nodes: Mapping[str, NodeHealth]) -> Finding | 
         reason = NODE_GONE if health.reason == NODE_GONE else NODE_UNHEALTHY
         detail = "is gone" if reason == NODE_GONE else f"is unhealthy ({health.reason or '?'})"
         return finding(reason, f"node {pod.node} {detail}")
+    if pod.not_starting and pod.not_starting.split(":")[0] in IMAGE_NEVER_STARTS:
+        return finding(
+            INVALID_IMAGE,
+            f"its container cannot start: {pod.not_starting}. Fix spec.cluster.image (or "
+            "imagePullPolicy Never on nodes without the image)",
+            permanent=True,
+        )
     if pod.phase == "Unknown":
         return finding(NODE_LOST, f"pod state unknown: node {pod.node or '?'} stopped reporting")
     if is_node_fault(pod.reason):

@@ -24,6 +24,9 @@ class ObservedPod:
     deleting: bool = False  # metadata.deletionTimestamp is set
     ip: str | None = None
     unschedulable: str | None = None  # the scheduler's reason while no node fits the pod
+    # "Reason: message" while the kubelet cannot start the trainer container (image pull,
+    # a missing Secret or key, ...); None while it starts normally, runs or has ended.
+    not_starting: str | None = None
 
 
 @dataclass(frozen=True)

@@ -87,6 +87,7 @@ from .api import Fault, LlamaTrainingJob, LlamaTrainingJobStatus
 from .events import events
 from .faults import (
     HANG,
+    INVALID_IMAGE,
     NODE_GONE,
     NODE_UNHEALTHY,
     POD_DELETED,
@@ -107,6 +108,7 @@ from .status import (
     FAILED,
     INVALID_SPEC,
     PENDING,
+    PODS_NOT_STARTING,
     PODS_UNSCHEDULABLE,
     RESTARTING,
     RESUMED,
@@ -285,6 +287,11 @@ class _Pass:
             if f is not None:
                 findings.append(f)
         permanent = [f for f in findings if f.permanent]
+        if permanent and all(f.reason == INVALID_IMAGE for f in permanent):
+            first = min(permanent, key=lambda f: f.rank)
+            self.record([first])
+            self.fail(INVALID_SPEC, f"spec.cluster.image: pod {first.pod}: {first.message}")
+            return
         if permanent:
             self.fail_trainer(permanent)
             return
@@ -315,6 +322,8 @@ class _Pass:
         what = "compile" if role == render.ROLE_COMPILE else "training"
         counts = f"attempt {st.attempt}: {started}/{plan.pods} {what} pod(s) running"
         waiting = [p for p in gang.values() if p.unschedulable and not p.deleting]
+        stuck = [p for p in gang.values() if p.not_starting and not p.deleting]
+        running = get_condition(st, RUNNING)
         if started == plan.pods:
             self.cond(RUNNING, "True", "AllPodsRunning", counts)
         elif waiting:
@@ -324,6 +333,19 @@ class _Pass:
                 f"{waiting[0].unschedulable}"
             )
             self.cond(RUNNING, "False", PODS_UNSCHEDULABLE, counts)
+        elif stuck:
+            # Placed but not starting (image pull, a missing Secret...): these pods hold their
+            # nodes, so say so; the kubelet keeps retrying and the job goes on once it can.
+            counts += (
+                f"; {len(stuck)} pod(s) cannot start, e.g. {stuck[0].name}: "
+                f"{stuck[0].not_starting}"
+            )
+            self.cond(RUNNING, "False", PODS_NOT_STARTING, counts)
+        elif running is not None and running.reason == PODS_NOT_STARTING:
+            # Between two of the kubelet's retries the reason may blank out: keep the condition
+            # until the gang runs rather than flip back and forth (each flip, another Warning).
+            counts += "; waiting for the pod(s) that could not start"
+            self.cond(RUNNING, "False", PODS_NOT_STARTING, counts)
         else:
             self.cond(RUNNING, "False", "PodsStarting", counts)
         if role == render.ROLE_TRAIN:

@@ -600,6 +600,10 @@ _DISRUPTION_REASONS = {
 }
 
 
+# Waiting reasons of a container on its normal way to running.
+_STARTING_REASONS = frozenset({"ContainerCreating", "PodInitializing"})
+
+
 def observed_pod(obj: Mapping[str, Any]) -> ObservedPod | None:
     """Read a pod this operator created (None for anything without our labels)."""
     meta = obj.get("metadata") or {}
@@ -611,10 +615,16 @@ def observed_pod(obj: Mapping[str, Any]) -> ObservedPod | None:
     status = obj.get("status") or {}
     spec = obj.get("spec") or {}
     terminated: dict[str, Any] = {}
+    not_starting = None
     for cs in status.get("containerStatuses") or []:
         if cs.get("name") == CONTAINER:
             state = cs.get("state") or {}
             terminated = state.get("terminated") or {}
+            waiting = state.get("waiting") or {}
+            if waiting.get("reason") and waiting["reason"] not in _STARTING_REASONS:
+                not_starting = ": ".join(
+                    str(part) for part in (waiting["reason"], waiting.get("message")) if part
+                )
             if not terminated and status.get("phase") in ("Failed", "Succeeded"):
                 terminated = (cs.get("lastState") or {}).get("terminated") or {}
     reason = status.get("reason")
@@ -646,6 +656,7 @@ def observed_pod(obj: Mapping[str, Any]) -> ObservedPod | None:
         deleting=bool(meta.get("deletionTimestamp")),
         ip=status.get("podIP") or None,
         unschedulable=unschedulable,
+        not_starting=not_starting,
     )
 
 

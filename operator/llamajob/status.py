@@ -27,6 +27,7 @@ COMPILE_SKIPPED, COMPILE_FINISHED, COMPILE_DISABLED = (
 SPEC_CHANGED = "SpecChanged"
 RESUMED = "Resumed"
 PODS_UNSCHEDULABLE = "PodsUnschedulable"
+PODS_NOT_STARTING = "PodsNotStarting"
 
 MESSAGE_LIMIT = 512  # termination messages can be long; status and Events stay readable
 
