@@ -22,7 +22,8 @@ import pytest
 import yaml
 from conftest import ROOT
 from llamajob.jobfile import load_job, parse_job
-from llamajob.local import observed_pod_from_process, scaled_down
+from llamajob.local import observed_pod_from_process
+from llamajob.local_cli import scaled_down
 from llamajob.observed import Observed
 from llamajob.plan import make_plan
 from llamajob.reconcile import reconcile
@@ -398,7 +399,7 @@ def test_console_prints_log_text_with_brackets_literally(
     """Status messages quote pod logs; a gloo line like "[/.../pair.cc:152] ..." once crashed
     the runner as a rich markup error."""
     from llamajob.api import LlamaTrainingJobStatus
-    from llamajob.local import ConsoleUI, print_summary
+    from llamajob.local_console import ConsoleUI, print_summary
 
     ui = ConsoleUI(enabled=False)
     quoted = "exit code 1: [/__w/pytorch/third_party/gloo/pair.cc:152] timed out [bold]"

@@ -15,7 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "plan": ("llamajob.plan_cli:main", "check layout and memory, estimate time and cost"),
     "crd": ("llamajob.crd:main", "print the CustomResourceDefinition"),
     "render": ("llamajob.render_cli:main", "print the Kubernetes objects a job creates"),
-    "run": ("llamajob.local:main", "run a job on this machine (CPU, same lifecycle)"),
+    "run": ("llamajob.local_cli:main", "run a job on this machine (CPU, same lifecycle)"),
     "operator": ("llamajob.operator_cli:main", "run the Kubernetes operator"),
     "train": ("llamajob_trainer.cli:train_main", "one training rank (under torchrun)"),
     "compile": ("llamajob_trainer.cli:compile_main", "the compile step (under torchrun)"),

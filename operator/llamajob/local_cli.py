@@ -1,0 +1,220 @@
+"""`llamajob run FILE`: read and check the job, prepare the built-in dataset if needed, then run
+it with the local shell (``local.py``) and print what happened (``local_console.py``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from llamajob_trainer import protocol
+from prometheus_client import start_http_server
+
+from . import metrics as op_metrics
+from .api import LlamaTrainingJob, LlamaTrainingJobStatus
+from .catalogue import INSTANCE_TYPES
+from .jobfile import JobFileError, load_job
+from .local import LocalRunner, RunOptions, free_port
+from .local_console import ConsoleUI, print_summary
+from .plan import make_plan
+
+EXIT_INVALID = 2
+EXIT_INTERRUPTED = 130
+SCALED_DOWN_STEPS = 50
+
+
+def scaled_down(job: LlamaTrainingJob) -> LlamaTrainingJob:
+    """The same model family shrunk to a CPU-sized run: depth, width and data scaled down,
+    grouped-query ratio, RoPE base and vocabulary style kept; one node, two processes."""
+    spec = job.spec
+    arch = spec.model.architecture()
+    group = max(1, arch.num_heads // arch.num_kv_heads)
+    heads = 4 if group <= 4 else group
+    wire = spec.to_wire()
+    wire["model"] = {
+        "preset": "tiny",
+        "numHeads": heads,
+        "numKvHeads": max(1, heads // group),
+        "hiddenSize": 32 * heads,
+        "intermediateSize": 96 * heads,
+        "ropeTheta": arch.rope_theta,
+    }
+    wire["data"] = {"path": "data/pydoc", "seqLength": 128}
+    wire["parallelism"] = {
+        "tensor": 1,
+        "pipeline": 1,
+        "zero1": False,
+        "sequenceParallel": False,
+        "activationCheckpointing": "none",
+    }
+    wire["batch"] = {"microBatchSize": 8, "globalBatchSize": 16}
+    wire["maxSteps"] = SCALED_DOWN_STEPS
+    wire.pop("maxTokens", None)
+    wire["precision"] = "fp32"
+    wire["backend"] = "auto"
+    name = job.metadata.name
+    wire["checkpoint"] = {"dir": f"runs/{name}-local/checkpoints", "everySteps": 10, "keep": 2}
+    wire["compile"] = {"enabled": True, "cacheDir": f"runs/{name}-local/compile-cache", "steps": 1}
+    wire["cluster"] = {"nodes": 1, "instanceType": "cpu", "processesPerNode": 2}
+    restart = wire.get("restartPolicy", {})
+    restart.update(backoffSeconds=1, hangTimeoutSeconds=120)
+    wire["restartPolicy"] = restart
+    return LlamaTrainingJob.model_validate(
+        {
+            "apiVersion": job.api_version,
+            "kind": job.kind,
+            "metadata": {"name": f"{name}-local"},
+            "spec": wire,
+        }
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="llamajob run",
+        description="Run a LlamaTrainingJob on this machine: validate, compile, train with "
+        "checkpoints and auto-resume, on CPU with torchrun + gloo. Same decisions as the operator.",
+    )
+    ap.add_argument("file", help="job YAML")
+    ap.add_argument(
+        "--chaos-kill-at-step",
+        type=int,
+        metavar="N",
+        help="kill a training process right after step N, once, to show auto-resume",
+    )
+    ap.add_argument(
+        "--chaos-kill-during-checkpoint",
+        nargs="?",
+        const=0,
+        type=int,
+        metavar="STEP",
+        help="kill a training process in the middle of a checkpoint write, once: the first "
+        "write, or the first at STEP or later",
+    )
+    ap.add_argument(
+        "--scale-down",
+        action="store_true",
+        help="for a Trainium job: run the same model family scaled down to CPU size",
+    )
+    ap.add_argument("--summary-json", type=Path, metavar="PATH", help="write the summary as JSON")
+    ap.add_argument("--metrics-port", type=int, help="trainer metrics port (default: a free one)")
+    ap.add_argument(
+        "--operator-metrics-port", type=int, help="operator-side metrics port (default: a free one)"
+    )
+    ap.add_argument("--no-progress", action="store_true", help="plain lines, no live bar")
+    ap.add_argument("--run-dir", type=Path, help="logs and scratch (default runs/<job>/local)")
+    return ap
+
+
+def ensure_dataset(job: LlamaTrainingJob, ui: ConsoleUI) -> int:
+    """Prepare the built-in corpus when the job points at a dataset that does not exist yet."""
+    path = Path(job.spec.data.path)
+    if (path / "metadata.json").exists() or path.exists():
+        return 0
+    if job.spec.model.tokenizer:
+        ui.console.print(
+            f"[red]error[/red]: spec.data.path: {path} does not exist; create it with "
+            "`llamajob prepare-data --tokenizer ... --output ...`"
+        )
+        return protocol.EXIT_DATA
+    ui.note(f"dataset {path} missing: preparing the built-in corpus (Python's own docs)")
+    argv = [
+        sys.executable,
+        "-m",
+        "llamajob.cli",
+        "prepare-data",
+        "--output",
+        str(path),
+        "--seq-length",
+        str(job.spec.data.seq_length),
+    ]
+    return subprocess.run(argv, check=False).returncode
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    ui = ConsoleUI(enabled=not args.no_progress)
+    try:
+        job = load_job(args.file)
+    except JobFileError as exc:
+        for e in exc.errors:
+            print(f"error: {e}", file=sys.stderr)
+        return EXIT_INVALID
+    if job.spec.suspend:
+        print(
+            f"error: spec.suspend: {args.file} is suspended, so nothing would run; set it to "
+            "false to run it (a local run stops with Ctrl-C and resumes when run again)",
+            file=sys.stderr,
+        )
+        return EXIT_INVALID
+    inst = INSTANCE_TYPES[job.spec.cluster.instance_type]
+    if inst.trainium:
+        print(
+            f"{args.file} targets {job.spec.cluster.nodes} x {inst.name} (the neuron backend). "
+            "Local runs use the CPU backend (torch + gloo).",
+            file=sys.stderr,
+        )
+        if not args.scale_down:
+            print(
+                "Re-run with --scale-down to run the same model family scaled down to CPU "
+                "size, or use `llamajob plan` to check the full-size job.",
+                file=sys.stderr,
+            )
+            return EXIT_INVALID
+        job = scaled_down(job)
+        ui.note(f"scaled down to {job.metadata.name}: see `llamajob run --help`")
+    plan = make_plan(job.spec)
+    if not plan.valid:
+        for problem in plan.problems():
+            print(f"error: {problem}", file=sys.stderr)
+        return EXIT_INVALID
+    code = ensure_dataset(job, ui)
+    if code:
+        return code
+
+    options = RunOptions(
+        chaos_kill_at_step=args.chaos_kill_at_step,
+        chaos_kill_during_checkpoint=args.chaos_kill_during_checkpoint,
+        metrics_port=args.metrics_port,
+        operator_metrics_port=args.operator_metrics_port,
+        progress=not args.no_progress,
+        run_dir=args.run_dir,
+    )
+    runner = LocalRunner(job=job, options=options, ui=ui)
+    op_port = options.operator_metrics_port or free_port()
+    start_http_server(op_port, addr="127.0.0.1", registry=op_metrics.REGISTRY)
+    ui.note(f"job {job.metadata.name}: {plan.world_size} processes, {job.spec.total_steps()} steps")
+    ui.note(f"operator metrics  http://127.0.0.1:{op_port}/metrics")
+    ui.note(f"trainer metrics   http://127.0.0.1:{runner.trainer_port}/metrics (rank 0)")
+
+    started = time.monotonic()
+    interrupted = False
+    previous = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        status = runner.run()
+    except KeyboardInterrupt:
+        interrupted = True
+        ui.close()
+        ui.note(
+            "interrupted: stopping all processes (a later run resumes from the newest "
+            "complete checkpoint)"
+        )
+        runner.stop_all()
+        status = runner.job.status or LlamaTrainingJobStatus()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        ui.close()
+    summary = runner.summary(time.monotonic() - started)
+    if interrupted:
+        summary["phase"] = "Interrupted"
+    print_summary(ui, summary)
+    if args.summary_json:
+        args.summary_json.write_text(json.dumps(summary, indent=2))
+    if interrupted:
+        return EXIT_INTERRUPTED
+    return 0 if status.phase == "Succeeded" else 1
