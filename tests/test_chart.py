@@ -45,6 +45,7 @@ from kmock import KubernetesError
 from kube_cluster import Client, kubectl
 from kube_emulator import Emulator, EmulatorThread
 from llamajob import permissions
+from llamajob.api import GROUP, PLURAL
 from llamajob.crd import crd_yaml
 
 KUBE_VERSIONS = ["1.30.0", "1.33.0"]
@@ -67,7 +68,9 @@ SCENARIOS: dict[str, tuple[dict[str, Any], list[str]]] = {
 }
 
 NAMESPACE_RBAC = ["ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"]
-CORE = ["ConfigMap", "Deployment", "Service", "ServiceAccount"]  # ConfigMap = the dashboard
+USER_ROLES = ["ClusterRole", "ClusterRole"]  # edit and view, aggregated into the default roles
+# ConfigMap = the dashboard
+CORE = ["ConfigMap", "Deployment", "Service", "ServiceAccount", *USER_ROLES]
 MONITORS = ["PodMonitor", "PrometheusRule", "ServiceMonitor"]
 EXPECTED_KINDS: dict[str, list[str]] = {
     "defaults": sorted(CORE + NAMESPACE_RBAC),
@@ -80,7 +83,9 @@ EXPECTED_KINDS: dict[str, list[str]] = {
     "cluster-peering": sorted(
         [*CORE, "ClusterRole", "ClusterRoleBinding", "ClusterKopfPeering", *MONITORS]
     ),
-    "monitoring-off": sorted(["Deployment", "Service", "ServiceAccount", *NAMESPACE_RBAC]),
+    "monitoring-off": sorted(
+        ["Deployment", "Service", "ServiceAccount", *USER_ROLES, *NAMESPACE_RBAC]
+    ),
 }
 
 
@@ -418,7 +423,7 @@ def test_rbac_equals_permissions_module(scope: permissions.Scope, peering: bool)
     objects = render_objects({"operator": operator})
     expected = permissions.grants(scope, peering=peering)
 
-    cluster_role = one(objects, "ClusterRole")
+    (cluster_role,) = operator_cluster_roles(objects)
     assert cluster_role["rules"] == permissions.policy_rules(expected.cluster)
     roles = of_kind(objects, "Role")
     if scope == "namespace":
@@ -452,6 +457,47 @@ def test_permissions_cover_what_the_operator_does() -> None:
     assert not {t for t in everything if t[1] == "llamatrainingjobs" and t[2] != "list"
                 and t[2] != "watch"}
     assert not {t for t in everything if "*" in t}
+
+
+AGGREGATE = "rbac.authorization.k8s.io/aggregate-to-"
+
+
+def operator_cluster_roles(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in of_kind(objects, "ClusterRole")
+            if not any(k.startswith(AGGREGATE) for k in r["metadata"]["labels"])]
+
+
+def test_user_roles_aggregate_into_the_default_roles() -> None:
+    objects = render_objects({})
+    users = {r["metadata"]["name"]: r for r in of_kind(objects, "ClusterRole")
+             if r not in operator_cluster_roles(objects)}
+    (operator_role,) = operator_cluster_roles(objects)
+    base = operator_role["metadata"]["name"]
+    edit, view = users.pop(f"{base}-edit"), users.pop(f"{base}-view")
+    assert users == {}
+    aggregated = {k.removeprefix(AGGREGATE) for k, v in edit["metadata"]["labels"].items()
+                  if k.startswith(AGGREGATE) and v == "true"}
+    assert aggregated == {"edit", "admin"}
+    assert {k for k in view["metadata"]["labels"] if k.startswith(AGGREGATE)} == {
+        AGGREGATE + "view"}
+    granted = {(g, r, v) for rule in edit["rules"] for g in rule["apiGroups"]
+               for r in rule["resources"] for v in rule["verbs"]}
+    for verb in ("create", "get", "list", "watch", "patch", "update", "delete"):
+        assert (GROUP, PLURAL, verb) in granted  # what kubectl apply/edit/delete need
+    assert not {t for t in granted if t[1] == f"{PLURAL}/status" and t[2] not in
+                ("get", "list", "watch")}  # the status is the operator's alone
+    read = {(g, r, v) for rule in view["rules"] for g in rule["apiGroups"]
+            for r in rule["resources"] for v in rule["verbs"]}
+    assert read == {(GROUP, r, v) for r in (PLURAL, f"{PLURAL}/status")
+                    for v in ("get", "list", "watch")}
+    # Nothing binds them: Kubernetes aggregates them into edit, admin and view.
+    bound = {b["roleRef"]["name"] for b in of_kind(objects, "ClusterRoleBinding")}
+    assert bound == {base}
+    # Off by value, and with the rest of the RBAC.
+    for values in ({"rbac": {"aggregateToDefaultRoles": False}},
+                   {"rbac": {"create": False}, "serviceAccount": {"name": "x"}}):
+        rendered = render_objects(values)
+        assert of_kind(rendered, "ClusterRole") == operator_cluster_roles(rendered)
 
 
 def test_role_bindings_bind_the_service_account() -> None:
