@@ -245,6 +245,9 @@ def test_happy_path_70b_compile_train_succeed(
     assert header.split()[:5] == ["NAME", "PHASE", "STEP", "LOSS", "TOKENS/S"]
     assert "RESTARTS" in header
     assert row.split()[:6] == [JOB, "Training", "10", "2.5", "33000", "0"]
+    header, row = cluster.kubectl("get", "ltj", "-o", "wide").splitlines()[:2]
+    assert header.split()[7:12] == ["NODES", "ATTEMPT", "MFU", "VAL-LOSS", "MESSAGE"]
+    assert row.split()[7:10] == ["16", "1", "0.31"]
 
     trainer.set(step=20, loss=2.25, last_checkpoint_step=20)
     st = wait_for(lambda: (s := status(cluster)).get("lastCheckpointStep") == 20 and s,

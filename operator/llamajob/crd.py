@@ -36,6 +36,11 @@ PRINTER_COLUMNS = [
     {"name": "Tokens/s", "type": "number", "jsonPath": ".status.tokensPerSecond"},
     {"name": "Restarts", "type": "integer", "jsonPath": ".status.restarts"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    # -o wide adds these.
+    {"name": "Nodes", "type": "integer", "jsonPath": ".spec.cluster.nodes", "priority": 1},
+    {"name": "Attempt", "type": "integer", "jsonPath": ".status.attempt", "priority": 1},
+    {"name": "MFU", "type": "number", "jsonPath": ".status.mfu", "priority": 1},
+    {"name": "Val-Loss", "type": "number", "jsonPath": ".status.validationLoss", "priority": 1},
     {
         "name": "Message",
         "type": "string",
