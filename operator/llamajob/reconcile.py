@@ -379,6 +379,7 @@ class _Pass:
         the trainer saves its step) and start nothing until it is false again."""
         st, plan = self.st, self.plan
         assert plan is not None
+        was = st.phase
         if st.phase == COMPILING:
             gang = self.current_gang()
             if len(gang) == plan.pods and all(p.phase == "Succeeded" for p in gang.values()):
@@ -389,7 +390,6 @@ class _Pass:
             if len(gang) == plan.pods and all(p.phase == "Succeeded" for p in gang.values()):
                 self.succeed()  # finished before the suspension reached it
                 return
-        was = st.phase
         st.phase = SUSPENDED
         st.restart_after = None
         stopping = sum(1 for p in self.obs.pods if p.phase in _LIVE_PHASES)
