@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ import transformers
 from llamajob_trainer.hf import hf_config
 from llamajob_trainer.model import (
     Llama,
+    block_causal_attention,
     from_hf_state_dict,
     init_tensor,
     loss_sum,
@@ -153,3 +155,51 @@ def test_loss_sum_ignores_masked_labels() -> None:
     keep = torch.tensor([0, 1, 3])
     expected = torch.nn.functional.cross_entropy(logits[0, keep], labels[0, keep], reduction="sum")
     torch.testing.assert_close(loss_sum(logits, labels), expected)
+
+
+@pytest.mark.parametrize(
+    ("seq", "block", "dtype"),
+    [(64, 16, torch.float32), (50, 16, torch.float32), (7, 16, torch.float32),
+     (64, 16, torch.bfloat16)],
+    ids=["blocks", "ragged-last-block", "one-short-block", "bf16"],
+)
+def test_block_causal_attention_matches_sdpa(seq: int, block: int, dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, h, seq, 16, generator=gen).to(dtype).requires_grad_()
+               for h in (6, 2, 2))
+    grad_out = torch.randn(2, 6, seq, 16, generator=gen).to(dtype)
+
+    def run(fn: Callable[[], torch.Tensor]) -> list[torch.Tensor]:
+        out = fn()
+        return [out, *torch.autograd.grad(out, (q, k, v), grad_out)]
+
+    ours = run(lambda: block_causal_attention(q, k, v, block))
+    ref = run(lambda: torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, is_causal=True, enable_gqa=True))
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 3e-2, "rtol": 3e-2}
+    for got, want in zip(ours, ref, strict=True):
+        assert got.dtype == dtype
+        torch.testing.assert_close(got, want, **tol)
+
+
+@pytest.mark.parametrize(("seq", "blocked"), [(64, True), (768, False)])
+def test_compiled_cpu_attention_skips_masked_blocks_below_the_flash_threshold(
+    monkeypatch: pytest.MonkeyPatch, seq: int, blocked: bool
+) -> None:
+    import llamajob_trainer.model as model_module
+
+    calls: list[int] = []
+    real = model_module.block_causal_attention
+
+    def recording(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int) -> torch.Tensor:
+        calls.append(block)
+        return real(q, k, v, block)
+
+    monkeypatch.setattr(model_module, "block_causal_attention", recording)
+    q, k, v = (torch.randn(1, h, seq, 8) for h in (4, 2, 2))
+    eager = model_module._attention_core(q, k, v)
+    assert calls == []  # eager keeps PyTorch's kernel
+    torch._dynamo.reset()
+    compiled = torch.compile(model_module._attention_core, backend="eager")(q, k, v)
+    assert bool(calls) is blocked
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)

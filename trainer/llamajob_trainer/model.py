@@ -98,8 +98,50 @@ class Attention(nn.Module):
         return self.wo(out.transpose(1, 2).reshape(b, s, -1))
 
 
+# PyTorch's CPU flash kernel splits queries finely enough to skip the masked half of causal
+# attention only from this length up; below it, it does the full square.
+_CPU_FLASH_CAUSAL_SKIP_FROM = 768
+_CAUSAL_BLOCK = 32
+
+
 def _attention_core(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    if (
+        q.device.type == "cpu"
+        and q.shape[-2] < _CPU_FLASH_CAUSAL_SKIP_FROM
+        and torch.compiler.is_compiling()
+    ):
+        return block_causal_attention(q, k, v, _CAUSAL_BLOCK)
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+
+def block_causal_attention(q: Tensor, k: Tensor, v: Tensor, block: int) -> Tensor:
+    """Causal grouped-query attention from plain matmuls, skipping the masked blocks.
+
+    q [b, heads, s, d], k and v [b, kv_heads, s, d]. Each block of ``block`` queries attends
+    only to the keys up to its end, so about half of the s x s scores are never computed
+    (the CPU flash kernel computes all of them below ``_CPU_FLASH_CAUSAL_SKIP_FROM``). The
+    query heads that share a key head are stacked into one matmul, so k and v are never
+    repeated. Meant to be traced by torch.compile, which fuses the mask and softmax; it keeps
+    each block's probabilities for backward, which is why it is used only for short sequences.
+    """
+    b, heads, s, d = q.shape
+    kv_heads = k.shape[1]
+    group = heads // kv_heads
+    # Scaling q costs s x d multiplications; scaling the scores would cost s x s.
+    grouped = (q * (1.0 / math.sqrt(d))).view(b, kv_heads, group, s, d)
+    outs = []
+    for start in range(0, s, block):
+        end = min(start + block, s)
+        rows = end - start
+        qb = grouped[:, :, :, start:end].reshape(b, kv_heads, group * rows, d)
+        scores = qb @ k[:, :, :end].transpose(-1, -2)
+        row_pos = torch.arange(start, end, device=q.device, dtype=torch.int32)
+        row_pos = row_pos.repeat(group).unsqueeze(-1)
+        col_pos = torch.arange(end, device=q.device, dtype=torch.int32)
+        scores = scores.masked_fill(col_pos > row_pos, float("-inf"))
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
+        outs.append((probs @ v[:, :, :end]).view(b, kv_heads, group, rows, d))
+    return torch.cat(outs, dim=3).view(b, heads, s, d)
 
 
 class FeedForward(nn.Module):
