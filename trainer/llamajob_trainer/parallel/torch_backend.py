@@ -17,10 +17,13 @@
 - Activation checkpointing: ``full`` recomputes each block from its input, ``selective``
   recomputes the attention core; both are flags on the model (FQNs unchanged). With the fused
   (flash) SDPA kernels the attention core keeps no s x s tensor anyway, so ``selective`` saves
-  little there; it matters where SDPA falls back to the math kernel.
+  little there; it matters where SDPA falls back to the math kernel, and for compiled blocks
+  on CPU below sequence 768, whose block-causal attention keeps its probabilities.
 - ``compile.torchCompile``: each transformer block is compiled with ``torch.compile``
   (Inductor), after tensor parallel and before FSDP as torchtitan does; blocks share one
-  compiled graph, and ``Module.compile`` keeps the FQNs. Inductor's cache goes to
+  compiled graph, and ``Module.compile`` keeps the FQNs. On CPU below sequence 768 the compiled
+  attention is ``model.block_causal_attention`` (it skips the masked half that PyTorch's CPU
+  flash kernel computes at those lengths). Inductor's cache goes to
   ``compile.cacheDir/inductor`` (``TORCHINDUCTOR_CACHE_DIR`` is set to it), so the compile step
   warms it for the training pods.
 - ``bf16-mixed``: FSDP2 ``MixedPrecisionPolicy`` (bf16 params for compute, fp32 reduce) with
