@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from .cpu_linear import Linear
 from .presets import Architecture
 
 INIT_STD = 0.02
@@ -68,10 +69,10 @@ class Attention(nn.Module):
         super().__init__()
         self.head_dim = arch.head_dim
         h = arch.hidden_size
-        self.wq = nn.Linear(h, arch.num_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(h, arch.kv_dim, bias=False)
-        self.wv = nn.Linear(h, arch.kv_dim, bias=False)
-        self.wo = nn.Linear(arch.num_heads * self.head_dim, h, bias=False)
+        self.wq = Linear(h, arch.num_heads * self.head_dim, bias=False)
+        self.wk = Linear(h, arch.kv_dim, bias=False)
+        self.wv = Linear(h, arch.kv_dim, bias=False)
+        self.wo = Linear(arch.num_heads * self.head_dim, h, bias=False)
         # Selective activation checkpointing: recompute the attention core (the s x s part)
         # in backward instead of keeping it. Set by the parallel backend.
         self.recompute_core = False
@@ -151,9 +152,9 @@ class FeedForward(nn.Module):
 
     def __init__(self, arch: Architecture) -> None:
         super().__init__()
-        self.w1 = nn.Linear(arch.hidden_size, arch.intermediate_size, bias=False)
-        self.w2 = nn.Linear(arch.intermediate_size, arch.hidden_size, bias=False)
-        self.w3 = nn.Linear(arch.hidden_size, arch.intermediate_size, bias=False)
+        self.w1 = Linear(arch.hidden_size, arch.intermediate_size, bias=False)
+        self.w2 = Linear(arch.intermediate_size, arch.hidden_size, bias=False)
+        self.w3 = Linear(arch.hidden_size, arch.intermediate_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -196,7 +197,7 @@ class Llama(nn.Module):
             {str(i): TransformerBlock(arch) for i in range(arch.num_layers)}
         )
         self.norm: RMSNorm | None = RMSNorm(arch.hidden_size, arch.norm_eps)
-        self.output: nn.Linear | None = nn.Linear(arch.hidden_size, arch.vocab_size, bias=False)
+        self.output: nn.Linear | None = Linear(arch.hidden_size, arch.vocab_size, bias=False)
         if arch.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         cos, sin = rope_tables(arch.head_dim, self.max_seq_len, arch.rope_theta)

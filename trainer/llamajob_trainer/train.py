@@ -18,7 +18,8 @@ of these hold (tests/test_train_resume.py checks it):
 - the same layout and world size (a different layout reshards correctly but changes the order
   of floating-point reductions, so losses agree only to rounding);
 - the same torch build, the same intra-op thread count (OMP_NUM_THREADS; torchrun sets 1 per
-  process when it starts several) and the same hardware;
+  process when it starts several), the same hardware and the same CPU matmul library
+  (``LLAMAJOB_CPU_MATMUL``, see ``cpu_linear``);
 - the CPU torch backend (gloo reductions and CPU kernels are deterministic); GPU runs would also
   need `torch.use_deterministic_algorithms(True)`, which this trainer does not set;
 - the same training config, maxSteps and validation.sequences included (they shape the
