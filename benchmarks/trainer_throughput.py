@@ -4,15 +4,18 @@
    one) against Hugging Face ``LlamaForCausalLM`` with a minimal loop, on the same
    architecture, batch, threads and precision. Ours builds and steps its optimizer as the
    trainer does (fused AdamW); HF gets torch's fused AdamW too. Both clip the gradient norm.
-   Ours runs twice: eager, and with ``compile.torchCompile`` (each block compiled by
-   Inductor, cold cache; the compile time is reported separately). HF
-   runs eager with its ``eager`` and ``sdpa`` attention. Steps of all contenders alternate, so
-   load from other processes on the machine hits them alike; the median step time is reported.
+   Ours runs eager, and with ``compile.torchCompile`` (each block compiled by Inductor, cold
+   cache; the compile time is reported separately), and compiled again with its linears on
+   ``torch.mm`` instead of oneDNN (``ours_compiled_mm``: the share of the gain that is the
+   matmul library's, see ``llamajob_trainer.cpu_linear``). HF runs eager with its ``eager``
+   and ``sdpa`` attention, on ``torch.mm`` as any model of ``nn.Linear`` does. Steps of all
+   contenders alternate, so load from other processes on the machine hits them alike; the
+   median step time is reported.
    The headline figures (``tokens_per_second``, ``ratio_vs_hf``, ``mfu``) are the compiled
    run's unless ``--no-compile``; the eager run's are reported beside them.
 2. MFU: model FLOPs per second (6 x matmul parameters x tokens + 12 x layers x hidden x seq per
    token for attention, the usual convention) over the fp32 matmul peak measured here (best of
-   several large square matmuls with the same threads).
+   several large square matmuls with the same threads, on each library; the faster one's).
 3. Checkpoint save seconds, 2 ranks with FSDP2 (a torchrun subprocess): the trainer's
    ``CheckpointManager.save`` (every rank writes its own shards with torch.distributed.checkpoint,
    then the done marker) against gathering the full model and optimizer state to rank 0 and
@@ -90,17 +93,27 @@ def flops_per_token(arch: Architecture, seq: int) -> float:
     return 6 * matmul_params + 12 * arch.num_layers * arch.hidden_size * seq
 
 
-def matmul_peak_gflops(dtype: torch.dtype, n: int = 2048, reps: int = 8) -> float:
+def matmul_peak_gflops(dtype: torch.dtype, n: int = 2048, reps: int = 8) -> dict[str, float]:
+    """Best-of-n square matmul GFLOP/s of each CPU matmul library: torch.mm's BLAS, and (fp32)
+    oneDNN, which our linears use (``cpu_linear``); under bf16 torch.mm is oneDNN already."""
+    from llamajob_trainer import cpu_linear
+
     a = torch.randn(n, n, dtype=dtype)
     b = torch.randn(n, n, dtype=dtype)
-    for _ in range(2):
-        a @ b
-    best = float("inf")
-    for _ in range(reps):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best / 1e9
+    kernels: dict[str, Callable[[], Any]] = {"torch.mm": lambda: a @ b}
+    if dtype == torch.float32 and cpu_linear.available():
+        kernels["oneDNN"] = lambda: cpu_linear.mm_t(a, b)
+    peaks = {}
+    for name, kernel in kernels.items():
+        for _ in range(2):
+            kernel()
+        best = float("inf")
+        for _ in range(reps):
+            start = time.perf_counter()
+            kernel()
+            best = min(best, time.perf_counter() - start)
+        peaks[name] = 2 * n**3 / best / 1e9
+    return peaks
 
 
 # --- training steps ---------------------------------------------------------------------------
@@ -112,9 +125,12 @@ def make_adamw(params: Any) -> torch.optim.Optimizer:
 
 
 def our_step(
-    arch: Architecture, args: argparse.Namespace, compile_cache: str | None = None
+    arch: Architecture, args: argparse.Namespace, compile_cache: str | None = None,
+    onednn: bool = True,
 ) -> Callable[[torch.Tensor], float]:
-    """``compile_cache``: run with ``compile.torchCompile``, Inductor's cache under it."""
+    """``compile_cache``: run with ``compile.torchCompile``, Inductor's cache under it.
+    ``onednn=False``: linears on torch.mm, as with ``LLAMAJOB_CPU_MATMUL=aten``."""
+    from llamajob_trainer import cpu_linear
     from llamajob_trainer.config import TrainerConfig
     from llamajob_trainer.parallel import init_distributed, parallelize
     from llamajob_trainer.train import build_optimizers, optimizer_step
@@ -130,6 +146,9 @@ def our_step(
         }
     )
     pm = parallelize(cfg, arch, init_distributed())
+    if not onednn:
+        for part in pm.model_parts:
+            cpu_linear.use_onednn(part, False)
     optimizers = build_optimizers(pm, cfg.optimizer)
 
     def step(tokens: torch.Tensor) -> float:
@@ -306,12 +325,14 @@ def main(argv: list[str] | None = None) -> None:
     compile_cache = tempfile.TemporaryDirectory(prefix="llamajob-bench-compile-")
     if compiled:
         contenders["ours_compiled"] = our_step(arch, args, compile_cache.name)
+        # What the step gains from oneDNN's matmuls alone: the same compiled model on torch.mm.
+        contenders["ours_compiled_mm"] = our_step(arch, args, compile_cache.name, onednn=False)
     contenders |= {
         "hf_eager": hf_step(arch, args, "eager"),
         "hf_sdpa": hf_step(arch, args, "sdpa"),
     }
     peak_dtype = torch.bfloat16 if args.precision == "bf16-mixed" else torch.float32
-    peak_before = matmul_peak_gflops(peak_dtype)
+    peaks_before = matmul_peak_gflops(peak_dtype)
     times, first = time_steps(contenders, batches, warmup)
     median = {name: statistics.median(t) for name, t in times.items()}
     tps = {name: tokens_per_step / m for name, m in median.items()}
@@ -319,12 +340,15 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  {name:13s} median step {median[name]:.3f}s  {tps[name]:9.1f} tokens/s "
               f"(steps: {', '.join(f'{x:.2f}' for x in t)})")
     # Measured before and after the steps; the higher one is the fairer (harsher) peak when
-    # other work on the machine slowed one of them.
-    peak = max(peak_before, matmul_peak_gflops(peak_dtype))
+    # other work on the machine slowed one of them. MFU is against the faster library's.
+    peaks = {k: max(v, after) for (k, v), after in
+             zip(peaks_before.items(), matmul_peak_gflops(peak_dtype).values(), strict=True)}
+    peak = max(peaks.values())
     fpt = flops_per_token(arch, args.seq)
-    mfu = {name: fpt * tps[name] / 1e9 / peak for name in ("ours", "ours_compiled") if name in tps}
-    print(f"matmul peak ({peak_dtype}, {args.threads} threads): {peak:.1f} GFLOP/s; MFU "
-          + ", ".join(f"{name} {value:.1%}" for name, value in mfu.items()))
+    mfu = {name: fpt * tps[name] / 1e9 / peak for name in tps if name.startswith("ours")}
+    print(f"matmul peak ({peak_dtype}, {args.threads} threads): "
+          + ", ".join(f"{k} {v:.1f}" for k, v in peaks.items())
+          + " GFLOP/s; MFU " + ", ".join(f"{name} {value:.1%}" for name, value in mfu.items()))
     for name in mfu:
         print(f"{name} vs HF eager: {tps[name] / tps['hf_eager']:.2f}x; "
               f"vs HF sdpa: {tps[name] / tps['hf_sdpa']:.2f}x")
@@ -341,6 +365,7 @@ def main(argv: list[str] | None = None) -> None:
         "eager_ratio_vs_hf": round(tps["ours"] / tps["hf_eager"], 3),
         "eager_mfu": round(mfu["ours"], 4),
         "matmul_peak_gflops": round(peak, 1),
+        "matmul_peaks_gflops": {k: round(v, 1) for k, v in peaks.items()},
         "model_gflops": round(fpt * tps[head] / 1e9, 1),
         "hidden_size": arch.hidden_size,
         "precision": args.precision,
@@ -351,6 +376,8 @@ def main(argv: list[str] | None = None) -> None:
         compile_seconds = first["ours_compiled"] - median["ours_compiled"]
         print(f"torch.compile (cold cache): {compile_seconds:.1f} s once, in the first step")
         result["compile_seconds"] = round(compile_seconds, 1)
+        result["torch_mm_ratio_vs_hf"] = round(tps["ours_compiled_mm"] / tps["hf_eager"], 3)
+        result["torch_mm_mfu"] = round(mfu["ours_compiled_mm"], 4)
     if not args.skip_checkpoint:
         ck = run_checkpoint_benchmark(args)
         sharded, gathered = statistics.median(ck["sharded"]), statistics.median(ck["gathered"])
