@@ -94,26 +94,10 @@ def flops_per_token(arch: Architecture, seq: int) -> float:
 
 
 def matmul_peak_gflops(dtype: torch.dtype, n: int = 2048, reps: int = 8) -> dict[str, float]:
-    """Best-of-n square matmul GFLOP/s of each CPU matmul library: torch.mm's BLAS, and (fp32)
-    oneDNN, which our linears use (``cpu_linear``); under bf16 torch.mm is oneDNN already."""
-    from llamajob_trainer import cpu_linear
+    """GFLOP/s of each CPU matmul library (the trainer's own measurement, larger matrices)."""
+    from llamajob_trainer.metrics import cpu_matmul_peaks
 
-    a = torch.randn(n, n, dtype=dtype)
-    b = torch.randn(n, n, dtype=dtype)
-    kernels: dict[str, Callable[[], Any]] = {"torch.mm": lambda: a @ b}
-    if dtype == torch.float32 and cpu_linear.available():
-        kernels["oneDNN"] = lambda: cpu_linear.mm_t(a, b)
-    peaks = {}
-    for name, kernel in kernels.items():
-        for _ in range(2):
-            kernel()
-        best = float("inf")
-        for _ in range(reps):
-            start = time.perf_counter()
-            kernel()
-            best = min(best, time.perf_counter() - start)
-        peaks[name] = 2 * n**3 / best / 1e9
-    return peaks
+    return {name: flops / 1e9 for name, flops in cpu_matmul_peaks(n, reps, dtype).items()}
 
 
 # --- training steps ---------------------------------------------------------------------------

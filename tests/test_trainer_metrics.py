@@ -16,6 +16,7 @@ from llamajob_trainer.metrics import (
     JsonlLog,
     StepRecord,
     build_registry,
+    cpu_matmul_peaks,
     flops_per_token,
     measure_cpu_peak_flops,
     metric_names,
@@ -131,3 +132,14 @@ def test_peak_from_catalogue_or_measurement() -> None:
     assert measured > 1e8  # any CPU of this decade does 0.1 GFLOP/s in fp32
     assert measure_cpu_peak_flops() == measured  # measured once per process
     assert peak_flops_total(None, 2, measured) == 2 * measured
+
+
+def test_cpu_peak_times_each_matmul_library() -> None:
+    import torch
+    from llamajob_trainer import cpu_linear
+
+    fp32 = cpu_matmul_peaks(128, 2)
+    expected = {"torch.mm", "oneDNN"} if cpu_linear.available() else {"torch.mm"}
+    assert set(fp32) == expected and min(fp32.values()) > 1e8
+    # bf16 matmuls already run on oneDNN through torch.mm: one figure only.
+    assert set(cpu_matmul_peaks(128, 2, torch.bfloat16)) == {"torch.mm"}

@@ -205,31 +205,37 @@ def peak_flops_total(
     return (measured_per_rank or 0.0) * world_size
 
 
-@functools.cache
-def measure_cpu_peak_flops(size: int = 512, repeats: int = 5) -> float:
-    """Best-of-n fp32 matmul FLOP/s of this process (its torch thread count), measured once.
-
-    The best of both CPU matmul libraries (``torch.mm``'s BLAS and oneDNN, which the model's
-    linears may use, see ``cpu_linear``), so MFU stays a fraction of what this CPU can do
-    whichever library the step runs on.
-    """
+def cpu_matmul_peaks(size: int = 512, repeats: int = 5, dtype: Any = None) -> dict[str, float]:
+    """Best-of-n square matmul FLOP/s of each CPU matmul library, with this process's threads:
+    ``torch.mm`` (its BLAS) and, for fp32, oneDNN, which the model's linears may use (see
+    ``cpu_linear``; under bf16 ``torch.mm`` is oneDNN already)."""
     import torch
 
     from . import cpu_linear
 
-    a = torch.randn(size, size)
-    b = torch.randn(size, size)
-    kernels = [torch.mm]
-    if cpu_linear.available():
-        kernels.append(cpu_linear.mm_t)
-    best = float("inf")
-    for kernel in kernels:
+    dtype = dtype or torch.float32
+    a = torch.randn(size, size, dtype=dtype)
+    b = torch.randn(size, size, dtype=dtype)
+    kernels: dict[str, Any] = {"torch.mm": torch.mm}
+    if dtype == torch.float32 and cpu_linear.available():
+        kernels["oneDNN"] = cpu_linear.mm_t
+    peaks = {}
+    for name, kernel in kernels.items():
         kernel(a, b)  # warm up the kernel choice and caches
+        best = float("inf")
         for _ in range(repeats):
             start = time.perf_counter()
             kernel(a, b)
             best = min(best, time.perf_counter() - start)
-    return 2.0 * size**3 / max(best, 1e-9)
+        peaks[name] = 2.0 * size**3 / max(best, 1e-9)
+    return peaks
+
+
+@functools.cache
+def measure_cpu_peak_flops(size: int = 512, repeats: int = 5) -> float:
+    """fp32 matmul FLOP/s of this process, measured once: the faster library's, so MFU stays a
+    fraction of what this CPU can do whichever library the step runs on."""
+    return max(cpu_matmul_peaks(size, repeats).values())
 
 
 def scrape_values(text: str) -> dict[str, float]:
