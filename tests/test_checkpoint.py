@@ -59,10 +59,12 @@ def test_resume_modes() -> None:
         resolve_resume("none", found, root)
 
 
-def test_prune_keeps_newest_complete_and_drops_incomplete() -> None:
+def test_prune_keeps_newest_complete_and_never_touches_incomplete() -> None:
     found = entries((2, True), (4, True), (6, False), (8, True))
-    assert prune_plan(found, keep=2) == [Path("/c/step_6"), Path("/c/step_2")]
-    assert prune_plan(found, keep=5) == [Path("/c/step_6")]
+    # Incomplete step dirs are quarantined at start-up, never deleted by pruning.
+    assert prune_plan(found, keep=2) == [Path("/c/step_2")]
+    assert prune_plan(found, keep=5) == []
+    assert prune_plan(found, keep=0) == [Path("/c/step_4"), Path("/c/step_2")]  # keeps >= 1
 
 
 # --- save / load -----------------------------------------------------------------------------
@@ -177,8 +179,18 @@ def test_interrupted_save_is_never_loaded_and_is_cleaned(root: Path) -> None:
     assert restart.resolve("latestIfExists") == 2
     with pytest.raises(CheckpointError, match="incomplete"):
         restart.resolve(6)
-    restart.prepare()
-    assert checkpoint_listing(root) == {"step_2": True}
+    restart.prepare()  # removes nothing before a checkpoint has loaded
+    assert checkpoint_listing(root) == {".tmp-step_4": False, "step_2": True, "step_6": False}
+    fresh, fresh_opt = tiny_module(seed=5)
+    state = restart.restore("latestIfExists", [fresh], [fresh_opt])
+    assert state is not None and state["step"] == 2
+    # The interrupted save goes once step_2 has loaded; the step dir without `done` is kept,
+    # out of the way, with a note saying why.
+    listing = checkpoint_listing(root)
+    assert listing == {"quarantine": False, "step_2": True}
+    (moved,) = (root / "quarantine").iterdir()
+    assert moved.name.startswith("step_6.")
+    assert "no done marker" in (moved / "QUARANTINED.txt").read_text()
 
 
 def test_truncated_shard_is_reported_and_left_in_place(root: Path) -> None:
@@ -199,9 +211,9 @@ def test_unreadable_shard_metadata_is_a_corrupt_checkpoint(root: Path) -> None:
     mgr = manager(root)
     mgr.save(2, [model], [opt], {})
     meta = root / "step_2" / "state" / ".metadata"
-    meta.write_bytes(b"\0" * meta.stat().st_size)  # same size: only reading can tell
+    meta.write_bytes(b"\0" * meta.stat().st_size)  # same size: only the digest can tell
     other, other_opt = tiny_module()
-    with pytest.raises(CheckpointCorruptError, match="cannot load the model/optimizer shards"):
+    with pytest.raises(CheckpointCorruptError, match=r"state/.metadata has changed"):
         mgr.load(2, [other], [other_opt])
 
 

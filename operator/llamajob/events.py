@@ -22,6 +22,7 @@ from .status import (
     SUSPENDED,
     TRAINER_ERROR,
     TRAINING,
+    TRAINING_DIVERGED,
     VALIDATED,
     clip,
     get_condition,
@@ -58,7 +59,9 @@ def events(
     for f in new.faults:
         if (f.attempt, f.pod, f.reason, f.time) in seen:
             continue
-        if f.reason in (TRAINER_ERROR, INVALID_IMAGE):
+        if f.reason in (TRAINER_ERROR, INVALID_IMAGE) or (new.phase == FAILED and (
+            f.reason == TRAINING_DIVERGED
+        )):
             continue  # the job failed on it, and the Failed event says so
         reason = "NodeFault" if is_node_fault(f.reason) else f.reason
         where = f" on node {f.node}" if f.node else ""

@@ -10,7 +10,7 @@ from llamajob_trainer import protocol
 
 from .observed import NodeHealth, ObservedPod
 from .render import NODE_GONE
-from .status import TRAINER_ERROR
+from .status import TRAINER_ERROR, TRAINING_DIVERGED
 
 # Fault reasons (status.faults[].reason)
 NODE_UNHEALTHY = "NodeUnhealthy"
@@ -94,6 +94,9 @@ def pod_finding(pod: ObservedPod, nodes: Mapping[str, NodeHealth]) -> Finding | 
         return finding(pod.reason, f"pod removed by its node ({pod.reason})")
     if pod.phase == "Failed":
         tm = pod.termination_message
+        if tm.get("reason") == protocol.REASON_DIVERGED or pod.exit_code == protocol.EXIT_DIVERGED:
+            # Whether this ends the job is restartPolicy.onDivergence's call (reconcile).
+            return finding(TRAINING_DIVERGED, str(tm.get("message") or "training diverged"))
         permanent = pod.exit_code in protocol.PERMANENT_EXIT_CODES or tm.get("permanent") is True
         parts = [f"exit code {pod.exit_code}" if pod.exit_code is not None else "failed"]
         cause = tm.get("reason") or pod.reason

@@ -18,6 +18,7 @@ CONDITION_TYPES = (VALIDATED, COMPILED, RUNNING, SUSPENDED, SUCCEEDED, FAILED)
 # Condition / failure reasons
 INVALID_SPEC = "InvalidSpec"
 TRAINER_ERROR = "TrainerError"  # also the fault reason of the pod that reported it
+TRAINING_DIVERGED = "TrainingDiverged"  # also a fault reason
 BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
 COMPILE_SKIPPED, COMPILE_FINISHED, COMPILE_DISABLED = (
     "CompileSkipped",

@@ -3,6 +3,9 @@
 - kill at step N: right after step N has fully completed (logged, metrics set and, when N is a
   checkpoint step, its checkpoint saved), rank 0 kills itself with SIGKILL: no cleanup, no
   flush, as a node loss would. torchrun then tears down the other ranks.
+- NaN at step N: just before step N, rank 0 overwrites its own parameters with NaN (as a
+  faulty device or a bit flip would), so step N's loss is NaN on every rank and the divergence
+  handling is exercised end to end. The process is not killed.
 - kill during checkpoint: rank 0 kills itself in the middle of a checkpoint write, after every
   rank's shards are on disk and before the `done` marker: the next write, or with a step N the
   first write at step N or later (so a complete checkpoint can exist before the torn one).
@@ -16,14 +19,18 @@ from __future__ import annotations
 import json
 import os
 import signal
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
+from torch import Tensor
 
 from . import protocol
 
 KILL_AT_STEP = "killAtStep"
 KILL_DURING_CHECKPOINT = "killDuringCheckpoint"
+NAN_AT_STEP = "nanAtStep"
 
 
 @dataclass(frozen=True)
@@ -31,10 +38,14 @@ class ChaosConfig:
     kill_at_step: int | None = None
     # None: off; 0: the next checkpoint write; N: the first write at step N or later.
     kill_during_checkpoint: int | None = None
+    nan_at_step: int | None = None
 
     @property
     def enabled(self) -> bool:
-        return self.kill_at_step is not None or self.kill_during_checkpoint is not None
+        return any(
+            v is not None for v in (self.kill_at_step, self.kill_during_checkpoint,
+                                    self.nan_at_step)
+        )
 
 
 def parse_checkpoint_kill(raw: str) -> int | None:
@@ -45,17 +56,26 @@ def parse_checkpoint_kill(raw: str) -> int | None:
     return int(raw) if raw.isdigit() and int(raw) > 1 else None
 
 
+def _step_from_env(environ: Mapping[str, str], name: str) -> int | None:
+    raw = environ.get(name, "").strip()
+    return int(raw) if raw.isdigit() and 0 < int(raw) < 1 << 62 else None
+
+
 def chaos_from(
-    kill_at_step: int | None, kill_during_checkpoint: int | None, environ: Mapping[str, str]
+    kill_at_step: int | None,
+    kill_during_checkpoint: int | None,
+    environ: Mapping[str, str],
+    nan_at_step: int | None = None,
 ) -> ChaosConfig:
     """Command-line flags win; otherwise the environment (set by the operator or local runner)."""
     if kill_at_step is None:
-        raw = environ.get(protocol.CHAOS_KILL_AT_STEP_ENV, "").strip()
-        kill_at_step = int(raw) if raw.isdigit() and int(raw) > 0 else None
+        kill_at_step = _step_from_env(environ, protocol.CHAOS_KILL_AT_STEP_ENV)
     if kill_during_checkpoint is None:
         raw = environ.get(protocol.CHAOS_KILL_DURING_CHECKPOINT_ENV, "")
         kill_during_checkpoint = parse_checkpoint_kill(raw)
-    return ChaosConfig(kill_at_step, kill_during_checkpoint)
+    if nan_at_step is None:
+        nan_at_step = _step_from_env(environ, protocol.CHAOS_NAN_AT_STEP_ENV)
+    return ChaosConfig(kill_at_step, kill_during_checkpoint, nan_at_step)
 
 
 def read_fired(marker: Path) -> dict[str, object]:
@@ -74,7 +94,7 @@ class Chaos:
         self.marker = Path(checkpoint_dir) / protocol.CHAOS_MARKER
         self.active = rank == 0 and config.enabled
 
-    def _fire(self, fault: str, detail: object) -> None:
+    def _record(self, fault: str, detail: object) -> None:
         fired = read_fired(self.marker)
         fired[fault] = detail
         self.marker.parent.mkdir(parents=True, exist_ok=True)
@@ -84,6 +104,9 @@ class Chaos:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, self.marker)
+
+    def _fire(self, fault: str, detail: object) -> None:
+        self._record(fault, detail)
         print(
             f"chaos: injecting {fault} ({detail}): SIGKILL to rank 0 (pid {os.getpid()})",
             flush=True,
@@ -104,3 +127,15 @@ class Chaos:
         if KILL_DURING_CHECKPOINT in read_fired(self.marker):
             return
         self._fire(KILL_DURING_CHECKPOINT, step)
+
+    def before_step(self, step: int, parameters: Iterable[Tensor]) -> None:
+        """`step` is about to run (1-based)."""
+        if not self.active or self.config.nan_at_step != step:
+            return
+        if NAN_AT_STEP in read_fired(self.marker):
+            return
+        self._record(NAN_AT_STEP, step)
+        print(f"chaos: injecting NaN into rank 0's parameters before step {step}", flush=True)
+        with torch.no_grad():
+            for p in parameters:
+                p.fill_(float("nan"))

@@ -1,29 +1,45 @@
-"""Sharded checkpoints that survive crashes and allow a different layout on resume.
+"""Sharded checkpoints that survive crashes, are never trusted unchecked, and allow a different
+layout on resume.
 
 Layout of `checkpoint.dir`:
 
     step_N/
       state/              torch.distributed.checkpoint (DCP) files: model + optimizer, every rank
-                          writes its own shards; DCP reshards on load, so a run saved on 2 FSDP
-                          ranks can resume on 1 rank (or another TP/PP layout)
+                          writes its own shards (`__R_*.distcp`); DCP reshards on load, so a run
+                          saved on 2 FSDP ranks can resume on 1 rank (or another TP/PP layout)
       rng/rank_R.pt       RNG states of each rank (restored only when the world size matches)
       trainer_state.json  step, consumed samples, scheduler, fingerprint, layout (rank 0)
-      manifest.json       size of every file above, checked before loading (rank 0)
+      manifest.json       size and SHA-256 of every file above (rank 0, from each rank's own)
       done                written last (rank 0), after every rank finished its shards
     .tmp-step_N/          a save in progress; renamed to step_N once `done` is in it
+    quarantine/           damaged or incomplete checkpoints, moved here (never deleted), each
+                          with a QUARANTINED.txt saying why
+    superseded-step_N/    later checkpoints set aside by an explicit `resume: N`
 
-A checkpoint is complete when it is named step_N and holds `done`. Only complete checkpoints are
-loaded; rank 0 removes leftovers (tmp dirs, step dirs without `done`) on start and after each
-save, and keeps the newest `keep` complete checkpoints. A complete checkpoint that cannot be read
-back (truncated files) is reported and left in place for a human to inspect.
+Integrity. Each rank hashes the files it wrote itself (its shards and RNG file) right after
+writing them, while they are still in the page cache, so the cost is spread over the ranks; rank 0
+merges the digests into the manifest. Before a checkpoint is loaded the ranks check it together:
+the trainer state must name the directory's step and this job's model, the manifest must list
+exactly the files present, and every file's size and digest must match (each rank re-hashes a
+share of the files). A checkpoint that fails any check, or whose shards or RNG files then fail to
+load, is moved to `quarantine/` and the next older complete one is tried.
 
-The decisions (what is complete, what to resume, what to prune) are pure functions over
-`CheckpointEntry` lists; `CheckpointManager` is the I/O shell around them.
+What is never done:
+- load a directory without `done` (a save renames its directory only after writing `done`, so a
+  `step_N` without it was made by something else: it is quarantined, not loaded or deleted);
+- prune before the newest intact checkpoint has loaded (a damaged newest one must not cost the
+  good older ones), or prune the checkpoint just loaded or written (`keep` >= 1);
+- start fresh while step directories exist (or were quarantined) and none could be loaded: that
+  is an error naming them, unless the spec says `resume: none`.
+
+The decisions (what is complete, what to try, what to prune, what a manifest says about the files)
+are pure functions; `CheckpointManager` is the I/O shell around them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import random
@@ -33,6 +49,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -54,10 +71,19 @@ from .errors import CheckpointCorruptError, CheckpointError
 
 TMP_PREFIX = ".tmp-"
 SUPERSEDED_PREFIX = "superseded-"
+QUARANTINE_DIR = "quarantine"
+QUARANTINE_NOTE = "QUARANTINED.txt"
 STATE_DIR = "state"
 RNG_DIR = "rng"
+CHECKSUM_DIR = "checksums"  # per-rank digests while a save is in progress; merged, then removed
 TRAINER_STATE = "trainer_state.json"
 MANIFEST = "manifest.json"
+MANIFEST_VERSION = 2
+DIGEST = "sha256"
+_CHUNK = 4 << 20
+# How long rank 0 waits for the other ranks' digests of a background save; their writes have
+# finished by then (DCP's coordinator completes last), so this only bounds a hashing stall.
+CHECKSUM_WAIT_SECONDS = 600.0
 _STEP_RE = re.compile(rf"^{re.escape(protocol.CHECKPOINT_PREFIX)}(\d+)$")
 
 ResumeMode = str | int
@@ -71,6 +97,14 @@ class CheckpointEntry:
     step: int
     path: Path
     complete: bool
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """One file of a checkpoint as its manifest describes it (digest None: size only)."""
+
+    size: int
+    sha256: str | None = None
 
 
 def step_dir_name(step: int) -> str:
@@ -90,7 +124,7 @@ def latest_complete(entries: Sequence[CheckpointEntry]) -> CheckpointEntry | Non
 def resolve_resume(
     mode: ResumeMode, entries: Sequence[CheckpointEntry], root: Path
 ) -> int | None:
-    """The step to load, None for a fresh start, or a clear error. Pure."""
+    """The newest step the mode allows, None for a fresh start, or a clear error. Pure."""
     if mode == "none":
         newest = latest_complete(entries)
         if newest is not None:
@@ -121,31 +155,99 @@ def resolve_resume(
     raise CheckpointError(f"checkpoint.resume: unknown mode {mode!r}")
 
 
+def candidates(mode: ResumeMode, entries: Sequence[CheckpointEntry]) -> list[CheckpointEntry]:
+    """Checkpoints to try, in order, once `resolve_resume` accepted the mode: the requested one
+    alone, or every complete one from the newest down (a damaged one falls back to the next)."""
+    if mode == "none":
+        return []
+    if isinstance(mode, int) and not isinstance(mode, bool):
+        return [e for e in entries if e.step == mode and e.complete]
+    return sorted((e for e in entries if e.complete), key=lambda e: e.step, reverse=True)
+
+
 def prune_plan(entries: Sequence[CheckpointEntry], keep: int) -> list[Path]:
-    """Directories to delete: incomplete step dirs and complete ones beyond the newest `keep`."""
+    """Complete checkpoints beyond the newest `keep`, to delete. Incomplete step directories are
+    never pruned: they are quarantined at the next start, where someone can look at them."""
     complete = sorted((e for e in entries if e.complete), key=lambda e: e.step, reverse=True)
-    doomed = [e.path for e in entries if not e.complete]
-    doomed.extend(e.path for e in complete[keep:])
-    return doomed
+    return [e.path for e in complete[max(keep, 1):]]
 
 
 def later_than(entries: Sequence[CheckpointEntry], step: int) -> list[CheckpointEntry]:
     return [e for e in entries if e.complete and e.step > step]
 
 
-def manifest_problems(root: Path, manifest: dict[str, int]) -> list[str]:
-    """Files that are missing or whose size differs from the manifest."""
-    problems = []
-    for rel, size in sorted(manifest.items()):
-        path = root / rel
-        try:
-            actual = path.stat().st_size
-        except OSError:
-            problems.append(f"{rel} is missing")
-            continue
-        if actual != size:
-            problems.append(f"{rel} has {actual} bytes, expected {size}")
+def parse_manifest(raw: Any) -> dict[str, FileRecord]:
+    """The files a manifest lists. Version 2: {"version": 2, "files": {rel: {size, sha256}}};
+    version 1 (sizes only, written before digests existed): {rel: size}. ValueError otherwise."""
+    if not isinstance(raw, dict):
+        raise ValueError("not a JSON object")
+    if raw.get("version") == MANIFEST_VERSION:
+        files = raw.get("files")
+        if not isinstance(files, dict):
+            raise ValueError("no 'files' object")
+        out = {}
+        for rel, rec in files.items():
+            if not isinstance(rec, dict) or not _is_size(rec.get("size")):
+                raise ValueError(f"bad entry for {rel!r}")
+            digest = rec.get(DIGEST)
+            if digest is not None and not (isinstance(digest, str) and len(digest) == 64):
+                raise ValueError(f"bad {DIGEST} for {rel!r}")
+            out[rel] = FileRecord(rec["size"], digest)
+        return out
+    if all(_is_size(v) for v in raw.values()) and "version" not in raw:
+        return {rel: FileRecord(size) for rel, size in raw.items()}
+    raise ValueError("unknown manifest format")
+
+
+def _is_size(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _safe_rel(rel: str) -> bool:
+    # A manifest is input like any other: it must not point outside its checkpoint.
+    parts = Path(rel).parts
+    return bool(parts) and not Path(rel).is_absolute() and ".." not in parts
+
+
+def listing_problems(manifest: dict[str, FileRecord], present: set[str]) -> list[str]:
+    """Files listed but absent, present but unlisted, or listed outside the checkpoint."""
+    problems = [f"manifest names {rel!r}, outside the checkpoint"
+                for rel in sorted(manifest) if not _safe_rel(rel)]
+    problems += [f"{rel} is missing" for rel in sorted(set(manifest) - present) if _safe_rel(rel)]
+    problems += [f"{rel} is not in the manifest" for rel in sorted(present - set(manifest))]
     return problems
+
+
+def trainer_state_problems(state: Any, step: int) -> list[str]:
+    if not isinstance(state, dict):
+        return [f"{TRAINER_STATE} is not a JSON object"]
+    if state.get("step") != step:
+        return [f"{TRAINER_STATE} is for step {state.get('step')!r}, not {step}"]
+    data = state.get("data", {"consumed_samples": 0})  # the trainer always writes it
+    if not isinstance(data, dict) or not _is_size(data.get("consumed_samples")):
+        return [f"{TRAINER_STATE} has no valid data position"]
+    return []
+
+
+def fresh_start_problem(
+    mode: ResumeMode, tried: Sequence[str], incomplete: Sequence[str], quarantined: Sequence[str],
+    root: Path,
+) -> str | None:
+    """Why a run must not start from scratch although it found nothing to load, or None.
+
+    Step directories that exist (or were quarantined earlier) mean a run was here; starting over
+    would silently throw its training away and prune its traces. Only `resume: none` says so."""
+    if mode == "none" or not (tried or incomplete or quarantined):
+        return None
+    found = [*tried, *(f"{n} (no '{protocol.CHECKPOINT_DONE_MARKER}' marker)" for n in incomplete)]
+    if quarantined:
+        found.append(f"earlier quarantined: {', '.join(quarantined[:5])}")
+    return (
+        f"checkpoint.dir {root} holds no intact checkpoint to resume from: "
+        f"{'; '.join(found)}. Nothing was deleted; damaged and incomplete ones are in "
+        f"{root / QUARANTINE_DIR}. To start over set checkpoint.resume: none (or use an empty "
+        "checkpoint.dir); to use one of them, repair it and move it back"
+    )
 
 
 # --- filesystem helpers ------------------------------------------------------------------------
@@ -171,6 +273,54 @@ def scan(root: Path) -> tuple[list[CheckpointEntry], list[Path]]:
     return entries, leftovers
 
 
+def quarantined_steps(root: Path) -> list[str]:
+    folder = root / QUARANTINE_DIR
+    if not folder.is_dir():
+        return []
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(protocol.CHECKPOINT_PREFIX))
+
+
+def file_record(path: Path, digest: bool = True) -> FileRecord:
+    with path.open("rb") as handle:
+        if not digest:
+            return FileRecord(os.fstat(handle.fileno()).st_size)
+        h = hashlib.sha256()
+        size = 0
+        while chunk := handle.read(_CHUNK):
+            h.update(chunk)
+            size += len(chunk)
+    return FileRecord(size, h.hexdigest())
+
+
+def file_problem(root: Path, rel: str, expected: FileRecord) -> str | None:
+    path = root / rel
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return f"{rel} is missing"
+    if size != expected.size:
+        return f"{rel} has {size} bytes, expected {expected.size}"
+    if expected.sha256 is None:
+        return None
+    try:
+        actual = file_record(path)
+    except OSError as exc:
+        return f"{rel} cannot be read ({exc.strerror or exc})"
+    if actual.sha256 != expected.sha256:
+        return f"{rel} has changed (its {DIGEST} differs from the manifest)"
+    return None
+
+
+def checkpoint_files(root: Path) -> set[str]:
+    """The files a manifest must list: everything but the manifest, `done` and digests."""
+    skip = {MANIFEST, protocol.CHECKPOINT_DONE_MARKER, QUARANTINE_NOTE}
+    return {
+        str(p.relative_to(root))
+        for p in root.rglob("*")
+        if p.is_file() and p.name not in skip and p.relative_to(root).parts[0] != CHECKSUM_DIR
+    }
+
+
 def _fsync_path(path: Path) -> None:
     # Directories need an fsync for renames inside them to be durable; some filesystems
     # refuse to open directories, which only weakens durability, never correctness.
@@ -193,11 +343,10 @@ def _write_durable(path: Path, text: str) -> None:
         os.fsync(handle.fileno())
 
 
-def _file_sizes(root: Path) -> dict[str, int]:
+def _records_json(records: dict[str, FileRecord]) -> dict[str, dict[str, Any]]:
     return {
-        str(p.relative_to(root)): p.stat().st_size
-        for p in sorted(root.rglob("*"))
-        if p.is_file() and p.name not in (MANIFEST, protocol.CHECKPOINT_DONE_MARKER)
+        rel: {"size": r.size, **({DIGEST: r.sha256} if r.sha256 else {})}
+        for rel, r in sorted(records.items())
     }
 
 
@@ -242,6 +391,19 @@ def restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def read_rng(path: Path) -> dict[str, Any]:
+    """A rank's RNG file; any failure to read or unpickle it is a damaged checkpoint."""
+    try:
+        state = torch.load(path, weights_only=False)
+    except Exception as exc:  # unpickling raises whatever the bytes happen to decode into
+        raise CheckpointCorruptError(
+            f"{path}: cannot read the RNG state ({type(exc).__name__}: {_first_line(exc)})"
+        ) from exc
+    if not isinstance(state, dict) or not {"torch", "python", "numpy"} <= set(state):
+        raise CheckpointCorruptError(f"{path}: not an RNG state")
+    return state
+
+
 # --- the shell -------------------------------------------------------------------------------
 
 
@@ -272,7 +434,7 @@ class _PendingSave:
 
 
 class CheckpointManager:
-    """Save, find, load and prune checkpoints for one training run (all ranks call it)."""
+    """Save, check, find, load and prune checkpoints for one training run (all ranks call it)."""
 
     def __init__(
         self,
@@ -283,6 +445,7 @@ class CheckpointManager:
         rank: int = 0,
         world_size: int = 1,
         async_save: bool = False,
+        checksums: bool = True,
         before_done: Callable[[int], None] | None = None,
         log: Callable[[str], None] = print,
     ) -> None:
@@ -292,32 +455,105 @@ class CheckpointManager:
         self.rank = rank
         self.world_size = world_size
         self.async_save = async_save
+        self.checksums = checksums
         self.before_done = before_done
         self.log = log
+        self.quarantined: list[str] = []  # names moved to quarantine/ by this run
         self._pending: _PendingSave | None = None
-        self._async_group: Any = None
-        if async_save and _is_dist():
-            # Background saves run collectives while training runs its own: give them a
-            # separate gloo group so the two never interleave on one communicator.
-            self._async_group = dist.new_group(backend="gloo")
+        self._side_group: Any = None
+        if _is_dist():
+            # Background saves run collectives while training runs its own, and the integrity
+            # check exchanges Python objects: a separate CPU (gloo) group keeps both off the
+            # training communicator, whatever its device.
+            self._side_group = dist.new_group(backend="gloo")
 
     # -- start of a run -------------------------------------------------------------------
 
     def prepare(self) -> None:
-        """Rank 0 creates the directory and removes leftovers of interrupted saves."""
+        """Rank 0 creates the directory. Nothing is removed before a checkpoint has loaded."""
         if self.rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
-            self._cleanup()
         _barrier()
 
     def resolve(self, mode: ResumeMode) -> int | None:
-        """The step to resume from (None: fresh start); read-only, so it may run before the
-        process group exists."""
+        """The newest step the mode allows (None: fresh start); read-only, so it may run before
+        the process group exists. `restore` may still fall back to an older one."""
         return resolve_resume(mode, scan(self.root)[0], self.root)
+
+    def preflight(self, mode: ResumeMode) -> None:
+        """The user errors that need no process group: an impossible resume mode, and
+        checkpoints of another model. Read-only; damage is judged later, by `restore`."""
+        entries = scan(self.root)[0]
+        resolve_resume(mode, entries, self.root)
+        for entry in candidates(mode, entries):
+            with contextlib.suppress(CheckpointCorruptError):
+                self.read_trainer_state(entry.step)
+                return  # the newest readable one speaks for the run
+
+    def restore(
+        self,
+        mode: ResumeMode,
+        model_parts: Sequence[nn.Module],
+        optimizers: Sequence[torch.optim.Optimizer],
+    ) -> dict[str, Any] | None:
+        """Load the newest intact checkpoint the mode allows into the model parts and
+        optimizers, quarantining damaged ones on the way; its trainer state, or None for a fresh
+        start. Then (and only then) prune. All ranks call it."""
+        _barrier()  # every rank scans the same directory before rank 0 moves anything
+        entries, leftovers = scan(self.root)
+        earlier = quarantined_steps(self.root)
+        resolve_resume(mode, entries, self.root)
+        loaded: dict[str, Any] | None = None
+        tried: list[str] = []
+        for entry in candidates(mode, entries):
+            problems = self.check(entry.path, entry.step)
+            if not problems:
+                try:
+                    loaded = self._load(entry.path, model_parts, optimizers)
+                except CheckpointCorruptError as exc:
+                    problems = [str(exc)]
+            if not problems:
+                if tried:
+                    self.log(f"checkpoint: resuming from {entry.path.name}, the newest intact "
+                             "checkpoint")
+                break
+            where = self._quarantine(entry.path, problems)
+            tried.append(f"{entry.path.name} ({problems[0]})")
+            self.log(f"checkpoint: {entry.path.name} is damaged: {'; '.join(problems[:3])}. "
+                     f"Moved to {where}; not loaded")
+            if isinstance(mode, int):
+                raise CheckpointCorruptError(
+                    f"checkpoint.resume asks for step {mode}, but {entry.path} is damaged "
+                    f"({problems[0]}); it was moved to {where}. Pick another step or "
+                    "latestIfExists"
+                )
+        incomplete = [e.path.name for e in entries if not e.complete]
+        for entry in entries:
+            if not entry.complete:
+                where = self._quarantine(entry.path, ["no done marker: never finished by a save"])
+                self.log(f"checkpoint: {entry.path.name} has no "
+                         f"'{protocol.CHECKPOINT_DONE_MARKER}' marker; moved to {where}")
+        if loaded is None:
+            for path in leftovers:
+                # Nothing intact is known: keep even interrupted saves, out of the way.
+                where = self._quarantine(path, ["interrupted save (no done marker)"])
+                self.log(f"checkpoint: interrupted save {path.name} moved to {where}")
+            problem = fresh_start_problem(mode, tried, incomplete, earlier, self.root)
+            if problem:
+                _barrier()
+                raise CheckpointCorruptError(problem)
+        else:
+            if isinstance(mode, int):
+                self._set_aside_later(scan(self.root)[0], mode)
+            if self.rank == 0:
+                self._cleanup()
+        _barrier()
+        return loaded
 
     def set_aside_later(self, step: int) -> None:
         """After an explicit resume from `step`, move later checkpoints out of the way."""
         self._set_aside_later(scan(self.root)[0], step)
+        _barrier()
 
     def _set_aside_later(self, entries: Sequence[CheckpointEntry], step: int) -> None:
         # Resuming from an explicit older step starts a new timeline; later checkpoints of the
@@ -332,13 +568,35 @@ class CheckpointManager:
                 self.log(f"checkpoint: resuming from step {step}; moved {entry.path.name} "
                          f"(a later step) aside to {target.name}")
             _fsync_path(self.root)
-        _barrier()
 
     def latest_complete_step(self) -> int | None:
         newest = latest_complete(scan(self.root)[0])
         return newest.step if newest else None
 
+    def _quarantine(self, path: Path, problems: Sequence[str]) -> Path:
+        """Rank 0 moves a checkpoint aside with a note; the others wait. Returns the target."""
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+        target = self.root / QUARANTINE_DIR / f"{path.name.removeprefix(TMP_PREFIX)}.{stamp}"
+        if self.rank == 0:
+            target.parent.mkdir(exist_ok=True)
+            n = 1
+            while target.exists():
+                n += 1
+                target = target.with_name(f"{path.name.removeprefix(TMP_PREFIX)}.{stamp}.{n}")
+            path.rename(target)
+            with contextlib.suppress(OSError):
+                (target / QUARANTINE_NOTE).write_text(
+                    f"moved here from {path.name} at {stamp} UTC by llamajob: "
+                    + "\n".join(problems) + "\n"
+                )
+            _fsync_path(self.root)
+            self.quarantined.append(path.name)
+        _barrier()
+        return target
+
     def _cleanup(self) -> None:
+        """Rank 0, once a checkpoint has loaded or been written: interrupted saves and complete
+        checkpoints beyond `keep` go; quarantined and superseded ones stay."""
         entries, leftovers = scan(self.root)
         pending = self._pending.tmp if self._pending else None
         for path in leftovers:
@@ -346,8 +604,7 @@ class CheckpointManager:
                 self.log(f"checkpoint: removing interrupted save {path.name}")
                 shutil.rmtree(path, ignore_errors=True)
         for path in prune_plan(entries, self.keep):
-            kind = "incomplete" if not (path / protocol.CHECKPOINT_DONE_MARKER).exists() else "old"
-            self.log(f"checkpoint: removing {kind} checkpoint {path.name}")
+            self.log(f"checkpoint: removing old checkpoint {path.name}")
             shutil.rmtree(path, ignore_errors=True)
 
     # -- save ---------------------------------------------------------------------------------
@@ -372,18 +629,41 @@ class CheckpointManager:
                 future = dcp.async_save(
                     state,
                     checkpoint_id=str(tmp / STATE_DIR),
-                    process_group=self._async_group,
+                    process_group=self._side_group,
                     no_dist=not _is_dist(),
                 )
+            # Hash in the background thread too, once this rank's own shards are written.
+            future.add_done_callback(lambda f: self._write_own_records(tmp, f))
             self._pending = _PendingSave(step, tmp, extra, future)
             return time.perf_counter() - started
         with _single_process_ok():
             dcp.save(state, checkpoint_id=str(tmp / STATE_DIR), no_dist=not _is_dist())
-        _barrier()  # every rank's shards and RNG file are on disk
+        self._write_own_records(tmp)
+        _barrier()  # every rank's shards, RNG file and digests are on disk
         if self.rank == 0:
             self._finalize(step, tmp, extra)
         _barrier()
         return time.perf_counter() - started
+
+    def _own_files(self, tmp: Path) -> list[Path]:
+        shards = sorted((tmp / STATE_DIR).glob(f"__{self.rank}_*.distcp"))
+        return [*shards, tmp / RNG_DIR / f"rank_{self.rank}.pt"]
+
+    def _write_own_records(self, tmp: Path, future: Any = None) -> None:
+        """This rank's files with their sizes and digests, for rank 0's manifest."""
+        out = tmp / CHECKSUM_DIR / f"rank_{self.rank}.json"
+        try:
+            if future is not None and future.exception() is not None:
+                return  # the save failed; `result()` raises it where it is awaited
+            records = {
+                str(p.relative_to(tmp)): file_record(p, self.checksums)
+                for p in self._own_files(tmp)
+            }
+            body: dict[str, Any] = {"files": _records_json(records)}
+        except Exception as exc:  # a background thread: report through the file, never lose it
+            body = {"error": f"{type(exc).__name__}: {exc}"}
+        out.parent.mkdir(exist_ok=True)
+        _write_durable(out, json.dumps(body))
 
     def poll(self) -> int | None:
         """Finalize a finished background save (rank 0); returns its step, else None."""
@@ -410,6 +690,25 @@ class CheckpointManager:
             self._finalize(pending.step, pending.tmp, pending.extra)
         return pending.step
 
+    def _gather_records(self, tmp: Path) -> dict[str, FileRecord]:
+        """Every rank's file records (rank 0). A background save's digests may trail its
+        completion by the hashing time: wait for them, bounded."""
+        deadline = time.monotonic() + CHECKSUM_WAIT_SECONDS
+        records: dict[str, FileRecord] = {}
+        for rank in range(self.world_size):
+            path = tmp / CHECKSUM_DIR / f"rank_{rank}.json"
+            while not path.is_file():
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"checkpoint {tmp.name}: rank {rank} never reported the "
+                                       f"digests of its files within {CHECKSUM_WAIT_SECONDS} s")
+                time.sleep(0.02)
+            body = json.loads(path.read_text())
+            if "error" in body:
+                raise RuntimeError(f"checkpoint {tmp.name}: rank {rank} could not hash its "
+                                   f"files: {body['error']}")
+            records.update(parse_manifest({"version": MANIFEST_VERSION, **body}))
+        return records
+
     def _finalize(self, step: int, tmp: Path, extra: dict[str, Any]) -> None:
         trainer_state = {
             **extra,
@@ -419,7 +718,12 @@ class CheckpointManager:
             "torch_version": torch.__version__,
         }
         _write_durable(tmp / TRAINER_STATE, json.dumps(trainer_state, indent=2, sort_keys=True))
-        _write_durable(tmp / MANIFEST, json.dumps(_file_sizes(tmp), indent=2, sort_keys=True))
+        records = self._gather_records(tmp)
+        for rel in sorted(checkpoint_files(tmp) - set(records)):
+            records[rel] = file_record(tmp / rel, self.checksums)  # .metadata, trainer state
+        manifest = {"version": MANIFEST_VERSION, "files": _records_json(records)}
+        _write_durable(tmp / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
+        shutil.rmtree(tmp / CHECKSUM_DIR, ignore_errors=True)
         if self.before_done is not None:
             self.before_done(step)  # fault injection: die with shards written, no `done`
         _write_durable(tmp / protocol.CHECKPOINT_DONE_MARKER, f"{step}\n")
@@ -437,11 +741,14 @@ class CheckpointManager:
         _fsync_path(self.root)
         self._cleanup()
 
-    # -- load ---------------------------------------------------------------------------------
+    # -- check and load ---------------------------------------------------------------------------
 
     def read_trainer_state(self, step: int) -> dict[str, Any]:
+        """step_N's trainer state; CheckpointError when it belongs to another model."""
         path = self.root / step_dir_name(step)
         state = _read_json(path, TRAINER_STATE)
+        if not isinstance(state, dict):
+            raise CheckpointCorruptError(f"checkpoint {path}: {TRAINER_STATE} is not an object")
         if state.get("fingerprint") != self.fingerprint:
             raise CheckpointError(
                 f"checkpoint {path} was written for a different model (fingerprint "
@@ -450,12 +757,55 @@ class CheckpointManager:
             )
         return state
 
+    def check(self, path: Path, step: int) -> list[str]:
+        """What is wrong with the checkpoint at `path`, agreed by all ranks ([] = intact).
+
+        Raises CheckpointError (a user error, not damage) when it is another model's."""
+        problems: list[str] = []
+        try:
+            state = _read_json(path, TRAINER_STATE)
+        except CheckpointCorruptError as exc:
+            problems.append(f"{TRAINER_STATE} cannot be read ({_cause(exc)})")
+        else:
+            problems += trainer_state_problems(state, step)
+            if not problems and state.get("fingerprint") != self.fingerprint:
+                self.read_trainer_state(step)  # raises the user-facing error
+        try:
+            manifest = parse_manifest(_read_json(path, MANIFEST))
+        except (CheckpointCorruptError, ValueError) as exc:
+            problems.append(f"{MANIFEST} cannot be read ({_cause(exc)})")
+        else:
+            problems += listing_problems(manifest, checkpoint_files(path))
+            if not problems:
+                # Each rank re-hashes a share of the files; sizes are checked on the way.
+                share = sorted(manifest.items())[self.rank :: max(self.world_size, 1)]
+                problems += [p for rel, rec in share if (p := file_problem(path, rel, rec))]
+        return self._agree(problems)
+
+    def _agree(self, problems: list[str]) -> list[str]:
+        """The union of every rank's problems, in order, on every rank."""
+        if not _is_dist():
+            return problems
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, problems, group=self._side_group)
+        seen: dict[str, None] = {}
+        for part in gathered:
+            for p in part or []:
+                seen.setdefault(p, None)
+        return list(seen)
+
     def verify(self, step: int) -> dict[str, Any]:
-        """Check that step_N exists, is complete, fits this job and has all its bytes."""
+        """Check that step_N exists, is complete, fits this job and is intact; its trainer
+        state. Read-only (export and explicit loads); training uses `restore`."""
         resolve_resume(step, scan(self.root)[0], self.root)
-        trainer_state = self.read_trainer_state(step)
-        self._check_manifest(self.root / step_dir_name(step))
-        return trainer_state
+        path = self.root / step_dir_name(step)
+        problems = self.check(path, step)
+        if problems:
+            raise CheckpointCorruptError(
+                f"checkpoint {path} is damaged: {'; '.join(problems[:3])}. It was left in "
+                "place: move it away or set checkpoint.resume to another step"
+            )
+        return self.read_trainer_state(step)
 
     def load(
         self,
@@ -463,24 +813,43 @@ class CheckpointManager:
         model_parts: Sequence[nn.Module],
         optimizers: Sequence[torch.optim.Optimizer],
     ) -> dict[str, Any]:
-        """Load step_N into the model parts and optimizers; returns its trainer state.
+        """Verify and load step_N (no fallback, nothing moved); returns its trainer state."""
+        self.verify(step)
+        return self._load(self.root / step_dir_name(step), model_parts, optimizers)
+
+    def _load(
+        self,
+        path: Path,
+        model_parts: Sequence[nn.Module],
+        optimizers: Sequence[torch.optim.Optimizer],
+    ) -> dict[str, Any]:
+        """Load a checked checkpoint; CheckpointCorruptError on every rank if any rank fails.
 
         The optimizers keep their own hyperparameters (learning rate, betas, eps, weight decay:
         this run's config) and take only their state (moments, step counts) from the checkpoint,
         so a resumed job with an edited optimizer spec follows the edit.
         """
-        path = self.root / step_dir_name(step)
-        trainer_state = self.verify(step)
+        trainer_state = _read_json(path, TRAINER_STATE)
         state, keys = collect_state(model_parts, optimizers)
         try:
             with _single_process_ok():
                 dcp.load(state, checkpoint_id=str(path / STATE_DIR), no_dist=not _is_dist())
         except (Exception, dcp.CheckpointException) as exc:
-            # DCP wraps per-rank failures in CheckpointException, a BaseException.
+            # DCP wraps per-rank failures in CheckpointException, a BaseException, on all ranks.
             raise CheckpointCorruptError(
-                f"checkpoint {path}: cannot load the model/optimizer shards ({_first_line(exc)}). "
-                "It was left in place: move it away or set checkpoint.resume to another step"
+                f"checkpoint {path}: cannot load the model/optimizer shards ({_first_line(exc)})"
             ) from exc
+        rng: dict[str, Any] | None = None
+        problems: list[str] = []
+        rng_file = path / RNG_DIR / f"rank_{self.rank}.pt"
+        if trainer_state.get("world_size") == self.world_size and rng_file.is_file():
+            try:
+                rng = read_rng(rng_file)
+            except CheckpointCorruptError as exc:
+                problems.append(str(exc))
+        problems = self._agree(problems)
+        if problems:
+            raise CheckpointCorruptError(f"checkpoint {path}: {problems[0]}")
         for part, opt, (model_keys, optim_keys) in zip(
             model_parts, optimizers, keys, strict=True
         ):
@@ -491,19 +860,9 @@ class CheckpointManager:
             )
             for group, own in zip(opt.param_groups, settings, strict=True):
                 group.update(own)
-        rng_file = path / RNG_DIR / f"rank_{self.rank}.pt"
-        if trainer_state.get("world_size") == self.world_size and rng_file.is_file():
-            restore_rng(torch.load(rng_file, weights_only=False))
+        if rng is not None:
+            restore_rng(rng)
         return trainer_state
-
-    def _check_manifest(self, path: Path) -> None:
-        manifest = _read_json(path, MANIFEST)
-        problems = manifest_problems(path, manifest)
-        if problems:
-            raise CheckpointCorruptError(
-                f"checkpoint {path} is damaged: {'; '.join(problems[:3])}. It was left in place: "
-                "move it away or set checkpoint.resume to another step"
-            )
 
 
 def _first_line(exc: BaseException) -> str:
@@ -513,6 +872,10 @@ def _first_line(exc: BaseException) -> str:
         exc = getattr(first, "exception", first)
     text = str(exc).strip().splitlines()
     return text[0][:300] if text else type(exc).__name__
+
+
+def _cause(exc: BaseException) -> str:
+    return _first_line(exc.__cause__ or exc)
 
 
 def _read_json(checkpoint: Path, name: str) -> Any:

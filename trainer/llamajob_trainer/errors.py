@@ -48,3 +48,24 @@ class DependencyError(TrainerUserError):
 
     exit_code = protocol.EXIT_DEPENDENCY
     reason = "MissingDependency"
+
+
+class TrainingDiverged(Exception):
+    """A step produced a non-finite loss or gradient norm; raised before anything is saved.
+
+    Not a TrainerUserError: whether a restart from the newest checkpoint may help is the job's
+    policy (restartPolicy.onDivergence), so the supervisor decides."""
+
+    exit_code = protocol.EXIT_DIVERGED
+    reason = protocol.REASON_DIVERGED
+
+    def __init__(self, step: int, loss: float, grad_norm: float, checkpoint: int | None) -> None:
+        self.step = step
+        self.loss = protocol.non_finite_name(loss) or repr(loss)
+        kept = f"step_{checkpoint}" if checkpoint is not None else "no checkpoint yet"
+        super().__init__(
+            f"training diverged at step {step}: loss {loss}, gradient norm {grad_norm}; "
+            f"stopped before saving anything from it (newest checkpoint: {kept}). Lower "
+            "optimizer.lr, raise warmupSteps or set gradClip; restartPolicy.onDivergence: "
+            "Rollback retries from the newest checkpoint"
+        )

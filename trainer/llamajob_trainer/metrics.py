@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from prometheus_client import CollectorRegistry, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from . import protocol
 from .presets import Architecture
@@ -86,6 +86,12 @@ class TrainerMetrics:
         self.checkpoint_load_seconds = histogram(
             protocol.CHECKPOINT_LOAD_SECONDS, "Wall time of a checkpoint load.", CHECKPOINT_BUCKETS
         )
+        self.checkpoints_quarantined = Counter(
+            protocol.CHECKPOINTS_QUARANTINED.removesuffix("_total"),
+            "Checkpoints this process found damaged or incomplete and moved to quarantine/.",
+            LABELS,
+            registry=registry,
+        ).labels(job, namespace)
 
     def record_step(self, record: StepRecord) -> None:
         self.step.set(record.step)
@@ -147,8 +153,18 @@ class StepRecord:
 
     def json_line(self) -> str:
         # Floats are written with repr precision, so equal losses compare equal after a reload.
-        fields = {k: v for k, v in asdict(self).items() if v is not None}
-        return json.dumps(fields, sort_keys=True)
+        # JSON has no NaN or infinity: such a value is written as null with a `<name>_non_finite`
+        # word beside it, so strict parsers read the record and nothing is hidden.
+        fields: dict[str, Any] = {}
+        for key, value in asdict(self).items():
+            if value is None:
+                continue
+            word = protocol.non_finite_name(value) if isinstance(value, float) else None
+            if word is not None:
+                fields[f"{key}_non_finite"] = word
+                value = None
+            fields[key] = value
+        return json.dumps(fields, sort_keys=True, allow_nan=False)
 
 
 class JsonlLog:

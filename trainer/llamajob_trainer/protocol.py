@@ -21,14 +21,18 @@ EXIT_DATA = 65  # dataset missing, unreadable or too small (EX_DATAERR)
 EXIT_CONFIG = 78  # invalid config, tokenizer, checkpoint mismatch (EX_CONFIG)
 EXIT_DEPENDENCY = 79  # a required package (e.g. the Neuron SDK) is not installed
 PERMANENT_EXIT_CODES = frozenset({EXIT_USAGE, EXIT_DATA, EXIT_CONFIG, EXIT_DEPENDENCY})
+# A non-finite loss or gradient norm: neither permanent nor retryable by itself. The job's
+# restartPolicy.onDivergence decides (Fail, or Rollback to the newest checkpoint).
+EXIT_DIVERGED = 80
+REASON_DIVERGED = "TrainingDiverged"
 # Everything else (1, 137 = SIGKILL/OOM-kill, 143 = SIGTERM, ...) is retryable.
 
 # --- termination message ----------------------------------------------------------------------
 # torchrun turns any worker failure into exit code 1, so the cause travels out of band: the
 # trainer writes one JSON object to this file (Kubernetes shows it as the container's
 # terminationMessage). Keys: "reason" (str), "permanent" (bool), "message" (str), for a
-# permanent error "exitCode" (int), and for the compile step "compileCached" (bool) and
-# "compileKey" (str).
+# permanent error "exitCode" (int), for a divergence (reason REASON_DIVERGED) "step" (int),
+# and for the compile step "compileCached" (bool) and "compileKey" (str).
 TERMINATION_LOG_ENV = "LLAMAJOB_TERMINATION_LOG"
 DEFAULT_TERMINATION_LOG = "/dev/termination-log"
 
@@ -83,6 +87,7 @@ def earlier_permanent_failure(environ: Mapping[str, str]) -> dict[str, Any] | No
 CONFIG_ENV = "LLAMAJOB_CONFIG"  # path of the TrainerConfig YAML
 CHAOS_KILL_AT_STEP_ENV = "LLAMAJOB_CHAOS_KILL_AT_STEP"
 CHAOS_KILL_DURING_CHECKPOINT_ENV = "LLAMAJOB_CHAOS_KILL_DURING_CHECKPOINT"
+CHAOS_NAN_AT_STEP_ENV = "LLAMAJOB_CHAOS_NAN_AT_STEP"
 TORCHELASTIC_RESTART_COUNT_ENV = "TORCHELASTIC_RESTART_COUNT"  # set by torchrun: 0, 1, ...
 DEFAULT_METRICS_PORT = 9400
 
@@ -137,3 +142,14 @@ TRAIN_PROCESS_RESTARTS = "llamajob_train_process_restarts"
 TRAIN_STEP_SECONDS = "llamajob_train_step_seconds"  # histogram
 CHECKPOINT_SAVE_SECONDS = "llamajob_checkpoint_save_seconds"  # histogram
 CHECKPOINT_LOAD_SECONDS = "llamajob_checkpoint_load_seconds"  # histogram
+CHECKPOINTS_QUARANTINED = "llamajob_checkpoints_quarantined_total"  # counter
+
+
+def non_finite_name(value: float) -> str | None:
+    """"nan", "inf" or "-inf" for a non-finite float, None for a finite one (JSON has no
+    spelling for them, so records carry null plus this word)."""
+    if value != value:
+        return "nan"
+    if value in (float("inf"), float("-inf")):
+        return "inf" if value > 0 else "-inf"
+    return None

@@ -64,7 +64,7 @@ from .data import (
     read_metadata,
     validation_rounds,
 )
-from .errors import ConfigError
+from .errors import ConfigError, TrainingDiverged
 from .presets import Architecture
 from .tokenizer import load_tokenizer
 
@@ -217,15 +217,14 @@ def open_dataset(cfg: TrainerConfig) -> PackedDataset:
     return PackedDataset(cfg.data.path)
 
 
-def check_resume(cfg: TrainerConfig) -> int | None:
-    """Resolve checkpoint.resume and verify that checkpoint (fingerprint, files). Read-only."""
+def check_resume(cfg: TrainerConfig) -> None:
+    """The checkpoint errors a restart cannot fix (an impossible resume mode, another model's
+    checkpoints), before joining the process group. Read-only: damage is judged by the ranks
+    together when they restore (`CheckpointManager.restore`)."""
     reader = CheckpointManager(
         cfg.checkpoint.dir, keep=cfg.checkpoint.keep, fingerprint=cfg.training_fingerprint()
     )
-    step = reader.resolve(cfg.checkpoint.resume)
-    if step is not None:
-        reader.verify(step)
-    return step
+    reader.preflight(cfg.checkpoint.resume)
 
 
 # --- the loop --------------------------------------------------------------------------------
@@ -312,9 +311,6 @@ def _loop(
         log=log,
     )
     ckpt.prepare()
-    resume_step = ckpt.resolve(cfg.checkpoint.resume)
-    if resume_step is not None and isinstance(cfg.checkpoint.resume, int):
-        ckpt.set_aside_later(resume_step)
     grad_accum = cfg.batch.global_batch_size // (cfg.batch.micro_batch_size * pm.dp_size)
     n_params = sum(p.numel() for p in pm.parameters())
     log(
@@ -332,9 +328,11 @@ def _loop(
     if restarts:
         log(f"torchrun restarted the processes in place ({restarts} time(s) in this attempt)")
     step, data_state = 0, DataState()
-    if resume_step is not None:
-        started = time.perf_counter()
-        state = ckpt.load(resume_step, pm.model_parts, optimizers)
+    started = time.perf_counter()
+    state = ckpt.restore(cfg.checkpoint.resume, pm.model_parts, optimizers)
+    if rank0.metrics and ckpt.quarantined:
+        rank0.metrics.checkpoints_quarantined.inc(len(ckpt.quarantined))
+    if state is not None:
         step, data_state = int(state["step"]), DataState.from_state_dict(state["data"])
         seconds = time.perf_counter() - started
         if rank0.metrics:
@@ -407,16 +405,19 @@ def _loop(
         lr = lr_at(step, spec, max_steps)
         set_lr(optimizers, lr)
         micro_batches = [to_batch(rows) for rows in source.next_micro_batches()]
+        chaos.before_step(step + 1, pm.parameters())
         loss = pm.forward_backward(micro_batches)
         grad_norm = optimizer_step(pm, optimizers, spec.grad_clip)
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
         step += 1
         seconds = time.perf_counter() - started
+        # Loss and norm are global (reduced over all ranks), so every rank agrees on this.
+        diverged = not (math.isfinite(loss) and math.isfinite(grad_norm))
         if step == first_step + 1 and (report := pm.compile_report()):
             log(report)
         validation_loss = None
-        if validation.due(step, max_steps):
+        if validation.due(step, max_steps) and not diverged:
             first_validation = validation.runs == 0
             validation_loss = validation.loss()
             if first_validation and (report := pm.compile_report()):
@@ -440,6 +441,11 @@ def _loop(
             rank0.jsonl.write(record)
             if rank0.metrics:
                 rank0.metrics.record_step(record)
+        if diverged:
+            # Before any save: the newest checkpoint stays the last good state. A background
+            # save of an earlier step may finish; it holds good state too.
+            _saved(ckpt.wait())
+            raise TrainingDiverged(step, loss, grad_norm, ckpt.latest_complete_step())
         saved = is_due(step, cfg.checkpoint.every_steps, max_steps)
         if saved:
             save(step)
