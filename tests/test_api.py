@@ -76,7 +76,7 @@ def test_schema_is_structural() -> None:
         if node.get("x-kubernetes-int-or-string"):
             assert "type" not in node, path
             for branch in node["anyOf"]:
-                assert set(branch) <= {"type", "minimum", "enum"}, path
+                assert set(branch) <= {"type", "minimum", "maximum", "enum"}, path
         elif "anyOf" in node:
             pytest.fail(f"anyOf outside int-or-string at {path}")
         is_schema = any(k in node for k in ("type", "properties", "items"))
@@ -110,6 +110,16 @@ def test_examples_validate_against_crd_schema(path: Path) -> None:
         (lambda s: s["checkpoint"].__setitem__("resume", "latest"), "latest"),
         (lambda s: s["cluster"].__setitem__("instanceType", "p5.48xlarge"), "p5.48xlarge"),
         (lambda s: s["cluster"].__setitem__("podLabels", {"team": "a b"}), "a b"),
+        (lambda s: s["cluster"].__setitem__("memory", "-5Gi"), "-5Gi"),
+        (lambda s: s["cluster"].__setitem__("shmSize", "lots"), "lots"),
+        (lambda s: s["cluster"]["secrets"][0].__setitem__("key", "../etc/passwd"), "passwd"),
+        (lambda s: s.__setitem__("maxSteps", 10**9 + 1), "1000000001"),
+        (lambda s: s.__setitem__("seed", 2**64), str(2**64)),
+        (lambda s: s["model"].__setitem__("numLayers", 1025), "1025"),
+        (lambda s: s["checkpoint"].__setitem__("resume", 10**9 + 1), "1000000001"),
+        (lambda s: s["restartPolicy"].__setitem__("hangTimeoutSeconds", 7 * 86400 + 1), "604801"),
+        (lambda s: s["data"].__setitem__("path", "a\0b"), "does not match"),
+        (lambda s: s["data"].__setitem__("path", "d" * 4097), "is too long"),
     ],
 )
 def test_crd_schema_rejects_what_the_models_reject(mutate, fragment: str) -> None:
@@ -121,6 +131,22 @@ def test_crd_schema_rejects_what_the_models_reject(mutate, fragment: str) -> Non
     assert fragment in str(schema_err.value.message) or fragment in str(schema_err.value)
     with pytest.raises(JobFileError):
         parse_job(bad)
+
+
+@pytest.mark.parametrize(
+    "quantity",
+    ["480Gi", "120", "500m", "1.5", ".5", "1e3", "+2Ki", "-5Gi", "0", "0.0", "lots", "5GB"],
+)
+def test_crd_and_models_agree_on_quantities(quantity: str) -> None:
+    obj = yaml.safe_load((ROOT / "examples" / "tiny.yaml").read_text())
+    obj["spec"].setdefault("cluster", {})["memory"] = quantity
+    try:
+        parse_job(obj)
+        models = True
+    except JobFileError:
+        models = False
+    assert _validator().is_valid(obj) == models
+    assert models == (quantity[0] != "-" and quantity not in {"0", "0.0", "lots", "5GB"})
 
 
 def test_resume_accepts_a_step_number() -> None:

@@ -142,6 +142,31 @@ def test_not_fitting_exits_2_with_the_fix(llamajob_bin: str, tmp_path: Path) -> 
     assert "smallest change that fits: tensor: 8 ->" in res.stderr
 
 
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"spec__model__numHeads": 999_999_937},
+        {"spec__model__numHeads": 999_999_937, "spec__model__hiddenSize": 999_999_937,
+         "spec__model__numKvHeads": 3, "spec__model__numLayers": 999_999_937,
+         "spec__parallelism__pipeline": 2},
+    ],
+    ids=["prime-heads", "prime-heads-and-layers"],
+)
+def test_absurd_numbers_are_judged_at_once(
+    llamajob_bin: str, tmp_path: Path, changes: dict[str, object]
+) -> None:
+    # A search linear in these values takes over 30 s; the timeout (well above start-up on a
+    # loaded machine) separates the two. Whether the models' maxima or the planner answers, the
+    # field is named.
+    res = subprocess.run(
+        [llamajob_bin, "plan", _write(tmp_path, _tiny_with(**changes))],
+        capture_output=True, text=True, timeout=20, check=False,
+    )
+    assert res.returncode == 2, res.stderr
+    assert "error: spec.model." in res.stderr and "numHeads" in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr + res.stdout
+
+
 def test_missing_file(llamajob_bin: str, tmp_path: Path) -> None:
     res = run(llamajob_bin, str(tmp_path / "nope.yaml"))
     assert res.returncode == 2 and "cannot read" in res.stderr
@@ -150,6 +175,8 @@ def test_missing_file(llamajob_bin: str, tmp_path: Path) -> None:
 def test_bad_flag_values(llamajob_bin: str) -> None:
     res = run(llamajob_bin, str(ROOT / "examples" / "tiny.yaml"), "--mfu", "1.5")
     assert res.returncode == 2 and "--mfu" in res.stderr
+    # One line, like a bad file (argparse would print its usage text first).
+    assert res.stderr.count("\n") == 1 and "usage:" not in res.stderr, res.stderr
 
 
 def test_crd_command_prints_the_committed_file(llamajob_bin: str) -> None:

@@ -138,9 +138,19 @@ def test_corrupted_checkpoint_is_reported_not_replaced(
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     before = tree_fingerprint(ckpt)
     assert_permanent(run(tmp_path, cfg), protocol.EXIT_DATA, term, capsys,
-                     "step_4 is damaged: state/__0_0.distcp has", "left in place")
+                     "holds no intact checkpoint to resume from: step_4 (state/__0_0.distcp has",
+                     "Nothing was deleted")
     assert json.loads(term.read_text())["reason"] == "CheckpointCorrupt"
-    assert tree_fingerprint(ckpt) == before
+    assert_quarantined_untouched(ckpt, before)
+
+
+def assert_quarantined_untouched(ckpt: Path, before: dict[str, tuple[int, float]]) -> None:
+    """Every file of the damaged step_4 is in quarantine/, as it was (size and mtime)."""
+    (moved,) = (ckpt / "quarantine").iterdir()
+    assert moved.name.startswith("step_4.")
+    after = {f"step_4/{rel}": v for rel, v in tree_fingerprint(moved).items()
+             if rel != "QUARANTINED.txt"}
+    assert after == {rel: v for rel, v in before.items() if rel.startswith("step_4/")}
 
 
 def test_checkpoint_of_another_model_is_refused(
@@ -240,11 +250,11 @@ def test_torchrun_does_not_retry_a_corrupted_checkpoint(tmp_path: Path, data: Pa
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, out
     # torchrun stops a round's other rank when one fails, so a rank may not get to print.
-    real = out.count("llamajob train: error: checkpoint ")
+    real = out.count("llamajob train: error: checkpoint.dir ")
     repeated = out.count("llamajob train: error (an earlier round")
     assert 1 <= real <= 2, out  # round 0 only
     assert repeated >= 2, out  # at least one rank in each of rounds 1 and 2
     assert out.count("failed (exitcode: 65)") == 3, out
     message = json.loads((tmp_path / "termination.json").read_text())
     assert message["permanent"] is True and message["reason"] == "CheckpointCorrupt"
-    assert tree_fingerprint(ckpt) == before
+    assert_quarantined_untouched(ckpt, before)

@@ -42,7 +42,7 @@ RECORD = StepRecord(
 
 
 def test_registry_holds_exactly_the_protocol_catalogue() -> None:
-    assert len(CATALOGUE) == 14
+    assert len(CATALOGUE) == 15
     assert metric_names() == CATALOGUE
 
 

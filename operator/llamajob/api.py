@@ -6,11 +6,13 @@ copy, the operator's validation and the local runner all derive from them.
 
 from __future__ import annotations
 
+import posixpath
 import re
 from typing import Annotated, Any, Literal
 
-from llamajob_trainer.config import PositiveInt, SpecModel, TrainingSpec
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from llamajob_trainer import protocol
+from llamajob_trainer.config import FieldValueError, PathStr, PositiveInt, SpecModel, TrainingSpec
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 from .catalogue import INSTANCE_TYPES
@@ -42,12 +44,30 @@ _LABEL_VALUES_SCHEMA = {
 }
 
 
+# Kubernetes object names (metadata.name of the job, and the Secrets and claims it names).
+MAX_NAME = 253
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+
+
+def dns_subdomain_problem(value: str) -> str | None:
+    """Why ``value`` is not a DNS subdomain (a Kubernetes object name), or None."""
+    if len(value) > MAX_NAME:
+        return f"is {len(value)} characters; Kubernetes allows at most {MAX_NAME}"
+    if not _DNS_SUBDOMAIN.fullmatch(value):
+        return (
+            "must be lowercase letters, digits, '-' and '.', starting and ending with a letter "
+            "or digit (a DNS subdomain, as Kubernetes requires), e.g. llama3-8b-run1"
+        )
+    return None
+
+
 def _key_problem(key: str) -> str | None:
     prefix, slash, name = key.rpartition("/")
-    if slash and (not prefix or len(prefix) > 253 or not _DNS_SUBDOMAIN.match(prefix)):
+    # fullmatch, not match: '$' also matches before a trailing newline.
+    if slash and (not prefix or len(prefix) > 253 or not _DNS_SUBDOMAIN.fullmatch(prefix)):
         return (f"key {key!r}: the prefix before '/' must be a DNS subdomain (lowercase letters, "
                 "digits, '-' and '.'), e.g. example.com/team")
-    if not name or len(name) > 63 or not _NAME_PART.match(name):
+    if not name or len(name) > 63 or not _NAME_PART.fullmatch(name):
         return (f"key {key!r}: the name must be 1-63 letters, digits, '-', '_' or '.', starting "
                 "and ending with a letter or digit")
     return None
@@ -63,16 +83,125 @@ def check_metadata_map(value: dict[str, str], *, label_values: bool, reserved: b
         problems += [
             f"value {v!r} of {k!r}: at most 63 letters, digits, '-', '_' or '.', starting and "
             "ending with a letter or digit (or empty)"
-            for k, v in value.items() if len(v) > 63 or not re.match(LABEL_VALUE_PATTERN, v)
+            for k, v in value.items() if len(v) > 63 or not re.fullmatch(LABEL_VALUE_PATTERN, v)
         ]
     if problems:
         raise ValueError("; ".join(problems))
 
 
+# What the operator puts into every pod (see render.py; a test keeps the two in step). A user
+# volume or variable of the same name would replace ours, or the pod would be refused.
+RESERVED_VOLUME_PREFIX = "llamajob-"
+RESERVED_MOUNT_PATHS = {
+    "/dev/shm": "the in-memory /dev/shm (size it with cluster.shmSize)",
+    "/etc/llamajob": "the trainer config",
+    protocol.DEFAULT_TERMINATION_LOG: "the termination message",
+}
+# Variables the operator derives from the spec or needs for the trainer to work at all.
+OPERATOR_ENV = {
+    protocol.CONFIG_ENV: "the path of the trainer config",
+    protocol.TERMINATION_LOG_ENV: "where the trainer reports why it stopped",
+    "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "from checkpoint.terminateGraceSeconds; set that instead",
+    "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "for restartPolicy.processRestarts",
+    "NEURON_RT_NUM_CORES": "one NeuronCore per rank",
+    "NEURON_CC_FLAGS": "with compile.cacheDir; set that instead",
+    "NEURON_COMPILE_CACHE_URL": "from compile.cacheDir; set that instead",
+}
+# Variables the operator sets as defaults that a job may override (render: the user's win).
+TUNABLE_ENV = frozenset(
+    {
+        "FI_PROVIDER",
+        "FI_EFA_USE_DEVICE_RDMA",
+        "FI_EFA_FORK_SAFE",
+        "NEURON_FUSE_SOFTMAX",
+        "NEURON_RT_ASYNC_EXEC_MAX_INFLIGHT_REQUESTS",
+        "MALLOC_ARENA_MAX",
+    }
+)
+
+
+def _mount_path(value: str) -> str:
+    if not value.startswith("/"):
+        raise ValueError("must be an absolute path, e.g. /fsx")
+    path = posixpath.normpath(re.sub("/+", "/", value))
+    if path == "/":
+        raise ValueError("'/' would hide the container's whole file system; mount e.g. /fsx")
+    for ours, what in RESERVED_MOUNT_PATHS.items():
+        if path == ours or path.startswith(ours + "/"):
+            raise ValueError(f"{ours} is where the operator mounts {what}; mount e.g. /fsx")
+        if ours.startswith(path + "/"):
+            raise ValueError(
+                f"would hide {ours}, where the operator mounts {what}; mount e.g. /fsx"
+            )
+    return value
+
+
+def _volume_name(value: str) -> str:
+    if value.startswith(RESERVED_VOLUME_PREFIX):
+        raise ValueError(
+            f"names starting with {RESERVED_VOLUME_PREFIX} are the operator's (its /dev/shm and "
+            "config volumes); pick another, e.g. fsx"
+        )
+    return value
+
+
+def _env_name(value: str) -> str:
+    if value in OPERATOR_ENV:
+        raise ValueError(f"{value} is set by the operator ({OPERATOR_ENV[value]}); pick another")
+    return value
+
+
+# A Secret's data key: Kubernetes' rule for Secret and ConfigMap keys.
+_SECRET_KEY = re.compile(r"[-._a-zA-Z0-9]+")
+
+
+def _secret_key(value: str) -> str:
+    if (
+        len(value) > MAX_NAME
+        or not _SECRET_KEY.fullmatch(value)
+        or value in {".", ".."}
+        or value.startswith("..")
+    ):
+        raise ValueError(
+            f"a Secret key is 1-{MAX_NAME} letters, digits, '-', '_' or '.' (not '.' or "
+            "starting with '..'), e.g. token"
+        )
+    return value
+
+
+# Kubernetes resource quantities (480Gi, 120, 500m, 1e3), positive: Kubernetes' own grammar
+# minus the sign, with at least one non-zero digit. The API server would take "-5Gi" and refuse
+# only the pods, so the job would fail at its first attempt instead of at apply time.
+QUANTITY_PATTERN = (
+    r"^\+?([0-9]*[1-9][0-9]*(\.[0-9]*)?|[0-9]*\.[0-9]*[1-9][0-9]*)"
+    r"([KMGTPE]i|[mkMGTPE]|[eE][-+]?[0-9]+)?$"
+)
+
+
+def _quantity(value: str) -> str:
+    if not re.fullmatch(QUANTITY_PATTERN, value):
+        raise ValueError(
+            "must be a positive Kubernetes quantity, e.g. 480Gi or 64Gi (memory), 120 or 500m (cpu)"
+        )
+    return value
+
+
+Quantity = Annotated[
+    str,
+    Field(max_length=64, json_schema_extra={"pattern": QUANTITY_PATTERN}),
+    AfterValidator(_quantity),
+]
+
+
 class Volume(SpecModel):
-    name: DnsLabel = Field(description="Volume name inside the pod.")
+    name: Annotated[DnsLabel, AfterValidator(_volume_name)] = Field(
+        description="Volume name inside the pod."
+    )
     claim_name: str = Field(description="PersistentVolumeClaim to mount (e.g. the FSx claim).")
-    mount_path: str = Field(pattern=r"^/", description="Absolute mount path in the container.")
+    mount_path: Annotated[PathStr, AfterValidator(_mount_path)] = Field(
+        json_schema_extra={"pattern": r"^/[^\x00]*$"},
+        description="Absolute mount path in the container.",
+    )
     read_only: bool = Field(False, description="Mount read-only.")
 
 
@@ -81,20 +210,26 @@ class Toleration(SpecModel):
     operator: Literal["Exists", "Equal"] | None = None
     value: str | None = None
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
-    toleration_seconds: int | None = None
+    toleration_seconds: int | None = Field(None, le=2**63 - 1)  # an int64 in the pod spec
 
 
 class EnvVar(SpecModel):
-    name: EnvName
+    name: Annotated[EnvName, AfterValidator(_env_name)]
     value: str = Field(description="Plain value. Use `secrets` for anything sensitive.")
 
 
 class SecretEnv(SpecModel):
     """An environment variable filled from a Secret; the value never enters the job object."""
 
-    name: EnvName = Field(description="Environment variable name, e.g. HF_TOKEN.")
+    name: Annotated[EnvName, AfterValidator(_env_name)] = Field(
+        description="Environment variable name, e.g. HF_TOKEN."
+    )
     secret_name: DnsLabel = Field(description="Secret in the job's namespace.")
-    key: str = Field(description="Key inside the Secret.")
+    key: Annotated[str, AfterValidator(_secret_key)] = Field(
+        max_length=MAX_NAME,
+        json_schema_extra={"pattern": "^[-._a-zA-Z0-9]+$"},
+        description="Key inside the Secret.",
+    )
 
 
 class ClusterSpec(SpecModel):
@@ -131,9 +266,11 @@ class ClusterSpec(SpecModel):
     efa_resource: str | None = Field(
         None, description="Override the EFA resource name (default vpc.amazonaws.com/efa)."
     )
-    cpu: str | None = Field(None, description="CPU request and limit per pod, e.g. '120'.")
-    memory: str | None = Field(None, description="Memory request and limit per pod, e.g. '480Gi'.")
-    shm_size: str = Field("64Gi", description="Size limit of the in-memory /dev/shm.")
+    cpu: Quantity | None = Field(None, description="CPU request and limit per pod, e.g. '120'.")
+    memory: Quantity | None = Field(
+        None, description="Memory request and limit per pod, e.g. '480Gi'."
+    )
+    shm_size: Quantity = Field("64Gi", description="Size limit of the in-memory /dev/shm.")
     priority_class_name: str | None = None
     scheduler_name: str | None = Field(
         None,
@@ -170,6 +307,26 @@ class ClusterSpec(SpecModel):
         check_metadata_map(value, label_values=False, reserved=True)
         return value
 
+    @model_validator(mode="after")
+    def _unique_mounts(self) -> ClusterSpec:
+        # Kubernetes refuses a pod with two volumes of one name or two mounts at one path, so
+        # every attempt would fail at pod creation.
+        names: set[str] = set()
+        paths: set[str] = set()
+        for i, v in enumerate(self.volumes):
+            path = posixpath.normpath(re.sub("/+", "/", v.mount_path))
+            if v.name in names:
+                raise FieldValueError(
+                    f"volumes[{i}].name", f"{v.name!r} is used twice; volume names are unique"
+                )
+            if path in paths:
+                raise FieldValueError(
+                    f"volumes[{i}].mountPath", f"{path} is mounted twice; use another path"
+                )
+            names.add(v.name)
+            paths.add(path)
+        return self
+
 
 class RestartPolicy(SpecModel):
     max_restarts: int = Field(10, ge=0, le=1000, description="Gang restarts before Failed.")
@@ -179,6 +336,7 @@ class RestartPolicy(SpecModel):
     hang_timeout_seconds: int = Field(
         1800,
         ge=0,
+        le=7 * 86400,  # a week: longer than any step or checkpoint, short enough to notice
         description="No step progress for this long counts as a fault (0 disables).",
     )
     avoid_faulty_nodes: bool = Field(
@@ -193,6 +351,14 @@ class RestartPolicy(SpecModel):
         description="torchrun restarts the training processes of a gang in place up to N times "
         "(c10d rendezvous; they resume from the newest checkpoint) before a fault ends the "
         "attempt. 0: every fault is a gang restart. Lost pods and nodes always are.",
+    )
+    on_divergence: Literal["Fail", "Rollback"] = Field(
+        "Fail",
+        description="A non-finite loss or gradient norm stops training before anything is "
+        "saved. Fail: the job fails with reason TrainingDiverged. Rollback: a restart that "
+        "resumes from the newest checkpoint, counted against maxRestarts (helps when the cause "
+        "was transient, such as a faulty device; a divergence that the data or learning rate "
+        "cause recurs at the same step and ends as Fail does).",
     )
 
 
@@ -251,6 +417,11 @@ class LlamaTrainingJobStatus(StatusModel):
         description="In-place restarts of the training processes by torchrun in the current "
         "attempt (restartPolicy.processRestarts), as rank 0 reports them.",
     )
+    checkpoints_quarantined: int | None = Field(
+        None,
+        description="Damaged or incomplete checkpoints in checkpoint.dir/quarantine/, where "
+        "the trainer moves them instead of loading them (never deleted), as it last reported.",
+    )
     world_size: int | None = None
     pods: int | None = None
     compile_key: str | None = None
@@ -260,6 +431,11 @@ class LlamaTrainingJobStatus(StatusModel):
     step: int | None = None
     max_steps: int | None = None
     loss: float | None = None
+    loss_non_finite: Literal["nan", "inf", "-inf"] | None = Field(
+        None,
+        description="Set when the last reported loss was not a finite number (loss is then "
+        "null): the training diverged.",
+    )
     validation_loss: float | None = Field(
         None, description="Loss on the held-out validation sequences at the last evaluation."
     )
@@ -292,6 +468,28 @@ class ObjectMeta(BaseModel):
     uid: str | None = None
     generation: int | None = None
     labels: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        # The API server enforces this for objects it stores; a job file read locally must meet
+        # it too, since the local runner makes directories from the name. Derived names (pods,
+        # Service, ConfigMap) are shortened with a digest where needed (render._dns_label), so
+        # any DNS subdomain yields valid ones.
+        problem = dns_subdomain_problem(value)
+        if problem:
+            raise ValueError(problem)
+        return value
+
+    @field_validator("namespace")
+    @classmethod
+    def _namespace(cls, value: str) -> str:
+        if len(value) > 63 or not _DNS_LABEL.fullmatch(value):
+            raise ValueError(
+                "must be at most 63 lowercase letters, digits and '-', starting and ending with "
+                "a letter or digit (a DNS label), e.g. training"
+            )
+        return value
 
 
 class LlamaTrainingJob(BaseModel):

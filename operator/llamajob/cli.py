@@ -8,6 +8,8 @@ operator image (which has no torch) can still run every operator-side command.
 from __future__ import annotations
 
 import importlib
+import os
+import signal
 import sys
 
 # name -> ("module:function", help)
@@ -56,7 +58,16 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 79
-    return int(getattr(module, func_name)(args[1:]) or 0)
+    try:
+        code = int(getattr(module, func_name)(args[1:]) or 0)
+        # Flush here, not at interpreter exit, so that a closed pipe is caught below.
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader went away (`llamajob render job.yaml | head`): stop quietly, as Unix tools
+        # do. stdout is pointed at /dev/null so the exit-time flush cannot complain again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
+    return code
 
 
 if __name__ == "__main__":

@@ -81,7 +81,10 @@ def _structural(node: dict[str, Any]) -> dict[str, Any]:
                 # branches may carry value validation but no other structure.
                 integer = next((o for o in options if o.get("type") == "integer"), {})
                 branches = [
-                    {"type": "integer", **{k: v for k, v in integer.items() if k == "minimum"}},
+                    {
+                        "type": "integer",
+                        **{k: v for k, v in integer.items() if k in {"minimum", "maximum"}},
+                    },
                     {"type": "string", "enum": enums},
                 ]
                 node = {"x-kubernetes-int-or-string": True, "anyOf": branches, **node}

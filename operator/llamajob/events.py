@@ -92,6 +92,14 @@ def events(
             out.append(EmitEvent("Normal", "CompileStarted", f"attempt {new.attempt}: {gang}"))
         else:
             out.append(EmitEvent("Normal", "TrainingStarted", f"attempt {new.attempt}: {gang}"))
+    if (new.checkpoints_quarantined or 0) > (old.checkpoints_quarantined or 0):
+        out.append(EmitEvent(
+            "Warning", "CheckpointQuarantined",
+            f"attempt {new.attempt}: the trainer found damaged or incomplete checkpoints and "
+            f"moved them to {job.spec.checkpoint.dir}/quarantine/ instead of loading them "
+            f"({new.checkpoints_quarantined} there now; each holds a QUARANTINED.txt saying why; "
+            "nothing was deleted)",
+        ))
     if new.last_checkpoint_step is not None and (
         old.last_checkpoint_step is None or new.last_checkpoint_step > old.last_checkpoint_step
     ):

@@ -95,7 +95,9 @@ def print_summary(ui: ConsoleUI, summary: dict[str, Any]) -> None:
     )
     loss = summary["final_loss"]
     c.print(f"  steps       {summary['final_step']}/{summary['max_steps']}")
-    c.print(f"  final loss  {loss:.4f}" if loss is not None else "  final loss  -")
+    word = summary.get("final_loss_non_finite")
+    shown = f"{loss:.4f}" if loss is not None else f"{word} (diverged)" if word else "-"
+    c.print(f"  final loss  {shown}")
     if (validation := summary.get("final_validation_loss")) is not None:
         c.print(f"  validation  {validation:.4f}")
     c.print(f"  restarts    {summary['restarts']}")

@@ -54,6 +54,7 @@ class Progress:
     observed_at: datetime
     validation_loss: float | None = None
     process_restarts: int | None = None
+    checkpoints_quarantined: int | None = None
 
 
 @dataclass(frozen=True)

@@ -170,8 +170,25 @@ def _r(value: float | None, digits: int = 3) -> float | None:
     return None if value is None else round(value, digits)
 
 
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+# The operator plans every job it sees, whatever numbers its spec carries (an older CRD admits
+# any integer), so no search may take time in proportion to one of them. Trial division stops
+# at _TRIAL_LIMIT: every divisor of n <= _TRIAL_LIMIT**2 (10**10, beyond any real model) is
+# found, and no search takes more than about 10 ms for a 64-bit n. Past 10**10 the searches
+# still answer with true divisors (the small ones and their cofactors, plus those within
+# _NEAR_WINDOW of the value asked about), though one in between may be missed.
+_TRIAL_LIMIT = 10**5
+_NEAR_WINDOW = 1024
+
+
+def _divisors(n: int, near: int | None = None) -> list[int]:
+    """Divisors of n, ascending: all of them for n <= _TRIAL_LIMIT**2; past that those up to
+    _TRIAL_LIMIT, their cofactors, and (given ``near``) those within _NEAR_WINDOW of it."""
+    small = [d for d in range(1, min(math.isqrt(n), _TRIAL_LIMIT) + 1) if n % d == 0]
+    found = set(small) | {n // d for d in small}
+    if near is not None and n > _TRIAL_LIMIT**2:
+        lo, hi = max(1, near - _NEAR_WINDOW), min(n, near + _NEAR_WINDOW)
+        found.update(d for d in range(lo, hi + 1) if n % d == 0)
+    return sorted(found)
 
 
 def _nearest(value: int, candidates: list[int]) -> int | None:
@@ -222,7 +239,7 @@ def validate_layout(spec: LlamaTrainingJobSpec) -> list[SpecError]:
             f"{arch.num_heads}; nearest valid: {fit}",
         )
     if arch.num_heads % arch.num_kv_heads:
-        fit = _nearest(arch.num_kv_heads, _divisors(arch.num_heads))
+        fit = _nearest(arch.num_kv_heads, _divisors(arch.num_heads, near=arch.num_kv_heads))
         err(
             "model.numKvHeads",
             f"{arch.num_kv_heads} does not divide numHeads {arch.num_heads}; nearest valid: {fit}",
@@ -259,7 +276,9 @@ def validate_layout(spec: LlamaTrainingJobSpec) -> list[SpecError]:
             f"node of {ppn} cores; nearest valid: {fit}",
         )
     if arch.num_heads % tp:
-        fit = _nearest(tp, [d for d in _divisors(arch.num_heads) if world % (d * pp) == 0])
+        # d * pp dividing the world means d divides it: search the small gcd, not the heads.
+        heads = math.gcd(arch.num_heads, world)
+        fit = _nearest(tp, [d for d in _divisors(heads) if world % (d * pp) == 0])
         err(
             "parallelism.tensor",
             f"{tp} does not divide the {arch.num_heads} attention heads; nearest valid: {fit}",
@@ -273,7 +292,8 @@ def validate_layout(spec: LlamaTrainingJobSpec) -> list[SpecError]:
                 f"{par.kv_replicator} is not divisible by tensor {tp}; use kvReplicator: {need}",
             )
         else:
-            fit = _nearest(tp, [d for d in _divisors(arch.num_kv_heads) if world % (d * pp) == 0])
+            kv = math.gcd(arch.num_kv_heads, world)
+            fit = _nearest(tp, [d for d in _divisors(kv) if world % (d * pp) == 0])
             err(
                 "parallelism.tensor",
                 f"{tp} does not divide the {arch.num_kv_heads} kv heads "
@@ -294,13 +314,13 @@ def validate_layout(spec: LlamaTrainingJobSpec) -> list[SpecError]:
             "fails to compile tensor-parallel blocks); use tensor 1 with fsdp, or false",
         )
     if arch.num_layers % pp:
-        fit = _nearest(pp, [d for d in _divisors(arch.num_layers) if (world // tp) % d == 0])
+        fit = _nearest(pp, _divisors(math.gcd(arch.num_layers, world // tp)))
         err(
             "parallelism.pipeline",
             f"{pp} does not divide the {arch.num_layers} layers; nearest valid: {fit}",
         )
     elif arch.num_layers % (pp * vpp):
-        fit = _nearest(vpp, _divisors(arch.num_layers // pp))
+        fit = _nearest(vpp, _divisors(arch.num_layers // pp, near=vpp))
         err(
             "parallelism.virtualPipeline",
             f"pipeline {pp} x virtualPipeline {vpp} does not "
@@ -402,10 +422,23 @@ def _with(spec: LlamaTrainingJobSpec, **changes: Any) -> LlamaTrainingJobSpec:
 
 
 def suggest_fix(spec: LlamaTrainingJobSpec) -> str | None:
-    """The smallest single change (in this order of preference) that validates and fits."""
+    """The smallest single change (in this order of preference) that validates and fits, for a
+    spec that validates as it is (``make_plan`` asks only then)."""
     par, inst = spec.parallelism, INSTANCE_TYPES[spec.cluster.instance_type]
     ppn = spec.cluster.processes_per_node or inst.cores_per_node
+    world = spec.cluster.nodes * ppn
     arch = spec.model.architecture()
+
+    def works(change: dict[str, Any]) -> bool:
+        try:
+            trial = _with(spec, **change)
+        except ValueError:
+            return False
+        if validate_layout(trial):
+            return False
+        dp = world // (trial.parallelism.tensor * trial.parallelism.pipeline)
+        return estimate_memory(trial, dp).total <= inst.memory_per_core_gib * GIB
+
     candidates: list[tuple[str, dict[str, Any]]] = []
     for tp in sorted(d for d in _divisors(ppn) if d > par.tensor):
         change: dict[str, Any] = {"parallelism.tensor": tp}
@@ -423,23 +456,31 @@ def suggest_fix(spec: LlamaTrainingJobSpec) -> str | None:
                 {"parallelism.activation_checkpointing": mode},
             )
         )
-    for pp in sorted(d for d in _divisors(arch.num_layers) if d > par.pipeline):
+    # A pipeline degree must divide the layers and the ranks left by tensor parallelism (the
+    # layout check refuses any other), so the small gcd holds every candidate worth a trial.
+    stages = math.gcd(arch.num_layers, world // par.tensor)
+    for pp in (d for d in _divisors(stages) if d > par.pipeline):
         candidates.append((f"pipeline: {par.pipeline} -> {pp}", {"parallelism.pipeline": pp}))
-    mbs = spec.batch.micro_batch_size
-    for smaller in sorted((d for d in _divisors(mbs) if d < mbs), reverse=True):
-        candidates.append(
-            (f"microBatchSize: {mbs} -> {smaller}", {"batch.micro_batch_size": smaller})
-        )
     for text, change in candidates:
-        try:
-            trial = _with(spec, **change)
-        except ValueError:
-            continue
-        if validate_layout(trial):
-            continue
-        dp = (spec.cluster.nodes * ppn) // (trial.parallelism.tensor * trial.parallelism.pipeline)
-        if estimate_memory(trial, dp).total <= inst.memory_per_core_gib * GIB:
+        if works(change):
             return text
+
+    # The largest smaller micro-batch that fits. Every divisor of a valid one is valid too, and
+    # memory never grows as it shrinks (activations and logits scale with it; under GPipe the
+    # micro-batches in flight grow as it shrinks but their product stays the global batch), so
+    # the ones that fit are a prefix of the ascending divisors: a bisection finds the largest
+    # in a logarithmic number of trials where a scan could take thousands.
+    mbs = spec.batch.micro_batch_size
+    smaller = [d for d in _divisors(mbs) if d < mbs]
+    lo, hi = 0, len(smaller)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if works({"batch.micro_batch_size": smaller[mid]}):
+            lo = mid + 1
+        else:
+            hi = mid
+    if lo:
+        return f"microBatchSize: {mbs} -> {smaller[lo - 1]}"
     return None
 
 

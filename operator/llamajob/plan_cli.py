@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
+from collections.abc import Callable
+from typing import NoReturn
+
+from llamajob_trainer.config import MAX_TOKENS
 
 from .jobfile import JobFileError, load_job
 from .plan import DEFAULT_MFU, Plan, make_plan
@@ -74,8 +79,33 @@ def render_text(name: str, plan: Plan) -> str:
     return "\n".join(lines)
 
 
+class _Parser(argparse.ArgumentParser):
+    """One line per bad flag, like every other bad input (argparse adds the usage text)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_INVALID, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _number(low: float, high: float) -> Callable[[str], float]:
+    """An argparse type: a finite number in [low, high]. float() takes 'inf' and 'nan', and
+    either would only surface as a traceback or a nonsense estimate."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and low <= value <= high):
+            raise argparse.ArgumentTypeError(
+                f"must be a number from {low:g} to {high:g} (got {text!r})"
+            )
+        return value
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = _Parser(
         prog="llamajob plan",
         description="Validate a LlamaTrainingJob's layout, check that it fits in device memory, "
         "and estimate step time, total time and cost. Exit 0 when valid and fits, 2 otherwise.",
@@ -83,29 +113,31 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("file", help="job YAML")
     ap.add_argument("-o", "--output", choices=["text", "json"], default="text")
     rate = ap.add_mutually_exclusive_group()
+    # The ranges keep the estimates meaningful: below them a step takes longer than the age of
+    # the universe, above them no hardware or budget exists.
     rate.add_argument(
         "--mfu",
-        type=float,
-        help=f"assumed model FLOPs utilisation of the instance peak (default {DEFAULT_MFU})",
+        type=_number(0.001, 1),
+        help="assumed model FLOPs utilisation, a fraction of the instance peak "
+        f"(default {DEFAULT_MFU})",
     )
-    rate.add_argument("--tflops", type=float, help="measured TFLOPS per node (overrides --mfu)")
-    ap.add_argument("--price", type=float, help="price per node-hour (default: catalogue)")
-    ap.add_argument("--tokens", type=float, help="plan for this many tokens instead of maxSteps")
+    rate.add_argument(
+        "--tflops", type=_number(1e-6, 1e6), help="measured TFLOPS per node (overrides --mfu)"
+    )
+    ap.add_argument(
+        "--price", type=_number(1e-6, 1e6), help="price per node-hour (default: catalogue)"
+    )
+    ap.add_argument(
+        "--tokens",
+        type=_number(1, MAX_TOKENS),
+        help="plan for this many tokens instead of maxSteps",
+    )
     return ap
-
-
-def _positive(ap: argparse.ArgumentParser, name: str, value: float | None) -> None:
-    if value is not None and value <= 0:
-        ap.error(f"--{name} must be positive (got {value})")
 
 
 def main(argv: list[str]) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
-    for name in ("mfu", "tflops", "price", "tokens"):
-        _positive(ap, name, getattr(args, name))
-    if args.mfu is not None and args.mfu > 1:
-        ap.error(f"--mfu is a fraction of peak in (0, 1] (got {args.mfu})")
     try:
         job = load_job(args.file)
     except JobFileError as exc:

@@ -25,6 +25,7 @@ _WANTED = {
     protocol.TRAIN_MAX_STEPS,
     protocol.VALIDATION_LOSS,
     protocol.TRAIN_PROCESS_RESTARTS,
+    protocol.CHECKPOINTS_QUARANTINED,
 }
 # A metrics page is a few kB; anything far larger is not the trainer.
 MAX_BODY_BYTES = 4 * 1024 * 1024
@@ -81,6 +82,7 @@ def parse_progress(
         observed_at=now,
         validation_loss=value(protocol.VALIDATION_LOSS),
         process_restarts=integer(protocol.TRAIN_PROCESS_RESTARTS),
+        checkpoints_quarantined=integer(protocol.CHECKPOINTS_QUARANTINED),
     )
 
 

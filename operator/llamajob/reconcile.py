@@ -119,6 +119,7 @@ from .status import (
     TERMINAL,
     TRAINER_ERROR,
     TRAINING,
+    TRAINING_DIVERGED,
     VALIDATED,
     aware,
     clip,
@@ -295,6 +296,10 @@ class _Pass:
         if permanent:
             self.fail_trainer(permanent)
             return
+        diverged = [f for f in findings if f.reason == TRAINING_DIVERGED]
+        if diverged:
+            self.diverged(min(diverged, key=lambda f: f.rank), gang, findings)
+            return
         if findings:
             self.fault(findings)
             return
@@ -431,9 +436,14 @@ class _Pass:
         since = parse_time(running.last_transition_time) or self.now
         progressed = parse_time(self.st.last_progress_time)
         ref = max(since, progressed) if progressed else since
-        deadline = ref + timedelta(seconds=timeout)
-        if self.now < deadline:
-            self.requeue.append((deadline - self.now).total_seconds())
+        # Durations, never ref + timeout: a timeout of millennia is past datetime's year 9999
+        # (and past timedelta's range), and an older CRD admits any integer here.
+        elapsed = (self.now - ref).total_seconds()
+        if elapsed < timeout:
+            # Look again at least daily rather than hold one timer for centuries; min() before
+            # the subtraction, as an integer beyond a float's range cannot become one.
+            recheck = 86400.0
+            self.requeue.append(min(timeout, elapsed + recheck) - elapsed)
             return False
         rank0 = gang.get(0)
         last = f"step {self.st.step}" if self.st.step is not None else "before the first step"
@@ -466,11 +476,13 @@ class _Pass:
                     rate = (p.step - prev_step) / elapsed
                     st.eta_seconds = round(max(total - p.step, 0) / rate, 1)
         if p.loss is not None and math.isfinite(p.loss):
-            st.loss = p.loss
+            st.loss, st.loss_non_finite = p.loss, None
         if p.validation_loss is not None and math.isfinite(p.validation_loss):
             st.validation_loss = p.validation_loss
         if p.process_restarts is not None:
             st.process_restarts = p.process_restarts
+        if p.checkpoints_quarantined is not None:
+            st.checkpoints_quarantined = p.checkpoints_quarantined
         if p.tokens_per_second is not None:
             st.tokens_per_second = p.tokens_per_second
         if p.mfu is not None:
@@ -552,6 +564,25 @@ class _Pass:
             f"{first.message}",
         )
 
+    def diverged(
+        self, first: Finding, gang: Mapping[int, ObservedPod], findings: list[Finding]
+    ) -> None:
+        """A non-finite loss or gradient norm stopped the trainer before it saved anything.
+        The status says so honestly (loss null, lossNonFinite); the policy decides the rest."""
+        st = self.st
+        pod = gang.get(first.rank)
+        tm = pod.termination_message if pod is not None else {}
+        step, word = tm.get("step"), tm.get("loss")
+        if isinstance(step, int) and not isinstance(step, bool) and step >= 0:
+            st.step = step
+        if word in ("nan", "inf", "-inf"):
+            st.loss, st.loss_non_finite = None, word
+        if self.policy.on_divergence == "Rollback":
+            self.fault(findings)  # a restart resumes from the newest (good) checkpoint
+            return
+        self.record([first])
+        self.fail(TRAINING_DIVERGED, f"pod {first.pod}: {first.message}")
+
     def fault(self, findings: list[Finding]) -> None:
         st, policy = self.st, self.policy
         ordered = sorted(findings, key=lambda f: (not f.node_level, f.rank))
@@ -569,7 +600,7 @@ class _Pass:
             summary += f" (and {others} more pod(s))"
         if st.restarts >= policy.max_restarts:
             self.fail(
-                BACKOFF_LIMIT_EXCEEDED,
+                TRAINING_DIVERGED if first.reason == TRAINING_DIVERGED else BACKOFF_LIMIT_EXCEEDED,
                 f"{summary}; no restarts left after {st.restarts} "
                 f"(maxRestarts {policy.max_restarts})",
             )
@@ -721,7 +752,7 @@ def _reopen(job: LlamaTrainingJob, old: LlamaTrainingJobStatus) -> bool:
     return (
         old.phase == FAILED
         and failed is not None
-        and failed.reason in (INVALID_SPEC, TRAINER_ERROR)
+        and failed.reason in (INVALID_SPEC, TRAINER_ERROR, TRAINING_DIVERGED)
         and job.metadata.generation is not None
         and job.metadata.generation != old.observed_generation
     )

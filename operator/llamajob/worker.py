@@ -6,10 +6,10 @@ wake it; it reads what they keep in memory through ``OperatorView``.
 
 - A pass builds ``Observed`` from kopf's indices (plus this process's own writes the watch has
   not echoed yet, so a burst of creations does not turn into AlreadyExists storms), calls
-  ``reconcile()``, writes the status first (intent before action, so a crash between the two
-  replays the same decision), then deletes, creates and posts Events. Creates treat 409
-  AlreadyExists as done and deletes treat 404 as done; names are deterministic, so nothing is
-  ever duplicated.
+  ``reconcile()`` in a thread (the event loop never waits on a decision), writes the status
+  first (intent before action, so a crash between the two replays the same decision), then
+  deletes, creates and posts Events. Creates treat 409 AlreadyExists as done and deletes treat
+  404 as done; names are deterministic, so nothing is ever duplicated.
 - Waiting: a worker sleeps until woken, or until the core's RequeueAfter (backoff expiry, hang
   deadline), or, only while Training, until the next progress scrape of rank 0's ``/metrics``.
   A job that nothing happens to costs no API request.
@@ -303,7 +303,13 @@ class JobWorker:
         prior = self.written if self.written is not None else dict(self.body.get("status") or {})
         await self.maybe_scrape(observed, prior)
         observed = replace(observed, progress=self.progress)
-        decision = self.decide(observed, prior)
+        # The core is pure but not always quick (a spec of absurd numbers costs the planner
+        # more); in a thread it never holds up the watches, the other jobs or /healthz.
+        decision = await asyncio.to_thread(
+            decide, self.body, observed, prior, datetime.now(UTC), self.name, self.namespace
+        )
+        if self.stopped:
+            return  # deleted while the thread ran: act on nothing for a gone job
         new = decision.status.model_dump(by_alias=True, exclude_none=True, mode="json")
         old_status = parse_status(prior)
 
@@ -333,18 +339,6 @@ class JobWorker:
             else None
         )
         metrics.RECONCILE_DURATION.observe(time.perf_counter() - started)
-
-    def decide(self, observed: Observed, prior: Mapping[str, Any]) -> Decision:
-        now = datetime.now(UTC)
-        status = parse_status(prior)
-        meta = self.body.get("metadata") or {}
-        try:
-            job = parse_job(self.body)
-        except JobFileError as exc:
-            return reconcile_invalid(self.name, exc.errors, status, observed=observed, now=now,
-                                     namespace=self.namespace, generation=meta.get("generation"))
-        job = job.model_copy(update={"status": status})
-        return reconcile(job, observed, now)
 
     async def apply(self, decision: Decision) -> None:
         client = self.op.client()
@@ -441,6 +435,27 @@ class JobWorker:
             p.rank for p in self.observe()[0].pods if p.role == role and p.attempt == status.attempt
         }
         return want > 0 and have >= set(range(want))
+
+
+def decide(
+    body: Mapping[str, Any],
+    observed: Observed,
+    prior: Mapping[str, Any],
+    now: datetime,
+    name: str,
+    namespace: str,
+) -> Decision:
+    """The pure core on one job's body as the watch delivered it. Reads only its arguments (a
+    worker replaces its body on update, never mutates it), so it runs in a thread."""
+    status = parse_status(prior)
+    meta = body.get("metadata") or {}
+    try:
+        job = parse_job(body)
+    except JobFileError as exc:
+        return reconcile_invalid(name, exc.errors, status, observed=observed, now=now,
+                                 namespace=namespace, generation=meta.get("generation"))
+    job = job.model_copy(update={"status": status})
+    return reconcile(job, observed, now)
 
 
 def parse_status(raw: Mapping[str, Any] | None) -> LlamaTrainingJobStatus:

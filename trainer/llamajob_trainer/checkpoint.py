@@ -569,6 +569,10 @@ class CheckpointManager:
                          f"(a later step) aside to {target.name}")
             _fsync_path(self.root)
 
+    def quarantine_count(self) -> int:
+        folder = self.root / QUARANTINE_DIR
+        return sum(1 for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else 0
+
     def latest_complete_step(self) -> int | None:
         newest = latest_complete(scan(self.root)[0])
         return newest.step if newest else None

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 from .presets import PRESETS, Architecture
@@ -32,16 +32,96 @@ PresetName = Literal[
 
 PositiveInt = Annotated[int, Field(ge=1)]
 
+# Upper bounds. Each is far above any published Llama (405B: 126 layers, hidden 16384, 128
+# heads, 128K context, 15.6T tokens) yet small enough that the planner's arithmetic and the
+# trainer's allocations stay meaningful: without them a typo such as an extra three zeros passes
+# validation and fails hours later, or an integer beyond 64 bits crashes torch.
+MAX_STEPS = 10**9  # steps and step intervals: a billion steps is centuries at a second each
+MAX_TOKENS = 10**15  # 64x the largest published pre-training run
+MAX_LAYERS = 1024
+MAX_HIDDEN = 131072
+MAX_HEADS = 4096  # head dim >= 32 at the largest hidden size
+MAX_INTERMEDIATE = 1 << 20  # 8x the largest hidden size
+MAX_VOCAB = 1 << 22  # 4M entries, 32x Llama 3's vocabulary
+MAX_POSITIONS = 1 << 24  # 16M positions, above every published context length
+MAX_MICRO_BATCH = 65536
+MAX_GLOBAL_BATCH = 1 << 20
+# Parallel degrees: real layouts keep tensor groups within a node (<= 128 ranks), pipeline stages
+# divide the layers, and kvReplicator never needs to exceed the tensor degree.
+MAX_PARALLEL = 1024
+MAX_SEED = 2**63 - 1  # torch.manual_seed takes a signed 64-bit integer
+# Paths: Linux's PATH_MAX and NAME_MAX. Longer paths fail only when the trainer opens them.
+MAX_PATH = 4096
+MAX_PATH_COMPONENT = 255
+
+
+class FieldValueError(ValueError):
+    """A model-level check that blames one field: ``field`` (camelCase, relative to the model
+    that raised it) is appended to the error location, so the message names e.g.
+    spec.model.hiddenSize rather than spec.model. See ``jobfile.errors_from_validation``."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def _nul_free(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" not in value
+    if isinstance(value, dict):
+        return all(_nul_free(k) and _nul_free(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return all(_nul_free(v) for v in value)
+    return True
+
+
+def _check_path(value: str) -> str:
+    # An over-long name fails only when the trainer first writes the file, possibly after hours
+    # of training. (NUL bytes are refused for every string: SpecModel._no_nul.)
+    too_long = [part for part in value.split("/") if len(part) > MAX_PATH_COMPONENT]
+    if too_long:
+        raise ValueError(
+            f"path component {too_long[0][:40]!r}... is {len(too_long[0])} characters; "
+            f"file systems allow at most {MAX_PATH_COMPONENT}"
+        )
+    return value
+
+
+# A file or directory path. The CRD carries the length and NUL rules too; component lengths are
+# checked by the models only.
+PathStr = Annotated[
+    str,
+    Field(min_length=1, max_length=MAX_PATH, json_schema_extra={"pattern": r"^[^\x00]*$"}),
+    AfterValidator(_check_path),
+]
+
 
 class SpecModel(BaseModel):
-    """Base for every spec model: camelCase aliases, unknown fields rejected."""
+    """Base for every spec model: camelCase aliases, unknown fields rejected, finite floats.
+
+    Python code may construct models by field name (``max_steps=...``); objects from YAML or the
+    API are validated by alias only (``jobfile.parse_job``), since the CRD prunes any key that is
+    not camelCase.
+    """
 
     model_config = ConfigDict(
         alias_generator=to_camel,
-        populate_by_name=True,
+        validate_by_name=True,
+        validate_by_alias=True,
         extra="forbid",
         validate_assignment=True,
+        # .inf and .nan are valid YAML floats; no spec value means anything non-finite.
+        allow_inf_nan=False,
     )
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _no_nul(cls, value: Any) -> Any:
+        # Kubernetes and YAML both carry a NUL in a string; exec(), open() and environment
+        # variables do not, so it would fail only inside the pod.
+        if not _nul_free(value):
+            raise ValueError("must not contain a NUL character (\\0)")
+        return value
 
     def to_wire(self) -> dict:
         """The object as it appears in YAML / the Kubernetes API (camelCase, no unset nulls)."""
@@ -50,28 +130,56 @@ class SpecModel(BaseModel):
 
 class ModelSpec(SpecModel):
     preset: PresetName = Field("tiny", description="Published architecture to start from.")
-    hidden_size: PositiveInt | None = Field(None, description="Override the preset's hidden size.")
-    num_layers: PositiveInt | None = Field(None, description="Override the number of layers.")
-    num_heads: PositiveInt | None = Field(None, description="Override attention heads.")
-    num_kv_heads: PositiveInt | None = Field(
-        None, description="Override key/value heads (grouped-query attention)."
+    hidden_size: PositiveInt | None = Field(
+        None, le=MAX_HIDDEN, description="Override the preset's hidden size."
     )
-    intermediate_size: PositiveInt | None = Field(None, description="Override the MLP width.")
-    vocab_size: PositiveInt | None = Field(None, description="Override the vocabulary size.")
+    num_layers: PositiveInt | None = Field(
+        None, le=MAX_LAYERS, description="Override the number of layers."
+    )
+    num_heads: PositiveInt | None = Field(
+        None, le=MAX_HEADS, description="Override attention heads."
+    )
+    num_kv_heads: PositiveInt | None = Field(
+        None, le=MAX_HEADS, description="Override key/value heads (grouped-query attention)."
+    )
+    intermediate_size: PositiveInt | None = Field(
+        None, le=MAX_INTERMEDIATE, description="Override the MLP width."
+    )
+    vocab_size: PositiveInt | None = Field(
+        None, le=MAX_VOCAB, description="Override the vocabulary size."
+    )
     rope_theta: float | None = Field(None, gt=0, description="Override the RoPE base.")
     max_position_embeddings: PositiveInt | None = Field(
-        None, description="Override the maximum sequence length."
+        None, le=MAX_POSITIONS, description="Override the maximum sequence length."
     )
-    tokenizer: str | None = Field(
+    tokenizer: PathStr | None = Field(
         None,
         description="Path to a Hugging Face tokenizer.json; unset uses the built-in byte-level "
         "tokenizer.",
     )
-    pretrained: str | None = Field(
+    pretrained: PathStr | None = Field(
         None,
         description="Directory of Hugging Face safetensors weights to start from "
         "(continual pre-training). Ignored once a checkpoint exists.",
     )
+
+    @model_validator(mode="after")
+    def _even_head_dim(self) -> ModelSpec:
+        arch = self.architecture()
+        heads = arch.num_heads
+        # Divisibility itself is the planner's check (it suggests the nearest valid size).
+        if arch.hidden_size % heads == 0 and arch.head_dim % 2:
+            # RoPE rotates pairs of dimensions: an odd head dim has no partner for its last one,
+            # and the model would no longer be a Llama.
+            step = 2 * heads
+            lower, upper = arch.hidden_size // step * step, (arch.hidden_size // step + 1) * step
+            use = f"{lower} or {upper}" if lower else str(upper)
+            raise FieldValueError(
+                "hiddenSize",
+                f"{arch.hidden_size} / numHeads {heads} gives head dim {arch.head_dim}, which is "
+                f"odd; RoPE needs an even head dim: use hiddenSize {use}",
+            )
+        return self
 
     def architecture(self) -> Architecture:
         return PRESETS[self.preset].with_overrides(
@@ -87,7 +195,7 @@ class ModelSpec(SpecModel):
 
 
 class DataSpec(SpecModel):
-    path: str = Field(
+    path: PathStr = Field(
         "data/pydoc",
         description="Directory of a tokenized dataset written by `llamajob prepare-data` "
         "(on the shared file system in a cluster).",
@@ -96,10 +204,10 @@ class DataSpec(SpecModel):
 
 
 class ParallelismSpec(SpecModel):
-    tensor: PositiveInt = Field(1, description="Tensor-parallel degree.")
-    pipeline: PositiveInt = Field(1, description="Pipeline-parallel degree.")
+    tensor: PositiveInt = Field(1, le=MAX_PARALLEL, description="Tensor-parallel degree.")
+    pipeline: PositiveInt = Field(1, le=MAX_PARALLEL, description="Pipeline-parallel degree.")
     virtual_pipeline: PositiveInt = Field(
-        1, description="Model chunks per pipeline rank (interleaved schedule)."
+        1, le=MAX_PARALLEL, description="Model chunks per pipeline rank (interleaved schedule)."
     )
     pipeline_schedule: Literal["1F1B", "GPipe", "Interleaved1F1B"] = Field(
         "1F1B", description="Pipeline schedule (torch backend)."
@@ -114,6 +222,7 @@ class ParallelismSpec(SpecModel):
     )
     kv_replicator: PositiveInt = Field(
         1,
+        le=MAX_PARALLEL,
         description="Replicate each key/value head this many times so that TP can exceed the "
         "number of kv heads (Neuron backend).",
     )
@@ -125,9 +234,12 @@ class ParallelismSpec(SpecModel):
 
 
 class BatchSpec(SpecModel):
-    micro_batch_size: PositiveInt = Field(1, description="Sequences per rank per forward pass.")
+    micro_batch_size: PositiveInt = Field(
+        1, le=MAX_MICRO_BATCH, description="Sequences per rank per forward pass."
+    )
     global_batch_size: PositiveInt = Field(
         8,
+        le=MAX_GLOBAL_BATCH,
         description="Sequences per optimizer step across all data-parallel ranks; gradient "
         "accumulation is derived.",
     )
@@ -136,7 +248,7 @@ class BatchSpec(SpecModel):
 class OptimizerSpec(SpecModel):
     lr: float = Field(3e-4, gt=0, le=1, description="Peak learning rate.")
     min_lr: float = Field(3e-5, ge=0, le=1, description="Learning rate at the end of decay.")
-    warmup_steps: int = Field(10, ge=0, description="Linear warmup steps.")
+    warmup_steps: int = Field(10, ge=0, le=MAX_STEPS, description="Linear warmup steps.")
     schedule: Literal["cosine", "linear", "constant"] = Field(
         "cosine", description="Decay after warmup."
     )
@@ -155,13 +267,14 @@ class OptimizerSpec(SpecModel):
         return self
 
 
-ResumeMode = Literal["latestIfExists", "none"] | Annotated[int, Field(ge=0)]
+ResumeMode = Literal["latestIfExists", "none"] | Annotated[int, Field(ge=0, le=MAX_STEPS)]
 
 
 class CheckpointSpec(SpecModel):
-    dir: str = Field("checkpoints", description="Checkpoint directory (shared file system).")
-    every_steps: PositiveInt = Field(50, description="Save every N optimizer steps.")
-    keep: PositiveInt = Field(2, description="Keep the newest N complete checkpoints.")
+    dir: PathStr = Field("checkpoints", description="Checkpoint directory (shared file system).")
+    every_steps: PositiveInt = Field(50, le=MAX_STEPS, description="Save every N optimizer steps.")
+    # Each kept checkpoint is a full copy of the model and optimizer state.
+    keep: PositiveInt = Field(2, le=1000, description="Keep the newest N complete checkpoints.")
     resume: ResumeMode = Field(
         "latestIfExists",
         description="latestIfExists: newest complete checkpoint, if any; none: start fresh; "
@@ -186,17 +299,18 @@ class ValidationSpec(SpecModel):
     sequences: int = Field(
         0,
         ge=0,
+        le=MAX_STEPS,  # a billion sequences: more than any dataset would hold out
         description="Hold out the last N sequences of data.path for a validation loss (never "
         "trained on); a multiple of batch.globalBatchSize. 0 turns validation off.",
     )
     every_steps: PositiveInt = Field(
-        50, description="Evaluate every N optimizer steps, and after the last step."
+        50, le=MAX_STEPS, description="Evaluate every N optimizer steps, and after the last step."
     )
 
 
 class CompileSpec(SpecModel):
     enabled: bool = Field(True, description="Run the compile step before training.")
-    cache_dir: str = Field(
+    cache_dir: PathStr = Field(
         "compile-cache",
         description="Compiler cache on the shared file system: Neuron's (NEURON_CC_FLAGS), or "
         "Inductor's (under inductor/) with torchCompile.",
@@ -220,15 +334,17 @@ class TrainingSpec(SpecModel):
     batch: BatchSpec = Field(default_factory=BatchSpec)  # type: ignore[arg-type]
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)  # type: ignore[arg-type]
     max_steps: PositiveInt | None = Field(
-        None, description="Optimizer steps to train; set this or maxTokens."
+        None, le=MAX_STEPS, description="Optimizer steps to train; set this or maxTokens."
     )
     max_tokens: PositiveInt | None = Field(
-        None, description="Tokens to train on; converted to steps (rounded up)."
+        None, le=MAX_TOKENS, description="Tokens to train on; converted to steps (rounded up)."
     )
     precision: Literal["bf16-mixed", "fp32"] = Field(
         "bf16-mixed", description="bf16 compute with fp32 master weights, or plain fp32."
     )
-    seed: int = Field(1234, ge=0, description="Seed for initialisation and data order.")
+    seed: int = Field(
+        1234, ge=0, le=MAX_SEED, description="Seed for initialisation and data order."
+    )
     backend: Literal["auto", "torch", "neuron"] = Field(
         "auto",
         description="auto: neuron on Trainium instance types, torch elsewhere.",

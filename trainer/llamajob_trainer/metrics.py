@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Gauge, Histogram, start_http_server
 
 from . import protocol
 from .presets import Architecture
@@ -86,12 +86,11 @@ class TrainerMetrics:
         self.checkpoint_load_seconds = histogram(
             protocol.CHECKPOINT_LOAD_SECONDS, "Wall time of a checkpoint load.", CHECKPOINT_BUCKETS
         )
-        self.checkpoints_quarantined = Counter(
-            protocol.CHECKPOINTS_QUARANTINED.removesuffix("_total"),
-            "Checkpoints this process found damaged or incomplete and moved to quarantine/.",
-            LABELS,
-            registry=registry,
-        ).labels(job, namespace)
+        self.checkpoints_quarantined = gauge(
+            protocol.CHECKPOINTS_QUARANTINED,
+            "Damaged or incomplete checkpoints in checkpoint.dir/quarantine/ (moved there "
+            "instead of loaded, never deleted), counted at start-up.",
+        )
 
     def record_step(self, record: StepRecord) -> None:
         self.step.set(record.step)

@@ -142,7 +142,7 @@ TRAIN_PROCESS_RESTARTS = "llamajob_train_process_restarts"
 TRAIN_STEP_SECONDS = "llamajob_train_step_seconds"  # histogram
 CHECKPOINT_SAVE_SECONDS = "llamajob_checkpoint_save_seconds"  # histogram
 CHECKPOINT_LOAD_SECONDS = "llamajob_checkpoint_load_seconds"  # histogram
-CHECKPOINTS_QUARANTINED = "llamajob_checkpoints_quarantined_total"  # counter
+CHECKPOINTS_QUARANTINED = "llamajob_checkpoints_quarantined"
 
 
 def non_finite_name(value: float) -> str | None:

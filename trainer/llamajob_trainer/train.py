@@ -330,8 +330,8 @@ def _loop(
     step, data_state = 0, DataState()
     started = time.perf_counter()
     state = ckpt.restore(cfg.checkpoint.resume, pm.model_parts, optimizers)
-    if rank0.metrics and ckpt.quarantined:
-        rank0.metrics.checkpoints_quarantined.inc(len(ckpt.quarantined))
+    if rank0.metrics:
+        rank0.metrics.checkpoints_quarantined.set(ckpt.quarantine_count())
     if state is not None:
         step, data_state = int(state["step"]), DataState.from_state_dict(state["data"])
         seconds = time.perf_counter() - started
