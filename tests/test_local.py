@@ -160,23 +160,29 @@ def test_process_restart_in_place_needs_no_new_attempt(
     assert not (tmp_path / "run" / "attempt-2").exists()
 
 
-def test_damaged_checkpoint_fails_the_job_without_retries(
+def test_damaged_checkpoints_fail_the_job_without_retries(
     tmp_path: Path, dataset: Path, baseline: dict[str, Any]
 ) -> None:
     """A permanent error in training (the compile step never loads checkpoints) is neither
-    restarted in place nor by a new attempt: the job fails, naming the damaged file."""
+    restarted in place nor by a new attempt: the job fails, naming the damaged files. (One
+    damaged checkpoint among good ones is not an error: tests/test_checkpoint_faults.py.)"""
     shutil.copytree(baseline["checkpoints"], tmp_path / "ckpt")
-    shard = next((tmp_path / "ckpt" / f"step_{STEPS}" / "state").glob("*.distcp"))
-    shard.write_bytes(shard.read_bytes()[:100])
+    steps = sorted(p.name for p in (tmp_path / "ckpt").glob("step_*"))
+    shards = [sorted((tmp_path / "ckpt" / step / "state").glob("*.distcp"))[0] for step in steps]
+    for shard in shards:
+        shard.write_bytes(shard.read_bytes()[:100])
     summary, out = _run(tmp_path, _job_yaml(tmp_path, dataset, process_restarts=2))
     assert summary["phase"] == "Failed", out
     assert summary["restarts"] == 0 and summary["process_restarts"] == 0
-    assert f"step_{STEPS} is damaged" in summary["message"], summary
+    assert "holds no intact checkpoint to resume from" in summary["message"], summary
+    assert f"step_{STEPS} (state/{shards[0].name} has 100 bytes" in summary["message"], summary
     assert not (tmp_path / "run" / "attempt-2").exists()
     log = (tmp_path / "run" / "attempt-1" / "train.log").read_text()
     assert log.count("failed (exitcode: 65)") == 3, log[-3000:]  # torchrun's three rounds
     assert "error (an earlier round of this process group" in log, log[-3000:]
-    assert shard.stat().st_size == 100  # left as found, for the user to look at
+    # Moved aside as found, for the user to look at; nothing deleted.
+    kept = sorted((tmp_path / "ckpt" / "quarantine").glob("step_*/state/*.distcp"))
+    assert [p.stat().st_size for p in kept if p.name == shards[0].name] == [100] * len(steps)
 
 
 def test_kill_during_checkpoint_write_resumes_from_a_complete_checkpoint(
@@ -300,6 +306,15 @@ def test_scaled_down_job_keeps_the_family_and_is_valid(name: str) -> None:
     assert tiny.rope_theta == big.rope_theta
     assert make_plan(small.spec).valid
     assert small.spec.cluster.instance_type == "cpu"
+
+
+def test_scaled_down_name_stays_a_valid_name() -> None:
+    job = load_job(ROOT / "examples" / "llama3-8b.yaml")
+    longest = "a" * 246 + "-" + "b" * 6  # 253 characters, the most Kubernetes allows
+    renamed = job.model_copy(update={"metadata": job.metadata.model_copy(
+        update={"name": longest})})
+    small = scaled_down(renamed)
+    assert len(small.metadata.name) <= 253 and small.metadata.name.endswith("a-local")
 
 
 def test_invalid_job_gives_the_planner_messages(tmp_path: Path) -> None:

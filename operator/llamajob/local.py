@@ -9,7 +9,9 @@ node's ranks); Services and ConfigMaps become files in the run directory.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
+import math
 import os
 import signal
 import socket
@@ -23,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from llamajob_trainer import protocol
+from llamajob_trainer import lifeline, protocol
 
 from . import metrics as op_metrics
 from .actions import CreateObject, DeletePods, EmitEvent, RequeueAfter
@@ -43,6 +45,7 @@ from .render import (
 POLL_SECONDS = 0.5
 LOCAL_STOP_GRACE_MAX = 60
 TERMINAL = {"Succeeded", "Failed"}
+LOCK_FILE = ".llamajob-run.lock"
 
 
 def free_port() -> int:
@@ -82,7 +85,8 @@ class Child:
         )
 
     def stop(self, grace: float = 10.0) -> None:
-        """Stop the whole process group: torchrun and every rank it started."""
+        """Stop torchrun and every rank it started: torchrun forwards SIGTERM to the ranks (each
+        in a session of its own), and if it has to be SIGKILLed they die with it (lifeline)."""
         if self.proc.poll() is not None:
             return
         with contextlib.suppress(ProcessLookupError):
@@ -127,6 +131,44 @@ def observed_pod_from_process(
     )
 
 
+def default_run_dir(job_name: str) -> Path:
+    return Path("runs") / job_name / "local"
+
+
+class DirectoryInUse(Exception):
+    """Another run holds the lock on a directory; `holder` is what it wrote there."""
+
+    def __init__(self, directory: Path, holder: dict[str, Any]) -> None:
+        super().__init__(f"{directory} is in use (held by {holder or 'an unknown process'})")
+        self.directory = directory
+        self.holder = holder
+
+
+def lock_directory(directory: Path, holder: dict[str, Any]) -> int:
+    """Lock `directory` for this run, or raise DirectoryInUse. Returns the lock's descriptor.
+
+    An flock, not a pid file: the kernel drops it when the last descriptor to it closes, so a
+    SIGKILLed run never leaves a stale lock. torchrun inherits the descriptor (RunOptions
+    .keep_open), so the lock lasts until the training processes have exited too, not just
+    `llamajob run`.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        text = os.pread(fd, 4096, 0).decode(errors="replace")
+        os.close(fd)
+        try:
+            found = json.loads(text)
+        except ValueError:
+            found = {}  # the holder has not written it yet
+        raise DirectoryInUse(directory, found if isinstance(found, dict) else {}) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(holder).encode(), 0)
+    return fd
+
+
 @dataclass
 class RunOptions:
     chaos_kill_at_step: int | None = None
@@ -135,6 +177,8 @@ class RunOptions:
     operator_metrics_port: int | None = None
     progress: bool = True
     run_dir: Path | None = None
+    # Descriptors every torchrun inherits: the run's directory locks.
+    keep_open: tuple[int, ...] = ()
 
 
 @dataclass
@@ -151,7 +195,7 @@ class LocalRunner:
 
     def __post_init__(self) -> None:
         name = self.job.metadata.name
-        self.run_dir = self.options.run_dir or Path("runs") / name / "local"
+        self.run_dir = self.options.run_dir or default_run_dir(name)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.tmpdir = self.run_dir / "tmp"
         self.tmpdir.mkdir(exist_ok=True)
@@ -247,6 +291,9 @@ class LocalRunner:
         argv = [
             sys.executable,
             "-m",
+            "llamajob_trainer.lifeline",  # dies with this process, then execs torchrun
+            sys.executable,
+            "-m",
             "torch.distributed.run",
             "--standalone",
             "--nproc_per_node",
@@ -269,6 +316,7 @@ class LocalRunner:
                 "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "1"),
                 "PYTHONUNBUFFERED": "1",
                 SHUTDOWN_TIMEOUT_ENV: str(shutdown_timeout(self.stop_grace)),
+                lifeline.PARENT_ENV: str(os.getpid()),
             }
         )
         if restarts:
@@ -283,8 +331,15 @@ class LocalRunner:
                 env[protocol.CHAOS_KILL_DURING_CHECKPOINT_ENV] = str(at) if at > 1 else "1"
         log = log_path.open("ab")
         try:
+            # A session of its own: stop() signals its group, and a Ctrl-C at the terminal
+            # reaches only us, who stop it in order.
             proc = subprocess.Popen(
-                argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+                argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+                pass_fds=self.options.keep_open,
             )
         finally:
             log.close()
@@ -350,13 +405,17 @@ class LocalRunner:
             else []
         )
         last = last_record(self.steps_path)
-        return {
+        return finite_json({
             "job": self.job.metadata.name,
             "phase": status.phase,
             "message": status.message,
             "final_step": last.get("step", status.step),
             "max_steps": status.max_steps or self.job.spec.total_steps(),
             "final_loss": last.get("loss", status.loss),
+            # null loss with this word when the run diverged (JSON has no NaN).
+            "final_loss_non_finite": (
+                last.get("loss_non_finite") if last else status.loss_non_finite
+            ),
             # Validation runs after the last step too, so its record holds the final figure.
             "final_validation_loss": last.get("validation_loss", status.validation_loss),
             "restarts": status.restarts,
@@ -366,7 +425,19 @@ class LocalRunner:
             "checkpoint_dir": str(ckpt_dir),
             "checkpoints": checkpoints,
             "events": [{"type": t, "reason": r, "message": m} for t, r, m in self.events],
-        }
+        })
+
+
+def finite_json(value: Any) -> Any:
+    """The value with every non-finite float as None: strict JSON parsers refuse NaN and
+    Infinity, and the summary says a diverged loss in words (`final_loss_non_finite`)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_json(v) for v in value]
+    return value
 
 
 def last_record(path: Path) -> dict[str, Any]:

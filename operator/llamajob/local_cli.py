@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any, NoReturn
 
 from llamajob_trainer import protocol
 from prometheus_client import start_http_server
@@ -18,7 +20,14 @@ from . import metrics as op_metrics
 from .api import LlamaTrainingJob, LlamaTrainingJobStatus
 from .catalogue import INSTANCE_TYPES
 from .jobfile import JobFileError, load_job
-from .local import LocalRunner, RunOptions, free_port
+from .local import (
+    DirectoryInUse,
+    LocalRunner,
+    RunOptions,
+    default_run_dir,
+    free_port,
+    lock_directory,
+)
 from .local_console import ConsoleUI, print_summary
 from .plan import make_plan
 
@@ -56,7 +65,8 @@ def scaled_down(job: LlamaTrainingJob) -> LlamaTrainingJob:
     wire.pop("maxTokens", None)
     wire["precision"] = "fp32"
     wire["backend"] = "auto"
-    name = job.metadata.name
+    # "-local" must still leave a valid name (a DNS subdomain of at most 253 characters).
+    name = job.metadata.name[: 253 - len("-local")].rstrip("-.")
     wire["checkpoint"] = {"dir": f"runs/{name}-local/checkpoints", "everySteps": 10, "keep": 2}
     wire["compile"] = {"enabled": True, "cacheDir": f"runs/{name}-local/compile-cache", "steps": 1}
     wire["cluster"] = {"nodes": 1, "instanceType": "cpu", "processesPerNode": 2}
@@ -135,6 +145,50 @@ def ensure_dataset(job: LlamaTrainingJob, ui: ConsoleUI) -> int:
     return subprocess.run(argv, check=False).returncode
 
 
+def _lock_run(job: LlamaTrainingJob, job_file: str, run_dir: Path) -> tuple[int, ...]:
+    """Locks the run directory and the checkpoint directory, or raises DirectoryInUse. The
+    checkpoint directory is the resource two gangs must not share; it needs its own lock
+    because another job file, or the same one with another --run-dir, can point at it."""
+    holder = {"pid": os.getpid(), "job": job.metadata.name, "jobFile": job_file,
+              "runDir": str(run_dir)}
+    locks = [lock_directory(run_dir, holder)]
+    ckpt_dir = Path(job.spec.checkpoint.dir)
+    try:
+        if ckpt_dir.resolve() != run_dir.resolve():
+            locks.append(lock_directory(ckpt_dir, holder))
+    except DirectoryInUse:
+        os.close(locks[0])
+        raise
+    return tuple(locks)
+
+
+def _in_use_message(exc: DirectoryInUse, run_dir: Path) -> str:
+    """One line: which directory, who holds it, and what to do."""
+    holder = exc.holder
+    pid = holder.get("pid")
+    what, fix = "run directory", "stop it first, or pass another --run-dir"
+    details = f"pid {pid or '?'}"
+    if exc.directory != run_dir:
+        what = "checkpoint directory"
+        fix = "two runs would write over each other's checkpoints; stop it first"
+        details += f", run directory {holder.get('runDir', '?')}"
+    who = f"`llamajob run` of job {holder.get('job', '?')} ({details})"
+    if isinstance(pid, int):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            # torchrun inherited the lock: the run was killed and its ranks are still saving.
+            who += ", which has exited while its training processes stop"
+            fix = "run again in a few seconds, once they have"
+        except PermissionError:
+            pass  # alive, another user's
+    return f"error: {what} {exc.directory} is in use by {who}; {fix}"
+
+
+def _interrupt(signum: int, frame: Any) -> NoReturn:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     ui = ConsoleUI(enabled=not args.no_progress)
@@ -172,6 +226,12 @@ def main(argv: list[str]) -> int:
         for problem in plan.problems():
             print(f"error: {problem}", file=sys.stderr)
         return EXIT_INVALID
+    run_dir = args.run_dir or default_run_dir(job.metadata.name)
+    try:
+        locks = _lock_run(job, args.file, run_dir)
+    except DirectoryInUse as exc:
+        print(_in_use_message(exc, run_dir), file=sys.stderr)
+        return EXIT_INVALID
     code = ensure_dataset(job, ui)
     if code:
         return code
@@ -182,7 +242,9 @@ def main(argv: list[str]) -> int:
         metrics_port=args.metrics_port,
         operator_metrics_port=args.operator_metrics_port,
         progress=not args.no_progress,
-        run_dir=args.run_dir,
+        run_dir=run_dir,
+        # Held until this process and every torchrun it starts have exited.
+        keep_open=locks,
     )
     runner = LocalRunner(job=job, options=options, ui=ui)
     op_port = options.operator_metrics_port or free_port()
@@ -193,21 +255,29 @@ def main(argv: list[str]) -> int:
 
     started = time.monotonic()
     interrupted = False
-    previous = signal.getsignal(signal.SIGTERM)
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    # SIGTERM, and SIGHUP when the terminal goes away, stop the run as Ctrl-C does. A SIGHUP
+    # ignored on purpose (nohup) stays ignored.
+    stop_signals = [signal.SIGTERM]
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+        stop_signals.append(signal.SIGHUP)
+    previous = {sig: signal.signal(sig, _interrupt) for sig in stop_signals}
     try:
         status = runner.run()
     except KeyboardInterrupt:
         interrupted = True
-        ui.close()
-        ui.note(
-            "interrupted: stopping all processes (a later run resumes from the newest "
-            "complete checkpoint)"
-        )
-        runner.stop_all()
+        try:
+            ui.close()
+            ui.note(
+                "interrupted: stopping all processes (a later run resumes from the newest "
+                "complete checkpoint)"
+            )
+        finally:
+            # After a hangup the terminal may be gone and printing fail: stop regardless.
+            runner.stop_all()
         status = runner.job.status or LlamaTrainingJobStatus()
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         ui.close()
     summary = runner.summary(time.monotonic() - started)
     if interrupted:

@@ -12,7 +12,10 @@ of repeating the work that failed.
 from __future__ import annotations
 
 import argparse
+import errno
+import json
 import os
+import pickle
 import signal
 import sys
 import traceback
@@ -21,7 +24,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from . import protocol
-from .errors import ConfigError, DependencyError, TrainerUserError
+from .errors import ConfigError, DataError, DependencyError, TrainerUserError
 
 
 class UsageError(TrainerUserError):
@@ -75,8 +78,20 @@ def load_config(path: str | os.PathLike[str] | None) -> Any:
         raise ConfigError(f"config file {file}: {problems}") from exc
 
 
+# OS errors that no retry can fix: the path itself is wrong (too long, not a directory, a loop)
+# or forbidden. EIO, ENOSPC, ESTALE, timeouts and the like stay retryable.
+_PERMANENT_ERRNOS = frozenset({
+    errno.ENAMETOOLONG, errno.ENOTDIR, errno.EISDIR, errno.ELOOP, errno.EACCES, errno.EPERM,
+    errno.EROFS, errno.EINVAL,
+})
+
+
 def _as_user_error(exc: BaseException) -> TrainerUserError | None:
-    """User errors raised by other modules under their own types, mapped to exit codes."""
+    """User errors raised by other modules under their own types, mapped to exit codes.
+
+    Retries are for what a retry can fix. Damaged input (a file that does not unpickle or
+    parse), a path the system refuses, a value too large for the library it reaches: each
+    would fail the same way on every attempt, so each is permanent, with the file named."""
     if isinstance(exc, TrainerUserError):
         return exc
     from .parallel.layout import LayoutError
@@ -85,6 +100,20 @@ def _as_user_error(exc: BaseException) -> TrainerUserError | None:
         return ConfigError(str(exc))
     if getattr(exc, "exit_code", None) == protocol.EXIT_DEPENDENCY:
         return DependencyError(str(exc))
+    if isinstance(exc, OSError) and exc.errno in _PERMANENT_ERRNOS:
+        where = exc.filename if exc.filename is not None else "a path of the job"
+        return ConfigError(f"{where}: {exc.strerror or exc}; fix the path in the job spec "
+                           "(checkpoint.dir, data.path, compile.cacheDir, model.tokenizer)")
+    if isinstance(exc, pickle.UnpicklingError | json.JSONDecodeError | UnicodeDecodeError):
+        return DataError(f"damaged input file ({type(exc).__name__}: {exc}); replace or "
+                         "remove it")
+    if isinstance(exc, ValueError) and "null byte" in str(exc):
+        return ConfigError(f"a path in the job spec contains a NUL byte ({exc})")
+    if isinstance(exc, OverflowError) or (
+        isinstance(exc, RuntimeError) and "Overflow when unpacking" in str(exc)
+    ):
+        return ConfigError(f"a number in the job spec is too large ({exc}); the seed must fit "
+                           "in 64 bits")
     return None
 
 
@@ -127,6 +156,9 @@ def _run(prog: str, body: Callable[[], int]) -> int:
 
 
 def train_main(argv: list[str]) -> int:
+    from .lifeline import die_with_launcher
+
+    die_with_launcher()  # under `llamajob run`: no rank outlives its torchrun
     prog = "llamajob train"
 
     def body() -> int:
@@ -141,15 +173,30 @@ def train_main(argv: list[str]) -> int:
                         help="SIGKILL rank 0 inside a checkpoint write before `done`, once per "
                         "job: the next write, or the first at STEP or later "
                         f"(or ${protocol.CHAOS_KILL_DURING_CHECKPOINT_ENV}=1|STEP)")
+        ap.add_argument("--chaos-nan-at-step", type=int, metavar="N",
+                        help="overwrite rank 0's parameters with NaN just before step N, once "
+                        f"per job, to exercise divergence handling (or "
+                        f"${protocol.CHAOS_NAN_AT_STEP_ENV})")
         args = ap.parse_args(argv)
         cfg = load_config(args.config)
 
         from .chaos import chaos_from
+        from .errors import TrainingDiverged
         from .train import Terminated, TrainOptions, train
 
-        chaos = chaos_from(args.chaos_kill_at_step, args.chaos_kill_during_checkpoint, os.environ)
+        chaos = chaos_from(args.chaos_kill_at_step, args.chaos_kill_during_checkpoint, os.environ,
+                           args.chaos_nan_at_step)
         try:
             train(cfg, TrainOptions(log_jsonl=args.log_jsonl, chaos=chaos))
+        except TrainingDiverged as diverged:
+            message = str(diverged)
+            print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+            if _local_rank0():
+                protocol.write_termination_message(
+                    reason=diverged.reason, permanent=False, exitCode=diverged.exit_code,
+                    step=diverged.step, loss=diverged.loss, message=message[:2000],
+                )
+            return diverged.exit_code
         except Terminated as stop:
             print(f"{prog}: {stop}", file=sys.stderr, flush=True)
             if _local_rank0():
@@ -166,6 +213,9 @@ def train_main(argv: list[str]) -> int:
 
 
 def compile_main(argv: list[str]) -> int:
+    from .lifeline import die_with_launcher
+
+    die_with_launcher()  # under `llamajob run`: no rank outlives its torchrun
     prog = "llamajob compile"
 
     def body() -> int:
