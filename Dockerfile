@@ -49,7 +49,7 @@ COPY --from=build /wheels /wheels
 RUN pip freeze | grep -iE '^(torch|torchvision|torch-xla|torch-neuronx|neuronx-cc|neuronx-distributed|libneuronxla)==' > /tmp/neuron-constraints.txt \
     && pip install --no-deps /wheels/llamajob-*.whl \
     && pip install --constraint /tmp/neuron-constraints.txt \
-        "pydantic>=2.10,<3" \
+        "pydantic>=2.11,<3" \
         "pyyaml>=6" \
         "kopf>=1.45,<2" \
         "aiohttp>=3.10" \

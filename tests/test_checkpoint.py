@@ -290,3 +290,46 @@ def test_export_loads_in_transformers_and_imports_back(tmp_path: Path) -> None:
     wrong = ModelSpec.model_validate({**MODEL, "numLayers": 3}).architecture()
     with pytest.raises(Exception, match="num_hidden_layers is 2, the job's model has 3"):
         load_pretrained(out, wrong)
+
+
+def test_garbage_rng_file_is_a_damaged_checkpoint_naming_the_file(tmp_path: Path) -> None:
+    from llamajob_trainer.checkpoint import read_rng
+
+    bad = tmp_path / "rank_0.pt"
+    bad.write_bytes(b"\x80\x02}q\x00garbage")
+    with pytest.raises(CheckpointCorruptError, match=r"rank_0.pt: cannot read the RNG state"):
+        read_rng(bad)
+
+
+def test_checkpoint_with_a_size_only_manifest_still_loads(root: Path) -> None:
+    """Checkpoints written before digests existed: their manifest maps files to sizes."""
+    model, opt = tiny_module()
+    train_a_bit(model, opt)
+    manager(root).save(2, [model], [opt], {})
+    step = root / "step_2"
+    manifest = json.loads((step / "manifest.json").read_text())
+    old = {rel: rec["size"] for rel, rec in manifest["files"].items()}
+    (step / "manifest.json").write_text(json.dumps(old))
+    other, other_opt = tiny_module(seed=3)
+    manager(root).load(2, [other], [other_opt])
+    for a, b in zip(model.parameters(), other.parameters(), strict=True):
+        assert torch.equal(a, b)
+    # Sizes are still checked.
+    shard = sorted((step / "state").glob("*.distcp"))[0]
+    shard.write_bytes(shard.read_bytes()[:-1])
+    with pytest.raises(CheckpointCorruptError, match="has .* bytes, expected"):
+        manager(root).load(2, [other], [other_opt])
+
+
+def test_manifest_must_list_exactly_the_files_and_stay_inside(root: Path) -> None:
+    model, opt = tiny_module()
+    mgr = manager(root)
+    mgr.save(2, [model], [opt], {})
+    step = root / "step_2"
+    (step / "state" / "__9_0.distcp").write_bytes(b"stray")
+    assert mgr.check(step, 2) == ["state/__9_0.distcp is not in the manifest"]
+    (step / "state" / "__9_0.distcp").unlink()
+    manifest = json.loads((step / "manifest.json").read_text())
+    manifest["files"]["../outside"] = {"size": 1}
+    (step / "manifest.json").write_text(json.dumps(manifest))
+    assert mgr.check(step, 2) == ["manifest names '../outside', outside the checkpoint"]

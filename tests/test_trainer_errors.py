@@ -6,7 +6,9 @@ These checks run before the trainer joins a process group, so `train_main` runs 
 
 from __future__ import annotations
 
+import errno
 import json
+import pickle
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -15,8 +17,9 @@ import pytest
 import torch
 from llamajob_trainer import protocol
 from llamajob_trainer.checkpoint import CheckpointManager
-from llamajob_trainer.cli import train_main
+from llamajob_trainer.cli import _as_user_error, train_main
 from llamajob_trainer.config import TrainerConfig
+from llamajob_trainer.errors import ConfigError, DataError
 from llamajob_trainer.model import Llama
 from trainer_helpers import (
     prepare_pydoc,
@@ -258,3 +261,35 @@ def test_torchrun_does_not_retry_a_corrupted_checkpoint(tmp_path: Path, data: Pa
     message = json.loads((tmp_path / "termination.json").read_text())
     assert message["permanent"] is True and message["reason"] == "CheckpointCorrupt"
     assert_quarantined_untouched(ckpt, before)
+
+
+@pytest.mark.parametrize(
+    ("exc", "kind", "needle"),
+    [
+        (OSError(errno.ENAMETOOLONG, "File name too long", "/ckpt/" + "x" * 300), ConfigError,
+         "File name too long"),
+        (OSError(errno.EACCES, "Permission denied", "/fsx/ckpt"), ConfigError, "/fsx/ckpt"),
+        (pickle.UnpicklingError("invalid load key, 'x'."), DataError, "invalid load key"),
+        (json.JSONDecodeError("Expecting value", "{", 1), DataError, "Expecting value"),
+        (ValueError("embedded null byte"), ConfigError, "NUL byte"),
+        (RuntimeError("Overflow when unpacking long"), ConfigError, "64 bits"),
+    ],
+)
+def test_damaged_input_and_impossible_paths_are_permanent(
+    exc: BaseException, kind: type, needle: str
+) -> None:
+    user = _as_user_error(exc)
+    assert isinstance(user, kind) and needle in str(user)
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        OSError(errno.EIO, "Input/output error", "/fsx/ckpt"),  # a flaky file system: retry
+        OSError(errno.ENOSPC, "No space left on device", "/fsx/ckpt"),
+        RuntimeError("Connection reset by peer"),
+        ValueError("something else"),
+    ],
+)
+def test_what_a_retry_can_fix_stays_retryable(exc: BaseException) -> None:
+    assert _as_user_error(exc) is None

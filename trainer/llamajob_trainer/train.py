@@ -27,6 +27,12 @@ of these hold (tests/test_train_resume.py checks it):
   and validation.everySteps may differ. The fingerprint refuses a different model.
 Model initialisation depends only on the seed (per-parameter generators), never on the layout.
 
+Divergence. Loss and gradient norm are reduced over all ranks, so every rank sees the same
+values; a non-finite one ends the loop at that step on every rank, after the step is logged and
+before validation or any save, with `TrainingDiverged` (exit code 80 and a termination message
+the supervisors read; restartPolicy.onDivergence decides whether the job fails or rolls back).
+The newest checkpoint therefore always holds finite state.
+
 Termination. With `checkpoint.saveOnTerminate` (the default) SIGTERM does not kill a rank
 mid-step: the step finishes, the ranks agree (one all-reduce per step, because the signal
 reaches them at different moments), all save the current step and the process exits with 143
