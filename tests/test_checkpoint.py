@@ -317,7 +317,7 @@ def test_checkpoint_with_a_size_only_manifest_still_loads(root: Path) -> None:
     # Sizes are still checked.
     shard = sorted((step / "state").glob("*.distcp"))[0]
     shard.write_bytes(shard.read_bytes()[:-1])
-    with pytest.raises(CheckpointCorruptError, match="has .* bytes, expected"):
+    with pytest.raises(CheckpointCorruptError, match=r"has .* bytes, expected"):
         manager(root).load(2, [other], [other_opt])
 
 

@@ -191,7 +191,7 @@ def test_layout_errors_name_the_field(cfg: TrainerConfig, world: int, message: s
 @pytest.mark.parametrize(
     ("backend", "tensor", "message"),
     [
-        ("neuron", 1, "applies to the torch backend"),
+        ("nxd", 1, "applies to the torch backend"),
         ("torch", 2, "does not combine with parallelism.tensor \\(2\\)"),
     ],
 )
@@ -214,7 +214,7 @@ def test_torch_compile_layouts_the_backend_cannot_run(
 def test_neuron_layout_accepts_kv_replication() -> None:
     arch = PRESETS["llama3-70b"]  # 8 kv heads, tensor 32
     cfg = config(tensor=32, pipeline=1, kv_replicator=4)
-    cfg.resolved_backend = "neuron"
+    cfg.resolved_backend = "nxd"
     assert make_layout(cfg, arch, 32).tp == 32
     cfg.parallelism.kv_replicator = 2
     with pytest.raises(LayoutError, match="raise kvReplicator to 4"):
@@ -229,7 +229,7 @@ def test_stage_split_covers_every_layer_once(layers: int, stages: int) -> None:
     assert max(sizes) - min(sizes) <= 1
 
 
-# --- the neuron backend without its packages ------------------------------------------------------
+# --- the nxd backend without its packages ------------------------------------------------------
 @pytest.fixture
 def no_neuron_packages(monkeypatch: pytest.MonkeyPatch) -> None:
     """Hide the Neuron packages even where they happen to be installed."""
@@ -248,7 +248,7 @@ def test_neuron_backend_without_packages_is_a_dependency_error(no_neuron_package
     from llamajob_trainer.parallel.neuron_backend import NeuronUnavailable
 
     cfg = config()
-    cfg.resolved_backend = "neuron"
+    cfg.resolved_backend = "nxd"
     with pytest.raises(NeuronUnavailable) as info:
         parallelize(cfg, PRESETS["tiny"], None)  # type: ignore[arg-type]
     assert info.value.exit_code == protocol.EXIT_DEPENDENCY
@@ -256,7 +256,7 @@ def test_neuron_backend_without_packages_is_a_dependency_error(no_neuron_package
     assert "torch_xla" in message and "neuronx_distributed" in message
     assert "neuron` extra" in message and "backend: torch" in message
     with pytest.raises(NeuronUnavailable):
-        init_distributed("neuron")
+        init_distributed("nxd")
 
 
 @pytest.mark.skipif(
@@ -267,7 +267,7 @@ def test_trainer_cli_exits_with_dependency_code_for_neuron(tmp_path: Path) -> No
     from trainer_helpers import prepare_pydoc, run_trainer, tiny_config, write_config
 
     data = prepare_pydoc(tmp_path / "data")
-    cfg = tiny_config(data, tmp_path / "ckpt", resolvedBackend="neuron", backend="neuron")
+    cfg = tiny_config(data, tmp_path / "ckpt", resolvedBackend="nxd", backend="nxd")
     result = run_trainer("train", write_config(tmp_path / "job.yaml", cfg), tmp_path, None,
                          timeout=120)
     assert result.returncode == protocol.EXIT_DEPENDENCY, result.stderr[-3000:]

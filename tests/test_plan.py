@@ -155,12 +155,12 @@ def test_recompute_reduces_activation_memory() -> None:
             "at least 8 micro-batches",
         ),
         ("tiny", {"data": {"seq_length": 4096}}, "spec.data.seqLength", "maxPositionEmbeddings"),
-        ("tiny", {"backend": "neuron"}, "spec.backend", "Trainium"),
+        ("tiny", {"backend": "nxd"}, "spec.backend", "Trainium"),
         (
             "tiny",
             {"parallelism": {"tensor": 2, "kv_replicator": 2}},
             "spec.parallelism.kvReplicator",
-            "only the neuron backend",
+            "only the nxd backend",
         ),
         (
             "llama3-8b",

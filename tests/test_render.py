@@ -89,6 +89,8 @@ def test_70b_training_pod_resources_requests_equal_limits(gang70: list[dict[str,
 )
 def test_device_and_efa_counts_follow_the_catalogue(instance: str, neuron: int, efa: int) -> None:
     job = example("llama3-70b", instanceType=instance)
+    # The example's TP 32 with kvReplicator 4 is an NxD layout, which trn2 may run too.
+    job.spec.backend = "nxd"
     plan = make_plan(job.spec)
     assert plan.valid, plan.problems()
     res = container(render.render_pod(job, plan, "train", 1, 0))["resources"]
@@ -465,7 +467,7 @@ def test_configmap_holds_the_trainer_config(job70: LlamaTrainingJob) -> None:
     assert cm["metadata"]["labels"]["llamajob.dev/revision"] == revision
     cfg = TrainerConfig.model_validate(yaml.safe_load(cm["data"]["config.yaml"]))
     assert cfg.job_name == "llama3-70b" and cfg.namespace == "training"
-    assert cfg.resolved_backend == "neuron"
+    assert cfg.resolved_backend == "nxd"
     assert cfg.peak_tflops_per_core == pytest.approx(3040 / 32)
     assert cfg.image == "ghcr.io/llamajob/trainer:0.1.0"
     assert cfg.metrics_port == 9400
@@ -649,7 +651,7 @@ def test_render_cli_prints_a_yaml_stream(capsys: pytest.CaptureFixture[str]) -> 
     docs = list(yaml.safe_load_all(capsys.readouterr().out))
     assert [d["kind"] for d in docs] == ["Service", "ConfigMap"] + ["Pod"] * 16
     cfg = yaml.safe_load(docs[1]["data"]["config.yaml"])
-    assert cfg["resolvedBackend"] == "neuron"
+    assert cfg["resolvedBackend"] == "nxd"
 
 
 def test_render_cli_invalid_job_exits_2_with_the_planner_message(

@@ -189,7 +189,7 @@ def test_neuron_backend_without_the_neuron_sdk(
     """Trainium itself cannot run here; what can be checked is the clear, permanent failure."""
     from llamajob_trainer.cli import compile_main
 
-    cfg = tiny_config(data, tmp_path / "ckpt", resolvedBackend="neuron")
+    cfg = tiny_config(data, tmp_path / "ckpt", resolvedBackend="nxd")
     main = train_main if command == "train" else compile_main
     code = main(["--config", str(write_config(tmp_path / "cfg.yaml", cfg))])
     err = capsys.readouterr().err

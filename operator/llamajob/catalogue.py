@@ -26,16 +26,24 @@ GIB = 1024**3
 @dataclass(frozen=True)
 class InstanceType:
     name: str
-    accelerator: str  # "trainium", "trainium2" or "cpu"
-    devices_per_node: int  # chips, the unit the device plugin counts
-    cores_per_node: int  # ranks per node (torchrun --nproc_per_node)
+    family: str  # "trn1", "trn2", "trn3", "gpu" or "cpu": what varies by device keys off this
+    accelerator: str  # "trainium", "trainium2", "trainium3", the GPU model, or "cpu"
+    devices_per_node: int  # chips or GPUs, the unit the device plugin counts
+    cores_per_node: int  # ranks per node (torchrun --nproc_per_node): NeuronCores or GPUs
     memory_per_core_gib: float
     peak_tflops_per_node: float  # dense BF16
     efa_devices: int
     price_per_hour: float
     device_resource: str | None  # extended resource for the accelerator
     efa_resource: str | None
-    backend: str  # trainer backend used on this type
+    backends: tuple[str, ...]  # trainer backends that can run here, the default first
+    device: str  # the torch device of the torch backend here ("neuron", "cuda", "cpu")
+    lnc: int | None = None  # logical NeuronCore size (physical cores per rank) on trn2/trn3
+
+    @property
+    def backend(self) -> str:
+        """The default trainer backend on this type."""
+        return self.backends[0]
 
     @property
     def peak_tflops_per_core(self) -> float:
@@ -52,6 +60,7 @@ EFA_RESOURCE = "vpc.amazonaws.com/efa"
 INSTANCE_TYPES: dict[str, InstanceType] = {
     "ml.trn1.32xlarge": InstanceType(
         name="ml.trn1.32xlarge",
+        family="trn1",
         accelerator="trainium",
         devices_per_node=16,
         cores_per_node=32,
@@ -61,10 +70,12 @@ INSTANCE_TYPES: dict[str, InstanceType] = {
         price_per_hour=21.50,
         device_resource=NEURON_RESOURCE,
         efa_resource=EFA_RESOURCE,
-        backend="neuron",
+        backends=("nxd",),
+        device="neuron",  # through torch-xla (no TorchNeuron on trn1)
     ),
     "ml.trn1n.32xlarge": InstanceType(
         name="ml.trn1n.32xlarge",
+        family="trn1",
         accelerator="trainium",
         devices_per_node=16,
         cores_per_node=32,
@@ -74,10 +85,12 @@ INSTANCE_TYPES: dict[str, InstanceType] = {
         price_per_hour=24.78,
         device_resource=NEURON_RESOURCE,
         efa_resource=EFA_RESOURCE,
-        backend="neuron",
+        backends=("nxd",),
+        device="neuron",  # through torch-xla (no TorchNeuron on trn1)
     ),
     "ml.trn2.48xlarge": InstanceType(
         name="ml.trn2.48xlarge",
+        family="trn2",
         accelerator="trainium2",
         devices_per_node=16,
         cores_per_node=64,
@@ -87,12 +100,15 @@ INSTANCE_TYPES: dict[str, InstanceType] = {
         price_per_hour=44.70,
         device_resource=NEURON_RESOURCE,
         efa_resource=EFA_RESOURCE,
-        backend="neuron",
+        backends=("torch", "nxd"),
+        device="neuron",
+        lnc=2,
     ),
     # Plain CPU nodes (and `llamajob run` on a laptop): the torch backend with gloo. The peak is a
     # placeholder for planning only; the trainer measures the real matmul peak for MFU.
     "cpu": InstanceType(
         name="cpu",
+        family="cpu",
         accelerator="cpu",
         devices_per_node=0,
         cores_per_node=2,
@@ -102,7 +118,8 @@ INSTANCE_TYPES: dict[str, InstanceType] = {
         price_per_hour=0.0,
         device_resource=None,
         efa_resource=None,
-        backend="torch",
+        backends=("torch",),
+        device="cpu",
     ),
 }
 

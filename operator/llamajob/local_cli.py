@@ -206,10 +206,13 @@ def main(argv: list[str]) -> int:
         )
         return EXIT_INVALID
     inst = INSTANCE_TYPES[job.spec.cluster.instance_type]
-    if inst.trainium:
+    if inst.family != "cpu":
+        where = f"{inst.backend} backend"
+        if inst.backend == "torch":
+            where += f" on {inst.device}"
         print(
-            f"{args.file} targets {job.spec.cluster.nodes} x {inst.name} (the neuron backend). "
-            "Local runs use the CPU backend (torch + gloo).",
+            f"{args.file} targets {job.spec.cluster.nodes} x {inst.name} (the {where}). "
+            "Local runs use the torch backend on CPU (gloo).",
             file=sys.stderr,
         )
         if not args.scale_down:

@@ -70,6 +70,7 @@ class Plan:
     spec: LlamaTrainingJobSpec
     instance: InstanceType
     backend: str
+    device: str
     nodes: int
     processes_per_node: int
     world_size: int
@@ -141,6 +142,7 @@ class Plan:
             "suggestion": self.suggestion,
             "instance_type": self.instance.name,
             "backend": self.backend,
+            "device": self.device,
             "nodes": self.nodes,
             "processes_per_node": self.processes_per_node,
             "world_size": self.world_size,
@@ -196,13 +198,19 @@ def _nearest(value: int, candidates: list[int]) -> int | None:
 
 
 def resolve_backend(spec: LlamaTrainingJobSpec) -> str:
+    """The trainer backend: the spec's, or the instance type's default."""
     if spec.backend != "auto":
         return spec.backend
     return INSTANCE_TYPES[spec.cluster.instance_type].backend
 
 
+def resolve_device(spec: LlamaTrainingJobSpec) -> str:
+    """The device the ranks train on: the instance type's (validate_layout refuses another)."""
+    return INSTANCE_TYPES[spec.cluster.instance_type].device
+
+
 def _kv_ok(arch: Architecture, tp: int, kv_rep: int, backend: str) -> bool:
-    if backend == "neuron":
+    if backend == "nxd":
         return (arch.num_kv_heads * kv_rep) % tp == 0
     return arch.num_kv_heads % tp == 0
 
@@ -221,10 +229,16 @@ def validate_layout(spec: LlamaTrainingJobSpec) -> list[SpecError]:
     def err(path: str, msg: str) -> None:
         errors.append(SpecError(f"spec.{path}", msg))
 
-    if backend == "neuron" and not inst.trainium:
-        err("backend", f"neuron needs a Trainium instance type, not {inst.name}; use torch")
-    if backend == "torch" and inst.trainium:
-        err("backend", f"{inst.name} trains with the neuron backend; use auto or neuron")
+    if backend not in inst.backends:
+        why = {
+            "nxd": "NeuronX Distributed needs Trainium",
+            "torch": "there is no TorchNeuron on trn1/trn1n, only NeuronX Distributed",
+        }[backend]
+        err("backend", f"{backend} cannot run on {inst.name} ({why}); use auto or "
+            f"{' or '.join(inst.backends)}")
+    if spec.device != "auto" and spec.device != inst.device:
+        err("device", f"{inst.name} trains on {inst.device}, not {spec.device}; use auto or "
+            f"{inst.device}")
     if inst.trainium and ppn > inst.cores_per_node:
         err(
             "cluster.processesPerNode",
@@ -284,7 +298,7 @@ def validate_layout(spec: LlamaTrainingJobSpec) -> list[SpecError]:
             f"{tp} does not divide the {arch.num_heads} attention heads; nearest valid: {fit}",
         )
     elif not _kv_ok(arch, tp, par.kv_replicator, backend):
-        if backend == "neuron":
+        if backend == "nxd":
             need = tp // math.gcd(arch.num_kv_heads, tp)
             err(
                 "parallelism.kvReplicator",
@@ -300,8 +314,8 @@ def validate_layout(spec: LlamaTrainingJobSpec) -> list[SpecError]:
                 f"(the torch backend does not replicate kv heads); nearest valid: {fit}",
             )
     if backend == "torch" and par.kv_replicator != 1:
-        err("parallelism.kvReplicator", "only the neuron backend replicates kv heads; use 1")
-    if spec.compile.torch_compile and backend == "neuron":
+        err("parallelism.kvReplicator", "only the nxd backend replicates kv heads; use 1")
+    if spec.compile.torch_compile and backend == "nxd":
         err(
             "compile.torchCompile",
             "applies to the torch backend; on Trainium the compile step compiles the graphs "
@@ -443,7 +457,7 @@ def suggest_fix(spec: LlamaTrainingJobSpec) -> str | None:
     for tp in sorted(d for d in _divisors(ppn) if d > par.tensor):
         change: dict[str, Any] = {"parallelism.tensor": tp}
         text = f"tensor: {par.tensor} -> {tp}"
-        if resolve_backend(spec) == "neuron" and (arch.num_kv_heads * par.kv_replicator) % tp:
+        if resolve_backend(spec) == "nxd" and (arch.num_kv_heads * par.kv_replicator) % tp:
             rep = tp // math.gcd(arch.num_kv_heads, tp)
             change["parallelism.kv_replicator"] = rep
             text += f" (with kvReplicator: {par.kv_replicator} -> {rep})"
@@ -504,6 +518,7 @@ def make_plan(
         spec=spec,
         instance=inst,
         backend=resolve_backend(spec),
+        device=resolve_device(spec),
         nodes=spec.cluster.nodes,
         processes_per_node=ppn,
         world_size=world,

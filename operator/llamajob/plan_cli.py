@@ -41,7 +41,8 @@ def render_text(name: str, plan: Plan) -> str:
     arch = p.spec.model.architecture()
     lines = [
         f"Job {name}: {p.spec.model.preset} ({_si(p.num_params)}parameters) on "
-        f"{p.nodes} x {p.instance.name}, backend {p.backend}",
+        f"{p.nodes} x {p.instance.name}, backend {p.backend}"
+        + (f" on {p.device}" if p.backend == "torch" else ""),
         f"  layout     world {p.world_size} = {p.nodes} pod(s) x {p.processes_per_node} ranks; "
         f"tensor {p.tensor} x pipeline {p.pipeline} x data {p.data_parallel}",
         f"  batch      global {p.spec.batch.global_batch_size} x seq {p.spec.data.seq_length}; "

@@ -231,6 +231,7 @@ def trainer_config(job: LlamaTrainingJob, plan: Plan) -> TrainerConfig:
         job_name=job.metadata.name,
         namespace=job.metadata.namespace,
         resolved_backend=plan.backend,
+        device=plan.device,
         # On CPU the catalogue's peak is a planning placeholder; unset lets the trainer measure.
         peak_tflops_per_core=inst.peak_tflops_per_core if inst.trainium else None,
         image=spec.cluster.image,
@@ -317,7 +318,7 @@ def command(
         *rendezvous,
         "-m", "llamajob.cli", role, "--config", config_path,
     ]  # fmt: skip
-    if role == ROLE_COMPILE and plan.backend == "neuron":
+    if role == ROLE_COMPILE and plan.backend == "nxd":
         argv.insert(0, "neuron_parallel_compile")
     return argv
 

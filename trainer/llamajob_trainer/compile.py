@@ -1,6 +1,6 @@
 """The compile step (`llamajob compile --config FILE`), run once per compile key before training.
 
-- neuron backend: `compile.steps` full training steps (forward, backward, clip, optimizer) on
+- nxd backend: `compile.steps` full training steps (forward, backward, clip, optimizer) on
   random tokens of the job's shapes. It is meant to run under `neuron_parallel_compile`, which
   extracts the XLA graphs of those steps and compiles them in parallel into the cache on the
   shared file system. Needs Trainium and the Neuron SDK; it cannot run on CPU.
@@ -54,7 +54,7 @@ def run_compile(
 
     arch = cfg.model.architecture()
     env = init_distributed(cfg.resolved_backend)
-    neuron = cfg.resolved_backend == "neuron"
+    neuron = cfg.resolved_backend == "nxd"
     steps = cfg.compile.steps if neuron else 1
     started = time.perf_counter()
     pm = parallelize(cfg, arch, env)

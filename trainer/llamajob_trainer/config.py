@@ -320,7 +320,7 @@ class CompileSpec(SpecModel):
         False,
         description="Torch backend: compile each transformer block with torch.compile "
         "(Inductor) for faster steps. The compile step fills the cache, so training reuses "
-        "the kernels. Needs a C++ compiler on CPU. The neuron backend compiles through XLA "
+        "the kernels. Needs a C++ compiler on CPU. The nxd backend compiles through XLA "
         "instead; leave this false there.",
     )
 
@@ -345,9 +345,17 @@ class TrainingSpec(SpecModel):
     seed: int = Field(
         1234, ge=0, le=MAX_SEED, description="Seed for initialisation and data order."
     )
-    backend: Literal["auto", "torch", "neuron"] = Field(
+    backend: Literal["auto", "torch", "nxd"] = Field(
         "auto",
-        description="auto: neuron on Trainium instance types, torch elsewhere.",
+        description="Trainer backend. torch: native PyTorch (DDP/FSDP2, DTensor TP+SP, "
+        "pipelining) on the device below. nxd: NeuronX Distributed on torch-xla, the only stack "
+        "on trn1/trn1n. auto: nxd on trn1/trn1n, torch on everything else.",
+    )
+    device: Literal["auto", "cpu", "cuda", "neuron"] = Field(
+        "auto",
+        description="Torch backend: the device the ranks train on. auto: the instance type's "
+        "(neuron on trn2/trn3 through TorchNeuron, cuda on GPU types, cpu on cpu); in a local "
+        "run, whatever accelerator PyTorch finds (torch.accelerator), else cpu.",
     )
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)  # type: ignore[arg-type]
     validation: ValidationSpec = Field(default_factory=ValidationSpec)  # type: ignore[arg-type]
@@ -421,7 +429,7 @@ class TrainerConfig(TrainingSpec):
 
     job_name: str = Field("local", description="Job name, used as the metrics `job` label.")
     namespace: str = Field("default", description="Namespace, the metrics `namespace` label.")
-    resolved_backend: Literal["torch", "neuron"] = Field("torch")
+    resolved_backend: Literal["torch", "nxd"] = Field("torch")
     peak_tflops_per_core: float | None = Field(
         None, gt=0, description="Device peak for MFU; unset measures a matmul peak on CPU."
     )

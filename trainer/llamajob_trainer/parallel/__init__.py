@@ -28,10 +28,10 @@ __all__ = [
 def parallelize(cfg: TrainerConfig, arch: Architecture, env: DistEnv) -> ParallelModel:
     """Build this rank's share of the model for the configured layout and backend.
 
-    Raises ``LayoutError`` for a layout the backend cannot run and, for the neuron backend
+    Raises ``LayoutError`` for a layout the backend cannot run and, for the nxd backend
     without its packages, ``neuron_backend.NeuronUnavailable`` (exit code EXIT_DEPENDENCY).
     """
-    if cfg.resolved_backend == "neuron":
+    if cfg.resolved_backend == "nxd":
         from .neuron_backend import parallelize_neuron
 
         return parallelize_neuron(cfg, arch, env)

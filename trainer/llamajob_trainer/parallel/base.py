@@ -52,7 +52,7 @@ class ParallelModel(ABC):
         self, optimizer_cls: type[torch.optim.Optimizer], params: Iterable[Any], **defaults: Any
     ) -> torch.optim.Optimizer:
         """Build the optimizer over ``params`` (parameters or param groups of
-        ``self.parameters()``). The torch backend builds it as is; the neuron backend wraps it
+        ``self.parameters()``). The torch backend builds it as is; the nxd backend wraps it
         in NxD's optimizer (ZeRO-1 sharding, gradient reduction and clipping inside ``step``)."""
         return optimizer_cls(params, **defaults)
 

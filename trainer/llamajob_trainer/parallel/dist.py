@@ -35,8 +35,8 @@ def init_distributed(backend: str = "torch") -> DistEnv:
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if backend == "neuron":
-        # The xla backend needs torch_xla's device; the neuron backend resolves it.
+    if backend == "nxd":
+        # The xla backend needs torch_xla's device; the nxd backend resolves it.
         from .neuron_backend import init_xla_process_group
 
         return init_xla_process_group(rank, world, local_rank)

@@ -60,7 +60,7 @@ def make_layout(cfg: TrainerConfig, arch: Architecture, world_size: int) -> Layo
             f"parallelism.pipeline = {tp} x {pp}"
         )
     dp = world_size // (tp * pp)
-    neuron = cfg.resolved_backend == "neuron"
+    neuron = cfg.resolved_backend == "nxd"
     if neuron and cfg.compile.torch_compile:
         raise LayoutError(
             "compile.torchCompile applies to the torch backend; on Trainium the compile step "
@@ -127,7 +127,7 @@ def _check_tensor_parallel(arch: Architecture, tp: int, kv_rep: int, neuron: boo
             )
         raise LayoutError(
             f"parallelism.tensor ({tp}) must divide model.numKvHeads ({arch.num_kv_heads}): "
-            "the torch backend does not replicate kv heads (the neuron backend's kvReplicator "
+            "the torch backend does not replicate kv heads (the nxd backend's kvReplicator "
             "does); lower the tensor degree"
         )
     if neuron and tp % kv_rep:

@@ -69,7 +69,7 @@ INSTALL_HINT = (
 
 
 class NeuronUnavailable(RuntimeError):
-    """The neuron backend was selected but its packages are not installed."""
+    """The nxd backend was selected but its packages are not installed."""
 
     exit_code = EXIT_DEPENDENCY
 
@@ -427,6 +427,6 @@ class NeuronParallelModel(ParallelModel):
 
     def clip_grad_norm(self, max_norm: float) -> float:
         raise NotImplementedError(
-            "the neuron backend clips inside NxD's optimizer step (after the data-parallel "
+            "the nxd backend clips inside NxD's optimizer step (after the data-parallel "
             "reduction); use ParallelModel.optimizer_step"
         )
