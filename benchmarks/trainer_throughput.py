@@ -11,8 +11,27 @@
    and ``sdpa`` attention, on ``torch.mm`` as any model of ``nn.Linear`` does. Steps of all
    contenders alternate, so load from other processes on the machine hits them alike; the
    median step time is reported.
-   The headline figures (``tokens_per_second``, ``ratio_vs_hf``, ``mfu``) are the compiled
-   run's unless ``--no-compile``; the eager run's are reported beside them.
+   The headline figures (``tokens_per_second``, ``ratio_vs_hf``, ``ratio_vs_torchtitan``,
+   ``mfu``) are the compiled run's unless ``--no-compile``; the eager run's are reported beside
+   them.
+   Second baseline, torchtitan (PyPI ``torchtitan`` 0.3.0): its own ``Llama3Model``
+   (``torchtitan.models.llama3``) with the same architecture, threads and precision, the same
+   minimal step as HF's (torchtitan's ``cross_entropy_loss`` over the tokens, backward,
+   ``clip_grad_norm_`` with ``foreach`` as its trainer calls it, fused AdamW), eager
+   (``titan``) and with each block compiled as its ``apply_compile`` does (``titan_compiled``).
+   Its intermediate size is derived from ``ffn_dim_multiplier`` / ``multiple_of``, chosen to
+   reproduce ours; the parameter counts are asserted equal. Its two attention backends for
+   language models do not train on CPU (FlexAttention has no CPU backward, varlen calls the
+   CUDA-only flash kernel); the benchmark tries both on the first layer and prints where each
+   stops, then runs torchtitan's ``ScaledDotProductAttention`` inner attention (causal; exact
+   here, every row is one document). Install it beside the trainer with::
+
+       pip install --no-deps torchtitan==0.3.0 spmd_types==0.2.3 tyro docstring_parser typeguard
+
+   (``--no-deps``: its full requirements pin ``datasets<4.8``, which needs
+   ``huggingface-hub<2`` while the HF baseline's ``transformers`` needs ``>=2.4``; the model
+   needs none of the data-loading and logging packages.) Without it the report says
+   ``torchtitan: unavailable (reason)`` and the rest runs as before.
 2. MFU: model FLOPs per second (6 x matmul parameters x tokens + 12 x layers x hidden x seq per
    token for attention, the usual convention) over the fp32 matmul peak measured here (best of
    several large square matmuls with the same threads, on each library; the faster one's).
@@ -34,7 +53,9 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +82,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--precision", choices=["fp32", "bf16-mixed"], default="fp32")
     p.add_argument("--no-compile", action="store_true", help="skip the torchCompile run")
+    p.add_argument("--no-torchtitan", action="store_true", help="skip the torchtitan baseline")
     p.add_argument("--skip-checkpoint", action="store_true")
     p.add_argument("--checkpoint-worker", metavar="OUT", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -111,9 +133,10 @@ def make_adamw(params: Any) -> torch.optim.Optimizer:
 def our_step(
     arch: Architecture, args: argparse.Namespace, compile_cache: str | None = None,
     onednn: bool = True,
-) -> Callable[[torch.Tensor], float]:
-    """``compile_cache``: run with ``compile.torchCompile``, Inductor's cache under it.
-    ``onednn=False``: linears on torch.mm, as with ``LLAMAJOB_CPU_MATMUL=aten``."""
+) -> tuple[Callable[[torch.Tensor], float], int]:
+    """The step, and the model's parameter count. ``compile_cache``: run with
+    ``compile.torchCompile``, Inductor's cache under it. ``onednn=False``: linears on torch.mm,
+    as with ``LLAMAJOB_CPU_MATMUL=aten``."""
     from llamajob_trainer import cpu_linear
     from llamajob_trainer.config import TrainerConfig
     from llamajob_trainer.parallel import init_distributed, parallelize
@@ -142,7 +165,7 @@ def our_step(
             opt.zero_grad(set_to_none=True)
         return loss
 
-    return step
+    return step, sum(p.numel() for p in pm.parameters())
 
 
 def hf_step(
@@ -171,25 +194,247 @@ def hf_step(
     return step
 
 
+# --- torchtitan baseline -----------------------------------------------------------------------
+TORCHTITAN_INSTALL = (
+    "pip install --no-deps torchtitan==0.3.0 spmd_types==0.2.3 tyro docstring_parser typeguard"
+)
+
+
+def titan_ffn_args(arch: Architecture) -> tuple[int, float]:
+    """``multiple_of`` and ``ffn_dim_multiplier`` that make torchtitan's SwiGLU width rule
+    (``compute_ffn_hidden_dim``: 8/3 x dim, times the multiplier, rounded up to the multiple)
+    land on our intermediate size. The multiple is the largest power of two up to 1024 (Llama
+    3's own) dividing it, so the rounding cannot overshoot."""
+    from torchtitan.models.common import compute_ffn_hidden_dim
+
+    size = arch.intermediate_size
+    multiple_of = next(m for m in (1024, 512, 256, 128, 64, 32, 16, 8, 4, 2, 1) if size % m == 0)
+    base = int(2 * 4 * arch.hidden_size / 3)
+    multiplier = size / base
+    if compute_ffn_hidden_dim(
+        arch.hidden_size, multiple_of=multiple_of, ffn_dim_multiplier=multiplier
+    ) != size:
+        # int(multiplier * base) fell one short through float rounding, with nothing to round up.
+        multiplier = (size + 0.5) / base
+    return multiple_of, multiplier
+
+
+def titan_model(arch: Architecture, seq: int, attention: str) -> torch.nn.Module:
+    """torchtitan's Llama 3: ``torchtitan.models.llama3.Llama3Model`` (defined in
+    ``torchtitan/models/llama3/model.py``, on the blocks of ``torchtitan/models/common``),
+    configured as its ``llama3_configs`` factories do (fused QKV, its per-layer depth-scaled
+    init), with our architecture. ``attention``: ``flex`` or ``varlen`` (its
+    language-model backends) or ``sdpa`` (its ``ScaledDotProductAttention``, causal)."""
+    import torchtitan.models.llama3 as titan_llama3
+    from torchtitan.models.common import (
+        ComplexRoPE,
+        Embedding,
+        Linear,
+        RMSNorm,
+        compute_ffn_hidden_dim,
+    )
+    from torchtitan.models.common.attention import ScaledDotProductAttention
+
+    dim, vocab = arch.hidden_size, arch.vocab_size
+    multiple_of, multiplier = titan_ffn_args(arch)
+    hidden_dim = compute_ffn_hidden_dim(dim, multiple_of=multiple_of, ffn_dim_multiplier=multiplier)
+    assert hidden_dim == arch.intermediate_size, (hidden_dim, arch.intermediate_size)
+    # The private helpers are the ones its own 1B..405B factories call; the package is pinned.
+    layers = titan_llama3._build_llama3_layers(
+        n_layers=arch.num_layers,
+        dim=dim,
+        n_heads=arch.num_heads,
+        n_kv_heads=arch.num_kv_heads,
+        hidden_dim=hidden_dim,
+        # Plain RoPE as ours and HF's (its presets use Llama 3.1 "llama" scaling); the cache is
+        # sized to the sequence, as its trainer resizes it to training.seq_len.
+        rope=ComplexRoPE.Config(
+            dim=arch.head_dim, max_seq_len=seq, theta=arch.rope_theta, scaling="none"
+        ),
+        fuse_qkv=True,
+        # Its registry refuses "sdpa" for language models: build with flex, then swap below.
+        attn_backend="flex" if attention == "sdpa" else attention,
+    )
+    for layer in layers:
+        layer.attention_norm.eps = layer.ffn_norm.eps = arch.norm_eps
+        if attention == "sdpa":
+            layer.attention.inner_attention = ScaledDotProductAttention.Config()
+    tied = arch.tie_embeddings
+    config = titan_llama3.Llama3Model.Config(
+        dim=dim,
+        vocab_size=vocab,
+        enable_weight_tying=tied,
+        tok_embeddings=Embedding.Config(
+            num_embeddings=vocab,
+            embedding_dim=dim,
+            param_init=titan_llama3._EMBEDDING_SKIP_INIT if tied else titan_llama3._EMBEDDING_INIT,
+        ),
+        norm=RMSNorm.Config(
+            normalized_shape=dim, eps=arch.norm_eps, param_init=titan_llama3._NORM_INIT
+        ),
+        lm_head=Linear.Config(
+            in_features=dim, out_features=vocab, param_init=titan_llama3._output_linear_init(dim)
+        ),
+        layers=layers,
+    )
+    model = config.build()
+    model.init_states()
+    return model.float().train()
+
+
+def describe_failure(exc: BaseException) -> str:
+    """The exception, where it was raised, and the last torchtitan line on the way."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    message = (str(exc).strip().splitlines() or [""])[0]
+    if len(message) > 160 and ". " in message:
+        message = message[: message.index(". ") + 1]  # the first sentence says what stopped it
+    message = (message if len(message) <= 160 else message[:157] + "...").rstrip(".")
+
+    def where(frame: traceback.FrameSummary) -> str:
+        # From the package directory on, so the line reads the same on any machine.
+        parts = Path(frame.filename).parts
+        for root in ("torchtitan", "torch"):
+            if root in parts:
+                parts = parts[len(parts) - parts[::-1].index(root) - 1:]
+                break
+        else:
+            parts = parts[-1:]
+        return f"{'/'.join(parts)}:{frame.lineno} ({frame.name})"
+
+    text = f"{type(exc).__name__}: {message}"
+    if frames:
+        text += f"; raised at {where(frames[-1])}"
+        titan = [f for f in frames if f"{os.sep}torchtitan{os.sep}" in f.filename]
+        if titan and titan[-1] is not frames[-1]:
+            text += f", from {where(titan[-1])}"
+    return text
+
+
+def titan_attention_probe(arch: Architecture, args: argparse.Namespace) -> dict[str, str]:
+    """A forward and backward through each of torchtitan's language-model attention backends,
+    on a model of our architecture cut to one layer (each stops, if it does, in its first
+    attention)."""
+    probe_arch = replace(arch, num_layers=1)
+    tokens = torch.randint(0, arch.vocab_size, (args.batch, args.seq))
+    positions = torch.arange(args.seq).expand(args.batch, args.seq)
+    outcome: dict[str, str] = {}
+    for backend in ("flex", "varlen"):
+        try:
+            model = titan_model(probe_arch, args.seq, backend)
+            masks = model.get_attention_masks(positions=positions)
+            model(tokens, positions=positions, attention_masks=masks).float().sum().backward()
+            outcome[backend] = "trains on CPU"
+        except Exception as exc:  # reported: where it stops is the finding
+            outcome[backend] = describe_failure(exc)
+    return outcome
+
+
+def titan_step(
+    arch: Architecture, args: argparse.Namespace, compiled: bool
+) -> tuple[Callable[[torch.Tensor], float], int]:
+    """torchtitan's model with the HF contender's minimal step; the step and its parameter
+    count. ``compiled``: each transformer block ``compile(fullgraph=True)`` on Inductor, as
+    ``torchtitan.distributed.compile.apply_compile`` does (the loss stays eager, as ours and
+    HF's do)."""
+    from torchtitan.components.loss import cross_entropy_loss
+
+    model = titan_model(arch, args.seq, "sdpa")
+    if compiled:
+        for block in model.layers.values():
+            block.compile(backend="inductor", fullgraph=True)
+    opt = make_adamw(model.parameters())
+    bf16 = args.precision == "bf16-mixed"
+    # apply_compile sets these two Dynamo flags for the whole process (for MoE's data-dependent
+    # shapes and activation checkpointing; no-ops for this model). Scoped to torchtitan's steps
+    # here so that the other compiled contenders compile under Dynamo's defaults.
+    dynamo_flags = {
+        "capture_scalar_outputs": True,
+        "skip_fwd_side_effects_in_bwd_under_checkpoint": True,
+    }
+
+    def step(tokens: torch.Tensor) -> float:
+        inputs, labels = tokens[:, :-1], tokens[:, 1:]
+        with torch._dynamo.config.patch(dynamo_flags):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                # Its trainer's normalisation: the summed loss over the valid token count.
+                loss = cross_entropy_loss(model(inputs), labels) / labels.numel()
+            loss.backward()  # inside the patch: the backward graph is compiled on first use
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return step, sum(p.numel() for p in model.parameters())
+
+
+def titan_contenders(
+    arch: Architecture, args: argparse.Namespace, compiled: bool, our_params: int
+) -> tuple[dict[str, Callable[[torch.Tensor], float]], dict[str, Any]]:
+    """torchtitan's contenders, and what to report about it (``status``: its version, or why it
+    is unavailable). Prints its lines of the report."""
+    if args.no_torchtitan:
+        return {}, {"status": "skipped (--no-torchtitan)"}
+    try:
+        import torchtitan
+
+        multiple_of, multiplier = titan_ffn_args(arch)
+        probe = titan_attention_probe(arch, args)
+        steps = {"titan": titan_step(arch, args, compiled=False)}
+        if compiled:
+            steps["titan_compiled"] = titan_step(arch, args, compiled=True)
+    except Exception as exc:
+        reason = describe_failure(exc)
+        if isinstance(exc, ImportError):
+            reason += f"; install: {TORCHTITAN_INSTALL}"
+        print(f"torchtitan: unavailable ({reason})")
+        return {}, {"status": f"unavailable: {reason}"}
+    for name, (_, count) in steps.items():
+        assert count == our_params, f"{name}: {count} parameters, ours {our_params}"
+    print(f"torchtitan {torchtitan.__version__}: torchtitan.models.llama3.Llama3Model, "
+          f"ffn_dim_multiplier {multiplier:.6g} x multiple_of {multiple_of} -> mlp "
+          f"{arch.intermediate_size}, {our_params:,} params (= ours)")
+    for backend, outcome in probe.items():
+        print(f"  its {backend} attention, training on CPU: {outcome}")
+    print("  runs its ScaledDotProductAttention inner attention (causal)")
+    info = {
+        "status": torchtitan.__version__,
+        "model": "torchtitan.models.llama3.Llama3Model",
+        "attention": "ScaledDotProductAttention",
+        "ffn_dim_multiplier": multiplier,
+        "multiple_of": multiple_of,
+        **{f"{backend}_attention": outcome for backend, outcome in probe.items()},
+    }
+    return {name: step for name, (step, _) in steps.items()}, info
+
+
 def time_steps(
-    steps: dict[str, Callable[[torch.Tensor], float]], batches: list[torch.Tensor], warmup: int
-) -> tuple[dict[str, list[float]], dict[str, float]]:
-    """Alternate the contenders step by step; returns each one's step times, and each one's
-    first (warmup) step time, which holds torch.compile's compilation."""
+    steps: dict[str, Callable[[torch.Tensor], float]], batches: list[torch.Tensor], warmup: int,
+    optional: frozenset[str] = frozenset(),
+) -> tuple[dict[str, list[float]], dict[str, float], dict[str, str]]:
+    """Alternate the contenders step by step; returns each one's step times, each one's first
+    (warmup) step time, which holds torch.compile's compilation, and why any of ``optional``
+    (a third-party baseline) failed: it is dropped, and the others go on."""
     first: dict[str, float] = {}
-    for i, tokens in enumerate(batches[:warmup]):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step(tokens)
-            if i == 0:
-                first[name] = time.perf_counter() - start
+    failed: dict[str, str] = {}
     times: dict[str, list[float]] = {name: [] for name in steps}
-    for tokens in batches[warmup:]:
+    for i, tokens in enumerate(batches):
         for name, step in steps.items():
+            if name in failed:
+                continue
             start = time.perf_counter()
-            step(tokens)
-            times[name].append(time.perf_counter() - start)
-    return times, first
+            try:
+                step(tokens)
+            except Exception as exc:
+                if name not in optional:
+                    raise
+                failed[name] = describe_failure(exc)
+                continue
+            elapsed = time.perf_counter() - start
+            if i == 0:
+                first[name] = elapsed
+            if i >= warmup:
+                times[name].append(elapsed)
+    return {n: t for n, t in times.items() if n not in failed}, first, failed
 
 
 # --- checkpoint save (2 ranks, run under torchrun) ---------------------------------------------
@@ -304,24 +549,36 @@ def main(argv: list[str] | None = None) -> None:
           f"{arch.num_params() / 1e6:.1f}M params; batch {args.batch} x seq {args.seq}; "
           f"{args.precision}; {args.threads} threads; {steps} timed steps")
     compiled = not args.no_compile
-    contenders = {"ours": our_step(arch, args)}
+    our_eager, our_params = our_step(arch, args)
+    contenders = {"ours": our_eager}
     # A cold cache of its own, so the compile time printed is the real first-run cost.
     compile_cache = tempfile.TemporaryDirectory(prefix="llamajob-bench-compile-")
     if compiled:
-        contenders["ours_compiled"] = our_step(arch, args, compile_cache.name)
+        contenders["ours_compiled"] = our_step(arch, args, compile_cache.name)[0]
         # What the step gains from oneDNN's matmuls alone: the same compiled model on torch.mm.
-        contenders["ours_compiled_mm"] = our_step(arch, args, compile_cache.name, onednn=False)
+        contenders["ours_compiled_mm"] = our_step(
+            arch, args, compile_cache.name, onednn=False
+        )[0]
     contenders |= {
         "hf_eager": hf_step(arch, args, "eager"),
         "hf_sdpa": hf_step(arch, args, "sdpa"),
     }
+    titan_steps, titan_info = titan_contenders(arch, args, compiled, our_params)
+    contenders |= titan_steps
     peak_dtype = torch.bfloat16 if args.precision == "bf16-mixed" else torch.float32
     peaks_before = matmul_peak_gflops(peak_dtype)
-    times, first = time_steps(contenders, batches, warmup)
+    times, first, failed = time_steps(contenders, batches, warmup, frozenset(titan_steps))
+    for name, reason in failed.items():
+        print(f"torchtitan: unavailable ({name} stopped: {reason})")
+        titan_info.setdefault("failed", {})[name] = reason
+    if titan_steps and set(failed) == set(titan_steps):
+        titan_info["status"] = "unavailable: " + "; ".join(
+            f"{name} stopped: {reason}" for name, reason in failed.items()
+        )
     median = {name: statistics.median(t) for name, t in times.items()}
     tps = {name: tokens_per_step / m for name, m in median.items()}
     for name, t in times.items():
-        print(f"  {name:13s} median step {median[name]:.3f}s  {tps[name]:9.1f} tokens/s "
+        print(f"  {name:16s} median step {median[name]:.3f}s  {tps[name]:9.1f} tokens/s "
               f"(steps: {', '.join(f'{x:.2f}' for x in t)})")
     # Measured before and after the steps; the higher one is the fairer (harsher) peak when
     # other work on the machine slowed one of them. MFU is against the faster library's.
@@ -329,14 +586,27 @@ def main(argv: list[str] | None = None) -> None:
              zip(peaks_before.items(), matmul_peak_gflops(peak_dtype).values(), strict=True)}
     peak = max(peaks.values())
     fpt = flops_per_token(arch, args.seq)
-    mfu = {name: fpt * tps[name] / 1e9 / peak for name in tps if name.startswith("ours")}
+    mfu = {name: fpt * tps[name] / 1e9 / peak for name in tps if not name.startswith("hf")}
     print(f"matmul peak ({peak_dtype}, {args.threads} threads): "
           + ", ".join(f"{k} {v:.1f}" for k, v in peaks.items())
           + " GFLOP/s; MFU " + ", ".join(f"{name} {value:.1%}" for name, value in mfu.items()))
-    for name in mfu:
+    titans = {name: label for name, label in (("titan", "eager"), ("titan_compiled", "compiled"))
+              if name in tps}
+    for name in (n for n in tps if n.startswith("ours")):
         print(f"{name} vs HF eager: {tps[name] / tps['hf_eager']:.2f}x; "
-              f"vs HF sdpa: {tps[name] / tps['hf_sdpa']:.2f}x")
+              f"vs HF sdpa: {tps[name] / tps['hf_sdpa']:.2f}x"
+              + "".join(f"; vs torchtitan {label}: {tps[name] / tps[titan]:.2f}x"
+                        for titan, label in titans.items()))
     head = "ours_compiled" if compiled else "ours"
+    # Like against like: our compiled step against torchtitan's compiled one, eager against eager.
+    titan_head = "titan_compiled" if compiled else "titan"
+
+    def vs_titan(name: str, titan: str) -> float | None:
+        return round(tps[name] / tps[titan], 3) if titan in tps else None
+
+    def titan_figure(figures: dict[str, float], name: str, digits: int) -> float | None:
+        return round(figures[name], digits) if name in figures else None
+
     result: dict[str, Any] = {
         "torch_compile": compiled,
         "tokens_per_second": round(tps[head], 1),
@@ -348,6 +618,12 @@ def main(argv: list[str] | None = None) -> None:
         "eager_tokens_per_second": round(tps["ours"], 1),
         "eager_ratio_vs_hf": round(tps["ours"] / tps["hf_eager"], 3),
         "eager_mfu": round(mfu["ours"], 4),
+        "torchtitan": titan_info["status"],
+        "torchtitan_tokens_per_second": titan_figure(tps, titan_head, 1),
+        "ratio_vs_torchtitan": vs_titan(head, titan_head),
+        "torchtitan_mfu": titan_figure(mfu, titan_head, 4),
+        "torchtitan_eager_tokens_per_second": titan_figure(tps, "titan", 1),
+        "eager_ratio_vs_torchtitan": vs_titan("ours", "titan"),
         "matmul_peak_gflops": round(peak, 1),
         "matmul_peaks_gflops": {k: round(v, 1) for k, v in peaks.items()},
         "model_gflops": round(fpt * tps[head] / 1e9, 1),
@@ -362,6 +638,12 @@ def main(argv: list[str] | None = None) -> None:
         result["compile_seconds"] = round(compile_seconds, 1)
         result["torch_mm_ratio_vs_hf"] = round(tps["ours_compiled_mm"] / tps["hf_eager"], 3)
         result["torch_mm_mfu"] = round(mfu["ours_compiled_mm"], 4)
+        if "titan_compiled" in median:
+            titan_compile = first["titan_compiled"] - median["titan_compiled"]
+            print(f"torchtitan torch.compile (cold cache): {titan_compile:.1f} s once")
+            result["torchtitan_compile_seconds"] = round(titan_compile, 1)
+    if titan_info["status"][0].isdigit():
+        result["torchtitan_config"] = {k: v for k, v in titan_info.items() if k != "status"}
     if not args.skip_checkpoint:
         ck = run_checkpoint_benchmark(args)
         sharded, gathered = statistics.median(ck["sharded"]), statistics.median(ck["gathered"])

@@ -13,8 +13,9 @@ import kubernetes_validate
 import pytest
 import yaml
 from conftest import ROOT
-from llamajob import render
+from llamajob import api, render
 from llamajob.api import LlamaTrainingJob
+from llamajob.catalogue import INSTANCE_TYPES
 from llamajob.jobfile import JobFileError, load_job, parse_job
 from llamajob.plan import make_plan
 from llamajob.render_cli import main as render_main
@@ -746,3 +747,232 @@ def test_process_restarts_change_the_revision_only_when_set() -> None:
     assert render.spec_revision(with_restarts(0)) == base  # jobs without it keep their revision
     revisions = {render.spec_revision(with_restarts(n)) for n in (1, 2)}
     assert len(revisions) == 2 and base not in revisions
+
+
+# --- pods per instance family -------------------------------------------------------------------
+# What the device adds to the container environment on each family (the rest is the same
+# everywhere: the config path, termination log, shutdown timeout).
+NXD_ENV = {"NEURON_RT_NUM_CORES", "NEURON_CC_FLAGS", "NEURON_COMPILE_CACHE_URL",
+           "NEURON_FUSE_SOFTMAX", "NEURON_RT_ASYNC_EXEC_MAX_INFLIGHT_REQUESTS"}
+EFA_ENV = {"FI_PROVIDER", "FI_EFA_USE_DEVICE_RDMA", "FI_EFA_FORK_SAFE"}
+NCCL_EFA_ENV = {"FI_PROVIDER", "FI_EFA_FORK_SAFE", "FI_EFA_USE_HUGE_PAGE",
+                "FI_EFA_SET_CUDA_SYNC_MEMOPS", "NCCL_SOCKET_IFNAME"}
+BASE_ENV = {protocol.CONFIG_ENV, protocol.TERMINATION_LOG_ENV, render.SHUTDOWN_TIMEOUT_ENV}
+CACHE = "/fsx/compile-cache"
+
+
+def _family_job(instance: str, nodes: int = 2) -> LlamaTrainingJob:
+    """The tiny model on ``nodes`` nodes of ``instance``, one rank per core or GPU, no
+    accumulation: a layout every family can plan, so only the device varies."""
+    obj = yaml.safe_load((ROOT / "examples" / "tiny.yaml").read_text())
+    inst = INSTANCE_TYPES[instance]
+    obj["metadata"].update(name="family", namespace="training", uid=UID)
+    # HyperPod names its types ml.*; others (trn3) run on plain EKS nodes.
+    obj["spec"]["cluster"] = {"nodes": nodes, "instanceType": instance,
+                              "image": "registry.example/trainer:1",
+                              "hyperpod": instance.startswith("ml.")}
+    obj["spec"]["compile"]["cacheDir"] = CACHE
+    obj["spec"]["precision"] = "bf16-mixed"
+    obj["spec"]["batch"] = {"microBatchSize": 1,
+                            "globalBatchSize": nodes * inst.cores_per_node}
+    obj["spec"].pop("validation")  # its held-out sequences must be a multiple of the batch
+    return parse_job(obj)
+
+
+def _trn3() -> str | None:
+    return next((n for n, i in INSTANCE_TYPES.items() if i.family == "trn3"), None)
+
+
+def _row(name: str | None, *values: Any, family: str = "") -> Any:
+    """A table row, skipped while the catalogue has no such instance type."""
+    if name is not None and name in INSTANCE_TYPES:
+        return pytest.param(name, *values, id=name)
+    return pytest.param(name, *values, id=family or str(name), marks=pytest.mark.skip(
+        reason=f"no {family or name} instance type in the catalogue"))
+
+
+# instance, trainer backend, device, process-group backend, device resource and count per pod,
+# EFA per pod, ranks per node (torchrun --nproc_per_node), device environment.
+# None where the figure is the catalogue's own (trn3's sizes; g5's EFA, which AWS lists for the
+# larger g5 sizes only): the row then checks that render follows the catalogue.
+FAMILIES = [
+    _row("ml.trn1.32xlarge", "nxd", "neuron", "xla", ("aws.amazon.com/neuron", 16), 8, 32,
+         EFA_ENV | NXD_ENV | {"MALLOC_ARENA_MAX"}),
+    _row("ml.trn2.48xlarge", "torch", "neuron", "neuron", ("aws.amazon.com/neuron", 16), 16, 64,
+         EFA_ENV | {"NEURON_LOGICAL_NC_CONFIG", "TORCH_NEURONX_NEFF_CACHE_DIR",
+                    "MALLOC_ARENA_MAX"}),
+    _row(_trn3(), "torch", "neuron", "neuron", ("aws.amazon.com/neuron", None), None, None,
+         {"NEURON_LOGICAL_NC_CONFIG", "TORCH_NEURONX_NEFF_CACHE_DIR", "MALLOC_ARENA_MAX"},
+         family="trn3"),
+    _row("ml.p5.48xlarge", "torch", "cuda", "nccl", ("nvidia.com/gpu", 8), 32, 8,
+         NCCL_EFA_ENV | {"FI_EFA_USE_DEVICE_RDMA", "PYTORCH_CUDA_ALLOC_CONF"}),
+    _row("ml.g5.12xlarge", "torch", "cuda", "nccl", ("nvidia.com/gpu", 4), None, 4,
+         {"PYTORCH_CUDA_ALLOC_CONF"}),
+    _row("cpu", "torch", "cpu", "gloo", None, 0, 2, set()),
+]
+
+
+@pytest.mark.parametrize(
+    ("instance", "backend", "device", "process_group", "accelerator", "efa", "nproc", "device_env"),
+    FAMILIES,
+)
+def test_pods_per_instance_family(
+    instance: str,
+    backend: str,
+    device: str,
+    process_group: str,
+    accelerator: tuple[str, int | None] | None,
+    efa: int | None,
+    nproc: int | None,
+    device_env: set[str],
+) -> None:
+    from llamajob_trainer.parallel import device as devices
+
+    inst = INSTANCE_TYPES[instance]
+    efa = inst.efa_devices if efa is None else efa
+    nproc = inst.cores_per_node if nproc is None else nproc
+    if inst.efa_devices and not device_env & {"FI_PROVIDER"}:
+        # The catalogue gives this type EFA: then NCCL or the Neuron collectives use it.
+        device_env = device_env | (EFA_ENV if inst.trainium else NCCL_EFA_ENV)
+    job = _family_job(instance)
+    plan = make_plan(job.spec)
+    assert plan.valid, plan.problems()
+
+    # The trainer learns backend and device from the ConfigMap; the process group follows.
+    cfg = TrainerConfig.model_validate(
+        yaml.safe_load(render.render_configmap(job, plan)["data"][render.CONFIG_KEY]))
+    assert (cfg.resolved_backend, cfg.device) == (backend, device)
+    assert (devices.KINDS[device].process_group if backend == "torch" else "xla") == process_group
+    if device == "cpu":
+        assert cfg.peak_tflops_per_core is None  # measured by the trainer
+    else:
+        assert cfg.peak_tflops_per_core == pytest.approx(inst.peak_tflops_per_core)
+
+    for role in render.ROLES:
+        pod = render.render_pod(job, plan, role, 1, 1)
+        c = container(pod)
+        limits = c.get("resources", {}).get("limits", {})
+        expected: dict[str, int] = {}
+        if accelerator is not None:
+            name, count = accelerator
+            expected[name] = inst.devices_per_node if count is None else count
+        if efa:
+            expected["vpc.amazonaws.com/efa"] = efa
+        assert limits == expected
+        if expected:
+            assert c["resources"]["requests"] == limits
+
+        cmd = c["command"]
+        assert cmd[cmd.index("--nproc_per_node") + 1] == str(nproc)
+        assert cmd[cmd.index("--nnodes") + 1] == "2"
+        # neuron_parallel_compile is torch-xla's: the nxd compile step only.
+        nxd_compile = backend == "nxd" and role == render.ROLE_COMPILE
+        launcher = ["neuron_parallel_compile", "torchrun"] if nxd_compile else ["torchrun"]
+        assert cmd[: len(launcher)] == launcher
+        assert cmd[-4:] == ["llamajob.cli", role, "--config", render.CONFIG_PATH]
+
+        env = {e["name"]: e["value"] for e in c["env"]}
+        assert set(env) - BASE_ENV == device_env
+        # Every variable render adds is reserved or a documented default a job may override.
+        assert set(env) <= set(api.OPERATOR_ENV) | api.TUNABLE_ENV
+        if "NEURON_LOGICAL_NC_CONFIG" in env:
+            assert inst.lnc and env["NEURON_LOGICAL_NC_CONFIG"] == str(inst.lnc)
+            # Ranks are logical cores: the runtime groups lnc of each chip's eight physical
+            # NeuronCores (Trainium2 and Trainium3 architecture pages) into one.
+            assert nproc * inst.lnc == inst.devices_per_node * 8
+        if "TORCH_NEURONX_NEFF_CACHE_DIR" in env:
+            assert env["TORCH_NEURONX_NEFF_CACHE_DIR"] == f"{CACHE}/neff"
+        if "NEURON_CC_FLAGS" in env:
+            assert f"--cache_dir={CACHE}" in env["NEURON_CC_FLAGS"].split()
+            assert "--distribution-strategy=llm-training" in env["NEURON_CC_FLAGS"].split()
+        if "FI_PROVIDER" in env:
+            assert env["FI_PROVIDER"] == "efa"
+
+        spec = pod["spec"]
+        if accelerator is None:
+            assert "nodeSelector" not in spec and "tolerations" not in spec
+        elif instance.startswith("ml."):
+            assert spec["nodeSelector"] == {
+                "node.kubernetes.io/instance-type": instance,
+                "sagemaker.amazonaws.com/node-health-status": "Schedulable",
+            }
+        else:
+            assert spec["nodeSelector"] == {"node.kubernetes.io/instance-type": instance}
+        if accelerator is not None:
+            assert {"key": accelerator[0], "operator": "Exists",
+                    "effect": "NoSchedule"} in spec["tolerations"]
+        valid_k8s(pod)
+
+
+def test_gpu_efa_environment_values_and_rdma_only_on_p_instances() -> None:
+    gpus = [n for n, i in INSTANCE_TYPES.items() if i.device == "cuda"]
+    if not gpus:
+        pytest.skip("no GPU instance type in the catalogue")
+    for name in gpus:
+        inst = INSTANCE_TYPES[name]
+        job = _family_job(name, nodes=1)
+        env = {e["name"]: e["value"]
+               for e in render.env(job, make_plan(job.spec), render.ROLE_TRAIN)}
+        assert env["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+        assert not [k for k in env if k.startswith("NEURON_")]
+        if not inst.efa_devices:
+            assert not [k for k in env if k.startswith(("FI_", "NCCL_"))], name
+            continue
+        assert env["FI_PROVIDER"] == "efa" and env["FI_EFA_FORK_SAFE"] == "1"
+        assert env["FI_EFA_USE_HUGE_PAGE"] == "0" and env["FI_EFA_SET_CUDA_SYNC_MEMOPS"] == "0"
+        assert env["NCCL_SOCKET_IFNAME"] == "^lo"
+        # GPUDirect RDMA over EFA: the P instances; libfabric refuses it elsewhere.
+        p_family = name.removeprefix("ml.").startswith("p")
+        assert ("FI_EFA_USE_DEVICE_RDMA" in env) == p_family, name
+
+
+def test_trn2_on_nxd_keeps_the_nxd_environment_with_its_logical_core_size() -> None:
+    job = example("llama3-70b", instanceType="ml.trn2.48xlarge")
+    job.spec.backend = "nxd"
+    plan = make_plan(job.spec)
+    env = {e["name"]: e.get("value") for e in render.env(job, plan, render.ROLE_TRAIN)}
+    assert set(env) >= NXD_ENV and "TORCH_NEURONX_NEFF_CACHE_DIR" not in env
+    assert env["NEURON_LOGICAL_NC_CONFIG"] == "2"
+    cmd = render.command(job, plan, render.ROLE_COMPILE, 1, 0)
+    assert cmd[:2] == ["neuron_parallel_compile", "torchrun"]
+
+
+def test_torch_on_neuron_compiles_with_llamajob_compile_not_neuron_parallel_compile() -> None:
+    job = example("llama3-8b-trn2")
+    plan = make_plan(job.spec)
+    assert (plan.backend, plan.device) == ("torch", "neuron")
+    cmd = render.command(job, plan, render.ROLE_COMPILE, 1, 0)
+    assert cmd[0] == "torchrun" and "neuron_parallel_compile" not in cmd
+    assert cmd[-4:] == ["llamajob.cli", "compile", "--config", render.CONFIG_PATH]
+    # Compile and training pods share the NEFF cache on the shared volume: what the compile
+    # step compiles, the training pods load.
+    caches = {
+        next(e["value"] for e in render.env(job, plan, role)
+             if e["name"] == "TORCH_NEURONX_NEFF_CACHE_DIR")
+        for role in render.ROLES
+    }
+    assert caches == {"/fsx/neuron-cache/neff"}
+    assert job.spec.cluster.volumes[0].mount_path == "/fsx"
+
+
+def test_tunable_device_defaults_yield_to_the_job_and_derived_ones_are_refused() -> None:
+    job = example("llama3-8b-trn2", env=[{"name": "FI_EFA_FORK_SAFE", "value": "0"},
+                                         {"name": "MALLOC_ARENA_MAX", "value": "8"}])
+    env = {e["name"]: e["value"] for e in render.env(job, make_plan(job.spec), "train")}
+    assert env["FI_EFA_FORK_SAFE"] == "0" and env["MALLOC_ARENA_MAX"] == "8"
+    for name in ("NEURON_LOGICAL_NC_CONFIG", "TORCH_NEURONX_NEFF_CACHE_DIR"):
+        with pytest.raises(JobFileError) as err:
+            example("llama3-8b-trn2", env=[{"name": name, "value": "1"}])
+        assert "set by the operator" in err.value.errors[0].message
+
+
+@pytest.mark.parametrize("name", ["llama3-8b-trn2", "llama3-70b-trn2", "llama3-8b-p5"])
+def test_device_examples_render_valid_pods(name: str) -> None:
+    if not (ROOT / "examples" / f"{name}.yaml").exists():
+        pytest.skip(f"examples/{name}.yaml is not there yet")
+    job = example(name)
+    plan = make_plan(job.spec)
+    assert plan.valid, plan.problems()
+    assert plan.backend == "torch"
+    for doc in render.render_all(job):
+        valid_k8s(doc)

@@ -25,8 +25,30 @@ PLURAL = "llamatrainingjobs"
 SINGULAR = "llamatrainingjob"
 SHORT_NAMES = ["ltj"]
 
-InstanceTypeName = Literal["ml.trn1.32xlarge", "ml.trn1n.32xlarge", "ml.trn2.48xlarge", "cpu"]
-assert set(InstanceTypeName.__args__) == set(INSTANCE_TYPES), "catalogue and enum drifted"
+# Spelled out (not built from the catalogue) so that type checkers see the names too; the CRD
+# enum lists them in this order, which the assert holds to the catalogue's.
+InstanceTypeName = Literal[
+    "ml.trn1.32xlarge",
+    "ml.trn1n.32xlarge",
+    "ml.trn2.48xlarge",
+    "trn3.48xlarge",
+    "ml.g5.8xlarge",
+    "ml.g5.12xlarge",
+    "ml.g5.24xlarge",
+    "ml.g5.48xlarge",
+    "ml.g6e.8xlarge",
+    "ml.g6e.12xlarge",
+    "ml.g6e.24xlarge",
+    "ml.g6e.48xlarge",
+    "ml.p4d.24xlarge",
+    "ml.p4de.24xlarge",
+    "ml.p5.48xlarge",
+    "ml.p5e.48xlarge",
+    "ml.p5en.48xlarge",
+    "ml.p6-b200.48xlarge",
+    "cpu",
+]
+assert InstanceTypeName.__args__ == tuple(INSTANCE_TYPES), "catalogue and enum drifted"
 
 # DNS-1123 label: what Kubernetes accepts for volume and env names alike (env is looser, but a
 # label-safe name is always valid).
@@ -106,6 +128,9 @@ OPERATOR_ENV = {
     "NEURON_RT_NUM_CORES": "one NeuronCore per rank",
     "NEURON_CC_FLAGS": "with compile.cacheDir; set that instead",
     "NEURON_COMPILE_CACHE_URL": "from compile.cacheDir; set that instead",
+    "NEURON_LOGICAL_NC_CONFIG": "the instance type's logical NeuronCore size, which sets the "
+    "ranks per node",
+    "TORCH_NEURONX_NEFF_CACHE_DIR": "from compile.cacheDir; set that instead",
 }
 # Variables the operator sets as defaults that a job may override (render: the user's win).
 TUNABLE_ENV = frozenset(
@@ -116,6 +141,10 @@ TUNABLE_ENV = frozenset(
         "NEURON_FUSE_SOFTMAX",
         "NEURON_RT_ASYNC_EXEC_MAX_INFLIGHT_REQUESTS",
         "MALLOC_ARENA_MAX",
+        "FI_EFA_USE_HUGE_PAGE",
+        "FI_EFA_SET_CUDA_SYNC_MEMOPS",
+        "NCCL_SOCKET_IFNAME",
+        "PYTORCH_CUDA_ALLOC_CONF",
     }
 )
 

@@ -3,12 +3,16 @@
 Pure functions over the spec. The operator runs `make_plan` before creating any pod (an invalid
 or non-fitting job goes straight to Failed/InvalidSpec), and `llamajob plan` prints it.
 
-Memory model, per NeuronCore (or CPU rank), for the most loaded pipeline stage:
+Memory is estimated per rank (a NeuronCore, a GPU or a CPU process) on the most loaded pipeline
+stage and compared with the device memory the catalogue gives per rank. There is one model per
+trainer backend, because the two hold different things.
+
+nxd backend (NeuronX Distributed on torch-xla; written for trn1):
 - Parameters and optimizer, bytes per parameter held by the core (after TP/PP sharding):
   bf16-mixed: 2 (bf16 weights) + 4 (fp32 gradient accumulator) + 12 (fp32 master copy and Adam
-  moments), the 12 divided by DP under ZeRO-1 (and all of it under FSDP). ZeRO-1 also all-gathers
-  the updated bf16 shards into a fresh full-size buffer before copying it into the weights
-  (torch-xla's ZeroRedundancyOptimizer), so +2 while it runs. fp32: 4 + 4 + 8.
+  moments), the 12 divided by DP under ZeRO-1. ZeRO-1 also all-gathers the updated bf16 shards
+  into a fresh full-size buffer before copying it into the weights (torch-xla's
+  ZeroRedundancyOptimizer), so +2 while it runs. fp32: 4 + 4 + 8.
 - Activations: Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer
   Models"), 16-bit activations per layer and micro-batch: s*b*h*(34 + 5*a*s/h) without
   recompute; the 5*a*s/h term (attention scores) vanishes with selective recompute; with sequence
@@ -17,18 +21,69 @@ Memory model, per NeuronCore (or CPU rank), for the most loaded pipeline stage:
   pipeline stage holds min(pp, micro-batches) micro-batches in flight under 1F1B, all of them
   under GPipe, and (1 + (pp-1)/(pp*v)) times more under the interleaved schedule.
 - Logits: fp32 logits and their gradient on the last stage, vocabulary split over TP.
-- A runtime reserve for the Neuron runtime, collectives and the loaded program.
+
+torch backend (parallel/torch_backend.py: DDP or FSDP2, DTensor TP + SP, torch pipelining),
+counted from what that code allocates. P is the stage's parameters per TP rank, B one block's,
+D the data-parallel degree, c the compute dtype's bytes (2 under bf16-mixed, 4 under fp32):
+- States: parameters stay fp32 whatever the precision (bf16-mixed computes in bf16 from them,
+  through FSDP2's MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32) with FSDP and
+  torch.autocast without), so 4 (parameters) + 4 (gradients) + 8 (AdamW moments) bytes per
+  parameter. FSDP (parallelism.fsdp, full shard) divides all 16 by D; DDP keeps the replica, and
+  its buckets add nothing because the gradients are views into them (gradient_as_bucket_view).
+- Gathered or cast parameters (gather_buffer). FSDP: the root's parameters (embedding, final
+  norm, head) gathered in dtype c for the whole step, since FSDP2 never reshards the root after
+  forward, plus the head's unsharded gradient, which waits for the root's reduce-scatter at the
+  end of backward; per block (3c + 4)*B: the block in backward, the one prefetched behind it,
+  the block's unsharded gradient, and the previous block's fp32 reduce-scatter input (FSDP2
+  keeps one in flight). Pipeline stages do not reshard after forward (and torch pipelining turns
+  resharding after backward off until the last micro-batch), so there the whole stage stays
+  gathered: c*P + (c + 4)*B. Without FSDP under bf16-mixed, autocast casts each matmul weight
+  to bf16 once per forward and backward keeps the copy: 2 bytes per matmul parameter.
+- Accumulation: with FSDP and more than one micro-batch per step (gradient accumulation, or any
+  pipeline) the trainer turns gradient sync off until the last micro-batch, and FSDP2 keeps
+  every unsharded gradient in fp32 until then: 4*P, not divided by D.
+- Activations, bytes per token and block, as model.py saves them (the tests measure them on
+  CPU): each RMSNorm keeps an fp32 copy of its input, its normalised input in the residual dtype
+  r and its rsqrt, 2*(4 + r)*h + 8, divided by t under SP (r is 2 under FSDP's bf16 parameters,
+  4 when autocast leaves the residual stream in fp32 and under fp32); the q/k/v and w1/w3 inputs
+  2*c*h, or 5 bf16 copies (10*h) under autocast, which casts the input once per linear, never
+  divided by t (under SP the gathered input is what the linear keeps); attention
+  c*(3h + 2*kv) + 4*a (q and k after RoPE, v, the SDPA output and its log-sum-exp, and the copy
+  wo takes) and the MLP 4*c*i, both divided by t; plus RoPE's casts of its tables, 2*s*d*c per
+  block and micro-batch in bf16. Selective recompute drops the SDPA output and log-sum-exp. The
+  attention core is counted as a fused (flash) kernel that keeps no s x s scores, as SDPA is on
+  CUDA and CPU; torch.compile, which fuses and recomputes more, is not modelled. Full recompute
+  keeps each block's input (r*h, /t under SP) plus one block's working set, and micro-batches in
+  flight follow the schedules as for nxd.
+- Logits: 12 bytes per token and vocabulary entry on the last stage at the start of backward
+  (the fp32 log-probabilities cross-entropy keeps, the fp32 gradient from the NLL and the fp32
+  gradient of the logits), vocabulary-sharded over TP by loss parallel; plus the final norm and
+  the head's input.
+- Step buffers, held after backward when activations and logits are gone, so counted as the
+  larger of the two phases rather than on top: the flat copy of every gradient that tensor
+  parallel without FSDP all-reduces over D (4*P), and AdamW's foreach temporaries (4 bytes per
+  updated parameter) where it cannot run fused (on Neuron, or over a mix of DTensor and plain
+  parameters).
+
+Both models add a runtime reserve per device family (RUNTIME_RESERVE_GIB).
+
+The torch model is checked against the minimum-platform table of AWS's GPU FSDP sample
+(tests/test_plan_gpu_fsdp.py), with two deviations left visible there: the sample offloads saved
+activations to CPU, which this trainer does not do, so at the sample's settings the planner
+counts each layer's input on the device (2*s*h bytes per layer) where the sample holds none; and
+the table's 4 p5en nodes for Llama 3.1 70B are not reproduced, because at the sample's settings
+that row holds the same as its Llama 2 70B row, which fits on 2.
 
 Compute: FLOPs per token = 6*N + 12*L*h*s (Chowdhery et al. 2022, PaLM appendix B), with N the
 parameters that take part in matmuls (the input embedding lookup does not). Step time follows from
-an assumed MFU of the instance's peak, or a measured TFLOPS per node.
+an assumed MFU of the instance's peak (DEFAULT_MFU_BY_FAMILY), or a measured TFLOPS per node.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from llamajob_trainer.presets import Architecture
 
@@ -36,16 +91,63 @@ from .api import LlamaTrainingJobSpec
 from .catalogue import GIB, INSTANCE_TYPES, InstanceType
 from .jobfile import SpecError
 
-# Default utilisation when nothing was measured. The HyperPod tutorial measured ~21% (634 of 3,040
-# TFLOPS, Llama-3-8B at TP=32 on one trn1.32xlarge); AWS's published Neuron 2.24 figures work out
-# to ~23% (8B) and ~32% (70B) on 32 trn1 nodes. 25% sits in that range.
+# Default utilisation when nothing was measured, by catalogue family (a family not listed gets
+# DEFAULT_MFU).
+# - trn1 (nxd): the HyperPod tutorial measured ~21% (634 of 3,040 TFLOPS, Llama-3-8B at TP=32 on
+#   one trn1.32xlarge); AWS's published Neuron 2.24 figures (Neuron performance pages,
+#   training_data_decoder.csv) work out to ~23% (8B) and ~32% (70B) on 32 trn1 nodes. 25% sits
+#   in that range.
+# - trn2, trn3 (torch on TorchNeuron): no published TorchNeuron or TorchTitan-Neuron throughput
+#   to derive one from (see benchmarks/planner_vs_published.py), so the trn1 figure is carried
+#   over; pass --mfu or --tflops once measured.
+# - gpu: torchtitan's own benchmark, benchmarks/llama3_h100_202412_torchtitan.md in
+#   pytorch/torchtitan: FSDP2 Llama 3.1 8B on 8 or 128 H100s without Float8 reaches 33% MFU in
+#   eager mode (39% compiled), the same building blocks (FSDP2, bf16 parameters, fp32 reduce) as
+#   the torch backend, which runs eager unless compile.torchCompile.
+# - cpu: a placeholder, like the CPU peak it multiplies.
 DEFAULT_MFU = 0.25
-RUNTIME_RESERVE_GIB = {"trainium": 1.0, "trainium2": 1.0, "cpu": 0.5}
+DEFAULT_MFU_BY_FAMILY: dict[str, float] = {
+    "trn1": 0.25,
+    "trn2": 0.25,
+    "trn3": 0.25,
+    "gpu": 0.33,
+    "cpu": 0.25,
+}
+
+# Device memory no tensor of the job can use, by catalogue family (a family not listed gets the
+# largest, so a new type is judged conservatively rather than failing).
+# - trn1, trn2, trn3: the Neuron runtime, the collectives' buffers and the loaded program.
+# - gpu: the CUDA context (about 0.3 GiB with lazy module loading, CUDA 11.7 and later:
+#   pytorch/pytorch#107667) and the NCCL communicators (0.5 to 0.7 GiB each on four NVLink A100s:
+#   NVIDIA/nccl#964); the torch backend initialises at least two, the world group and the
+#   data-parallel group.
+# - cpu: the Python process and the gloo buffers.
+RUNTIME_RESERVE_GIB: dict[str, float] = {
+    "trn1": 1.0,
+    "trn2": 1.0,
+    "trn3": 1.0,
+    "gpu": 2.0,
+    "cpu": 0.5,
+}
+
+
+def default_mfu(inst: InstanceType) -> float:
+    return DEFAULT_MFU_BY_FAMILY.get(inst.family, DEFAULT_MFU)
+
+
+def runtime_reserve_bytes(inst: InstanceType) -> float:
+    gib = RUNTIME_RESERVE_GIB.get(inst.family, max(RUNTIME_RESERVE_GIB.values()))
+    return gib * GIB
 
 
 @dataclass(frozen=True)
 class Memory:
-    """Bytes per core on the most loaded pipeline stage."""
+    """Bytes per rank on the most loaded pipeline stage.
+
+    Two phases peak at different times: forward/backward (gathered parameters, accumulated
+    gradients, activations, logits) and the optimizer step (step_buffer), after backward has
+    freed the activations. The total is the states, the reserve and the larger phase.
+    """
 
     weights: float
     gradients: float
@@ -54,10 +156,14 @@ class Memory:
     activations: float
     logits: float
     reserve: float
+    accumulation: float = 0.0
+    step_buffer: float = 0.0
 
     @property
     def total(self) -> float:
-        return sum(asdict(self).values())
+        backward = self.gather_buffer + self.accumulation + self.activations + self.logits
+        states = self.weights + self.gradients + self.optimizer + self.reserve
+        return states + max(backward, self.step_buffer)
 
     def gib(self) -> dict[str, float]:
         out = {k: round(v / GIB, 3) for k, v in asdict(self).items()}
@@ -236,13 +342,19 @@ def validate_layout(spec: LlamaTrainingJobSpec) -> list[SpecError]:
         }[backend]
         err("backend", f"{backend} cannot run on {inst.name} ({why}); use auto or "
             f"{' or '.join(inst.backends)}")
+    if spec.cluster.hyperpod and inst.device_resource and not inst.name.startswith("ml."):
+        err("cluster.hyperpod", f"{inst.name} is not a SageMaker HyperPod instance type, so no "
+            "node would carry the HyperPod labels its pods select; set hyperpod: false (plain "
+            "EKS)")
     if spec.device != "auto" and spec.device != inst.device:
         err("device", f"{inst.name} trains on {inst.device}, not {spec.device}; use auto or "
             f"{inst.device}")
-    if inst.trainium and ppn > inst.cores_per_node:
+    if inst.family != "cpu" and ppn > inst.cores_per_node:
+        # One rank per NeuronCore or GPU: NCCL refuses two ranks on one GPU.
+        unit = "NeuronCores" if inst.trainium else "GPUs"
         err(
             "cluster.processesPerNode",
-            f"{ppn} exceeds the {inst.cores_per_node} NeuronCores of {inst.name}; "
+            f"{ppn} exceeds the {inst.cores_per_node} {unit} of {inst.name}; "
             f"use {inst.cores_per_node}",
         )
     if arch.hidden_size % arch.num_heads:
@@ -374,10 +486,32 @@ def stage_params(arch: Architecture, pp: int) -> int:
     return per_stage_layers + emb + arch.hidden_size
 
 
+def _in_flight(spec: LlamaTrainingJobSpec, dp: int) -> float:
+    """Micro-batches whose activations the first pipeline stage holds at once."""
+    par = spec.parallelism
+    pp, vpp, b = par.pipeline, par.virtual_pipeline, spec.batch.micro_batch_size
+    micro = spec.batch.global_batch_size // (b * dp) if dp and b else 1
+    if pp == 1:
+        return 1.0
+    if par.pipeline_schedule == "GPipe":
+        return float(micro)
+    in_flight = float(min(pp, micro))
+    if vpp > 1:
+        in_flight *= 1 + (pp - 1) / (pp * vpp)
+    return in_flight
+
+
 def estimate_memory(spec: LlamaTrainingJobSpec, dp: int) -> Memory:
+    """Bytes per rank for a layout that validates, by the model of the job's backend."""
+    if resolve_backend(spec) == "nxd":
+        return _nxd_memory(spec, dp)
+    return _torch_memory(spec, dp)
+
+
+def _nxd_memory(spec: LlamaTrainingJobSpec, dp: int) -> Memory:
     arch = spec.model.architecture()
     par = spec.parallelism
-    tp, pp, vpp = par.tensor, par.pipeline, par.virtual_pipeline
+    tp, pp = par.tensor, par.pipeline
     inst = INSTANCE_TYPES[spec.cluster.instance_type]
     params = stage_params(arch, pp) / tp
 
@@ -385,9 +519,7 @@ def estimate_memory(spec: LlamaTrainingJobSpec, dp: int) -> Memory:
     w_bytes, g_bytes, o_bytes = (2, 4, 12) if mixed else (4, 4, 8)
     weights, grads, optim = params * w_bytes, params * g_bytes, params * o_bytes
     gather = 0.0
-    if par.fsdp and resolve_backend(spec) == "torch":
-        weights, grads, optim = weights / dp, grads / dp, optim / dp
-    elif par.zero1:
+    if par.zero1:
         optim /= dp
         gather = params * 2 if mixed else params * 4
 
@@ -398,15 +530,7 @@ def estimate_memory(spec: LlamaTrainingJobSpec, dp: int) -> Memory:
     scores = 5.0 * a * s / (h * tp)
     full_layer = s * b * h * (base + (scores if par.activation_checkpointing == "none" else 0.0))
     layers = arch.num_layers // pp
-    micro = spec.batch.global_batch_size // (b * dp) if dp and b else 1
-    if pp == 1:
-        in_flight = 1.0
-    elif par.pipeline_schedule == "GPipe":
-        in_flight = float(micro)
-    else:
-        in_flight = float(min(pp, micro))
-        if vpp > 1:
-            in_flight *= 1 + (pp - 1) / (pp * vpp)
+    in_flight = _in_flight(spec, dp)
     if par.activation_checkpointing == "full":
         stored = 2.0 * s * b * h / (tp if sp else 1)
         activations = stored * layers * in_flight + full_layer
@@ -415,8 +539,130 @@ def estimate_memory(spec: LlamaTrainingJobSpec, dp: int) -> Memory:
     activations *= act_scale
 
     logits = 2 * 4.0 * s * b * arch.vocab_size / tp
-    reserve = RUNTIME_RESERVE_GIB.get(inst.accelerator, 1.0) * GIB
-    return Memory(weights, grads, optim, gather, activations, logits, reserve)
+    return Memory(weights, grads, optim, gather, activations, logits, runtime_reserve_bytes(inst))
+
+
+# How the torch backend computes, as far as memory goes: "bf16" (FSDP2 casts the parameters to
+# bf16, so everything downstream is bf16), "autocast" (bf16-mixed without FSDP: fp32 parameters
+# and residual stream, bf16 matmuls) or "fp32".
+TorchMode = Literal["bf16", "autocast", "fp32"]
+
+
+def torch_mode(precision: str, fsdp: bool) -> TorchMode:
+    if precision != "bf16-mixed":
+        return "fp32"
+    return "bf16" if fsdp else "autocast"
+
+
+def torch_block_saved_bytes(
+    arch: Architecture,
+    seq: int,
+    micro_batch: int,
+    mode: TorchMode,
+    *,
+    tp: int = 1,
+    sequence_parallel: bool = False,
+    recompute_core: bool = False,
+) -> float:
+    """Bytes one transformer block of model.py keeps for backward, per micro-batch and TP rank,
+    without whole-block recompute (``recompute_core``: selective recompute of the attention
+    core). The module docstring derives each term; the tests measure them on CPU."""
+    h, kv, i = arch.hidden_size, arch.kv_dim, arch.intermediate_size
+    heads = arch.num_heads / tp
+    c = 4.0 if mode == "fp32" else 2.0  # matmul outputs
+    r = 2.0 if mode == "bf16" else 4.0  # the residual stream and what the norms see
+    seq_split = tp if sequence_parallel and tp > 1 else 1
+    # Two RMSNorms: an fp32 copy of the input (the input itself when it is fp32), the
+    # normalised input in the input's dtype, and the fp32 rsqrt per token.
+    norms = 2 * ((4.0 + r) * h + 4.0) / seq_split
+    # Inputs of q/k/v and of w1/w3: saved once per norm, except that autocast casts the fp32
+    # norm output afresh for each of the five linears. Under SP these are the gathered inputs.
+    linear_inputs = (5 * 2.0 if mode == "autocast" else 2 * c) * h
+    # q and k after RoPE, v, the reshaped copy wo takes, and (unless the core is recomputed) the
+    # SDPA output and its fp32 log-sum-exp per head.
+    attention = c * (2 * h + 2 * kv) / tp
+    if not recompute_core:
+        attention += c * h / tp + 4.0 * heads
+    mlp = 4 * c * i / tp  # w1 out (silu input), silu out, w3 out, their product (w2 input)
+    per_token = norms + linear_inputs + attention + mlp
+    # RoPE casts its cos/sin tables to bf16 for q and for k, once per micro-batch.
+    rope = 2.0 * seq * arch.head_dim * c if mode != "fp32" else 0.0
+    return seq * micro_batch * per_token + rope
+
+
+def _torch_memory(spec: LlamaTrainingJobSpec, dp: int) -> Memory:
+    arch = spec.model.architecture()
+    par = spec.parallelism
+    tp, pp = par.tensor, par.pipeline
+    inst = INSTANCE_TYPES[spec.cluster.instance_type]
+    s, b, h = spec.data.seq_length, spec.batch.micro_batch_size, arch.hidden_size
+    fsdp = par.fsdp
+    mode = torch_mode(spec.precision, fsdp)
+    c = 4.0 if mode == "fp32" else 2.0
+    r = 2.0 if mode == "bf16" else 4.0
+    sp = par.sequence_parallel and tp > 1
+
+    layers = arch.num_layers // pp
+    params = stage_params(arch, pp) / tp
+    block = arch.layer_params() / tp
+    root = params - layers * block  # embedding, final norm, head: what the blocks leave
+    head = arch.embedding_params() / tp  # the output projection (the last stage's, or tied)
+    micro = spec.batch.global_batch_size // (b * dp) if dp and b else 1
+
+    # fp32 parameters, gradients and AdamW moments; FSDP shards all three.
+    shard = dp if fsdp else 1
+    weights, grads, optim = 4.0 * params / shard, 4.0 * params / shard, 8.0 * params / shard
+
+    accumulation = 0.0
+    if fsdp:
+        gather = c * root + c * head
+        if pp == 1:
+            gather += (3 * c + 4) * block
+        else:
+            gather += c * layers * block + (c + 4) * block
+        if micro > 1 or pp > 1:
+            accumulation = 4.0 * params
+    elif mode == "autocast":
+        matmul = layers * (arch.layer_params() - 2 * h) / tp + head
+        gather = 2.0 * matmul
+    else:
+        gather = 0.0
+
+    in_flight = _in_flight(spec, dp)
+    if par.activation_checkpointing == "full":
+        # Each block keeps its input; backward recomputes one block at a time, in full.
+        stored = r * s * b * h / (tp if sp else 1)
+        recomputed = torch_block_saved_bytes(arch, s, b, mode, tp=tp, sequence_parallel=sp)
+        activations = stored * layers * in_flight + recomputed
+    else:
+        per_block = torch_block_saved_bytes(
+            arch, s, b, mode, tp=tp, sequence_parallel=sp,
+            recompute_core=par.activation_checkpointing == "selective",
+        )
+        activations = per_block * layers * in_flight
+
+    # Last stage: the loss's fp32 tensors, the final norm's saved tensors and the head's input
+    # (autocast's bf16 copy of it, gathered over the sequence under SP). GPipe runs every
+    # forward before any backward, so the last stage keeps each micro-batch's log-probabilities.
+    head_input = 2.0 if mode == "autocast" else c
+    kept = micro if pp > 1 and par.pipeline_schedule == "GPipe" else 1
+    logits = (4.0 * kept + 8.0) * s * b * arch.vocab_size / tp + s * b * (
+        ((4.0 + r) * h + 4.0) / (tp if sp else 1) + head_input * h
+    )
+
+    step = 0.0
+    if tp > 1 and not fsdp and dp > 1:
+        step = 4.0 * params  # _finish_gradients flattens every gradient into one buffer
+    # The trainer asks for the fused AdamW kernel on cpu and cuda only (fused_adamw in
+    # parallel/device.py; not imported here, it needs torch), and not over a mix of DTensor and
+    # plain parameters, which tensor parallel without FSDP or SP leaves (the norms).
+    fused = inst.device in ("cpu", "cuda") and (fsdp or tp == 1 or sp)
+    if not fused:
+        step = max(step, 4.0 * params / shard)  # one parameter-sized temporary in foreach AdamW
+    return Memory(
+        weights, grads, optim, gather, activations, logits, runtime_reserve_bytes(inst),
+        accumulation=accumulation, step_buffer=step,
+    )
 
 
 def flops_per_token(arch: Architecture, seq_length: int) -> float:
@@ -454,6 +700,10 @@ def suggest_fix(spec: LlamaTrainingJobSpec) -> str | None:
         return estimate_memory(trial, dp).total <= inst.memory_per_core_gib * GIB
 
     candidates: list[tuple[str, dict[str, Any]]] = []
+    if resolve_backend(spec) == "torch" and not par.fsdp and world > par.tensor * par.pipeline:
+        # The torch backend's replicas hold 16 bytes per parameter each; sharding them over
+        # the data-parallel ranks is the change that leaves the layout otherwise alone.
+        candidates.append(("fsdp: false -> true", {"parallelism.fsdp": True}))
     for tp in sorted(d for d in _divisors(ppn) if d > par.tensor):
         change: dict[str, Any] = {"parallelism.tensor": tp}
         text = f"tensor: {par.tensor} -> {tp}"
@@ -481,7 +731,9 @@ def suggest_fix(spec: LlamaTrainingJobSpec) -> str | None:
 
     # The largest smaller micro-batch that fits. Every divisor of a valid one is valid too, and
     # memory never grows as it shrinks (activations and logits scale with it; under GPipe the
-    # micro-batches in flight grow as it shrinks but their product stays the global batch), so
+    # micro-batches in flight grow as it shrinks but their product stays the global batch; the
+    # torch backend's FSDP accumulation buffer appears once a step has two micro-batches, which
+    # every smaller one has), so
     # the ones that fit are a prefix of the ascending divisors: a bisection finds the largest
     # in a logarithmic number of trials where a scan could take thousands.
     mbs = spec.batch.micro_batch_size
@@ -540,11 +792,13 @@ def make_plan(
     plan.flops_per_token = flops_per_token(arch, spec.data.seq_length)
     plan.tokens_per_step = spec.tokens_per_step()
     plan.flops_per_step = plan.flops_per_token * plan.tokens_per_step
-    share = ppn / inst.cores_per_node if inst.trainium else 1.0
+    # A node running fewer ranks than it has devices uses that share of its peak; a CPU node's
+    # ranks are processes, not devices.
+    share = ppn / inst.cores_per_node if inst.family != "cpu" else 1.0
     if tflops_per_node is not None:
         plan.tflops_per_node = tflops_per_node
     else:
-        plan.assumed_mfu = DEFAULT_MFU if mfu is None else mfu
+        plan.assumed_mfu = default_mfu(inst) if mfu is None else mfu
         plan.tflops_per_node = inst.peak_tflops_per_node * share * plan.assumed_mfu
     plan.step_seconds = plan.flops_per_step / (plan.tflops_per_node * 1e12 * plan.nodes)
     plan.total_steps = (

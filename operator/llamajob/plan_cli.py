@@ -12,7 +12,7 @@ from typing import NoReturn
 from llamajob_trainer.config import MAX_TOKENS
 
 from .jobfile import JobFileError, load_job
-from .plan import DEFAULT_MFU, Plan, make_plan
+from .plan import DEFAULT_MFU_BY_FAMILY, Plan, make_plan
 
 EXIT_INVALID = 2
 
@@ -52,13 +52,22 @@ def render_text(name: str, plan: Plan) -> str:
         m = p.memory.gib()
         verdict = "fits" if p.fits else "DOES NOT FIT"
         lines += [
-            f"  memory     {m['total']:.2f} GiB of {p.core_memory_gib:.0f} GiB per core: "
+            f"  memory     {m['total']:.2f} GiB of {p.core_memory_gib:.0f} GiB per "
+            f"{_DEVICE_WORD.get(p.instance.family, 'rank')}: "
             f"{verdict} (margin {p.margin_gib:+.2f} GiB)",
             f"             weights {m['weights']:.2f}, grads {m['gradients']:.2f}, "
             f"optimizer {m['optimizer']:.2f}, gather {m['gather_buffer']:.2f}, "
             f"activations {m['activations']:.2f}, logits {m['logits']:.2f}, "
             f"reserve {m['reserve']:.2f}",
         ]
+        if m["accumulation"] or m["step_buffer"]:
+            # The torch backend's two extra terms; the step buffer peaks after backward, so it
+            # counts only where it exceeds what backward holds.
+            lines.append(
+                f"             accumulated grads {m['accumulation']:.2f}, "
+                f"step buffer {m['step_buffer']:.2f} (after backward, in place of "
+                "activations and logits)"
+            )
         if not p.fits:
             lines.append(
                 f"  fix        {p.suggestion or 'no single layout change fits; add nodes'}"
@@ -74,10 +83,15 @@ def render_text(name: str, plan: Plan) -> str:
             f"  speed      {p.tflops_per_node:,.3g} TFLOPS per node ({rate}): "
             f"{_duration(p.step_seconds)} per step",
             f"  total      {p.total_steps:,} steps, {_si(p.total_tokens)}tokens: "
-            f"{_duration(p.total_seconds)}, ${p.total_cost_usd:,.0f} at "
-            f"${p.price_per_hour:.2f}/node-hour",
+            f"{_duration(p.total_seconds)}, "
+            + (f"${p.total_cost_usd:,.0f} at ${p.price_per_hour:.2f}/node-hour"
+               if p.price_per_hour else
+               f"cost unknown: {p.instance.name} has no published on-demand price; pass --price"),
         ]
     return "\n".join(lines)
+
+
+_DEVICE_WORD = {"trn1": "NeuronCore", "trn2": "NeuronCore", "trn3": "NeuronCore", "gpu": "GPU"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -105,6 +119,10 @@ def _number(low: float, high: float) -> Callable[[str], float]:
     return parse
 
 
+def _family_defaults() -> str:
+    return ", ".join(f"{family} {mfu:g}" for family, mfu in DEFAULT_MFU_BY_FAMILY.items())
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(
         prog="llamajob plan",
@@ -120,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--mfu",
         type=_number(0.001, 1),
         help="assumed model FLOPs utilisation, a fraction of the instance peak "
-        f"(default {DEFAULT_MFU})",
+        f"(default by instance family: {_family_defaults()})",
     )
     rate.add_argument(
         "--tflops", type=_number(1e-6, 1e6), help="measured TFLOPS per node (overrides --mfu)"

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import posixpath
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -72,11 +73,14 @@ HYPERPOD_HEALTH_LABEL = "sagemaker.amazonaws.com/node-health-status"
 HYPERPOD_SCHEDULABLE = "Schedulable"
 NODE_GONE = "NodeGone"
 
-# Values from the Neuron reference training scripts (NxD Llama pre-training).
 SHUTDOWN_TIMEOUT_ENV = "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"
+# Values from the Neuron reference training scripts (NxD Llama pre-training): the nxd backend's.
 NEURON_CC_BASE_FLAGS = "--model-type transformer --distribution-strategy=llm-training"
 NEURON_INFLIGHT_REQUESTS = "3"  # async runtime: overlap host work with device execution
-MALLOC_ARENA_MAX = "64"  # glibc arenas per thread otherwise exhaust host memory with 32 ranks
+# glibc arenas per thread otherwise exhaust host memory with 32 ranks (64 on trn2/trn3).
+MALLOC_ARENA_MAX = "64"
+# TorchNeuron's persistent NEFF cache, under compile.cacheDir on the shared file system.
+NEFF_CACHE_SUBDIR = "neff"
 
 _MAX_LABEL = 63
 
@@ -233,7 +237,7 @@ def trainer_config(job: LlamaTrainingJob, plan: Plan) -> TrainerConfig:
         resolved_backend=plan.backend,
         device=plan.device,
         # On CPU the catalogue's peak is a planning placeholder; unset lets the trainer measure.
-        peak_tflops_per_core=inst.peak_tflops_per_core if inst.trainium else None,
+        peak_tflops_per_core=inst.peak_tflops_per_core if inst.device != "cpu" else None,
         image=spec.cluster.image,
         metrics_port=METRICS_PORT,
     )
@@ -284,8 +288,11 @@ def command(
     rank: int,
     config_path: str = CONFIG_PATH,
 ) -> list[str]:
-    """torchrun with its rendezvous at pod 0; compile on Neuron under neuron_parallel_compile
-    (it runs the script once to extract graphs, then compiles them in parallel into the cache).
+    """torchrun with its rendezvous at pod 0, one rank per NeuronCore (logical on trn2/trn3),
+    GPU or CPU slot. The nxd backend compiles under neuron_parallel_compile (it runs the script
+    once to extract torch-xla graphs, then compiles them in parallel into the cache); every
+    other backend's compile step is plain ``llamajob compile``: TorchNeuron compiles the graphs it
+    runs into its NEFF cache (see ``env``), Inductor into its own.
 
     Static rendezvous (``--node_rank``, no in-place restarts: after one, the restarted processes
     read the previous round's addresses and never connect) unless ``elastic``: then c10d with
@@ -359,6 +366,108 @@ def shutdown_timeout(grace_seconds: int) -> int:
     return max(1, grace_seconds - 5)
 
 
+def _trainium_env(job: LlamaTrainingJob, plan: Plan) -> list[dict[str, Any]]:
+    """Trainium: libfabric's EFA settings, the logical core size, then the backend's own.
+
+    Sources (AWS Neuron documentation):
+    - FI_*: "How to prepare trn1.32xlarge for multi-node execution", Application execution
+      environment (https://awsdocs-neuron.readthedocs-hosted.com/en/latest/frameworks/torch/
+      torch-neuronx/setup-trn1-multi-node-execution.html); FI_EFA_FORK_SAFE for kernels older
+      than 5.15, "Neuron Runtime Troubleshooting" (.../neuron-runtime/nrt-troubleshoot.html).
+      They are libfabric's, read by whatever drives EFA in the process; TorchNeuron's multi-node
+      collectives run over the same EFA setup ("How to use torch.distributed on Neuron",
+      prerequisites: .../torch/guides/torch-distributed.html), so both backends get them.
+    - NEURON_LOGICAL_NC_CONFIG: "Logical NeuronCore configuration" (.../general/arch/
+      neuron-features/logical-neuroncore-config.html): the runtime groups that many physical
+      cores into one logical core, and programs must be compiled for the same size; the
+      catalogue's cores per node (the ranks, torchrun's nproc) are counted at this size.
+    - TORCH_NEURONX_NEFF_CACHE_DIR: TorchNeuron's persistent NEFF cache, written by eager mode
+      and torch.compile(backend="neuron") alike ("What are Neuron Compiler artifacts?",
+      .../compiler/about-compiler-artifacts.html; "TorchNeuron environment variables",
+      .../torch/reference/env-vars.html). NEURON_CC_FLAGS and NEURON_COMPILE_CACHE_URL belong to
+      the torch-xla path (neuron_parallel_compile), hence nxd only.
+    """
+    inst, cache = plan.instance, job.spec.compile.cache_dir
+    items: list[dict[str, Any]] = []
+    if inst.efa_devices:
+        items += [
+            {"name": "FI_PROVIDER", "value": "efa"},
+            {"name": "FI_EFA_USE_DEVICE_RDMA", "value": "1"},
+            {"name": "FI_EFA_FORK_SAFE", "value": "1"},
+        ]
+    if inst.lnc:
+        items.append({"name": "NEURON_LOGICAL_NC_CONFIG", "value": str(inst.lnc)})
+    if plan.backend == "nxd":
+        items += [
+            # Per process: each torchrun worker drives one NeuronCore (the runtime reserves this
+            # many cores for every process that sets it).
+            {"name": "NEURON_RT_NUM_CORES", "value": "1"},
+            {
+                "name": "NEURON_CC_FLAGS",
+                "value": f"{NEURON_CC_BASE_FLAGS} --cache_dir={cache} --retry_failed_compilation",
+            },
+            {"name": "NEURON_COMPILE_CACHE_URL", "value": cache},
+            {"name": "NEURON_FUSE_SOFTMAX", "value": "1"},
+            {
+                "name": "NEURON_RT_ASYNC_EXEC_MAX_INFLIGHT_REQUESTS",
+                "value": NEURON_INFLIGHT_REQUESTS,
+            },
+        ]
+    else:
+        # No NEURON_RT_NUM_CORES (the torch-xla path's core count per process): AWS launches
+        # TorchNeuron with plain torchrun, one worker per logical core and no runtime core
+        # variables, leaving the assignment to the framework ("Troubleshooting: TorchTitan
+        # Neuron": NGPU = 64 on a trn2.48xlarge, passed as --nproc_per_node; "How to use
+        # torch.distributed on Neuron").
+        neff_cache = posixpath.join(cache, NEFF_CACHE_SUBDIR)
+        items.append({"name": "TORCH_NEURONX_NEFF_CACHE_DIR", "value": neff_cache})
+    items.append({"name": "MALLOC_ARENA_MAX", "value": MALLOC_ARENA_MAX})
+    return items
+
+
+def _gpudirect_rdma(plan: Plan) -> bool:
+    """EFA with GPUDirect RDMA: the P instances (p4d/p4de, p5/p5e/p5en, p6). The EFA cheatsheet
+    scopes FI_EFA_USE_DEVICE_RDMA to p4/p5, and on an EFA device without RDMA read libfabric's
+    EFA provider aborts the process when it is set ("FI_EFA_USE_DEVICE_RDMA=1 was set by user,
+    but EFA device has no rdma-read capability", ofiwg/libfabric prov/efa), so the g types
+    (EFA, no GPUDirect RDMA) go without it."""
+    inst = plan.instance
+    return inst.device == "cuda" and bool(inst.efa_devices) and (
+        inst.name.removeprefix("ml.").startswith("p")
+    )
+
+
+def _gpu_env(plan: Plan) -> list[dict[str, Any]]:
+    """CUDA: the allocator setting of AWS's FSDP workflow on every GPU type; NCCL over EFA
+    (aws-ofi-nccl and libfabric, both in the CUDA trainer image) only where the type has EFA.
+
+    Sources: awsome-distributed-training, FSDP test case
+    (https://github.com/awslabs/awsome-distributed-training/tree/main/3.test_cases/pytorch/FSDP:
+    kubernetes/llama3_1_8b-fsdp.yaml for PYTORCH_CUDA_ALLOC_CONF and NCCL_SOCKET_IFNAME=^lo, the
+    value for a pod whose only other interface is the CNI's; slurm/llama3_1_8b-training.sbatch
+    for FI_PROVIDER, FI_EFA_USE_HUGE_PAGE, FI_EFA_SET_CUDA_SYNC_MEMOPS) and the EFA cheatsheet
+    (.../1.architectures/efa-cheatsheet.md: FI_EFA_USE_DEVICE_RDMA on p4/p5, FI_EFA_FORK_SAFE
+    only matters below kernel 5.15 and is harmless above, huge pages off so forked data-loader
+    workers do not fail with ENOMEM). NCCL_DEBUG stays unset: the cheatsheet keeps it for
+    debugging, and users can add it through cluster.env.
+    """
+    items: list[dict[str, Any]] = [
+        {"name": "PYTORCH_CUDA_ALLOC_CONF", "value": "expandable_segments:True"},
+    ]
+    if not plan.instance.efa_devices:
+        return items
+    items.append({"name": "FI_PROVIDER", "value": "efa"})
+    if _gpudirect_rdma(plan):
+        items.append({"name": "FI_EFA_USE_DEVICE_RDMA", "value": "1"})
+    items += [
+        {"name": "FI_EFA_FORK_SAFE", "value": "1"},
+        {"name": "FI_EFA_USE_HUGE_PAGE", "value": "0"},
+        {"name": "FI_EFA_SET_CUDA_SYNC_MEMOPS", "value": "0"},
+        {"name": "NCCL_SOCKET_IFNAME", "value": "^lo"},
+    ]
+    return items
+
+
 def env(job: LlamaTrainingJob, plan: Plan, role: str) -> list[dict[str, Any]]:
     """Container environment. Secrets only by reference: their values never pass through the
     operator, so they cannot reach status, Events or logs."""
@@ -374,26 +483,9 @@ def env(job: LlamaTrainingJob, plan: Plan, role: str) -> list[dict[str, Any]]:
     if elastic(job, role):
         items.append({"name": DISABLE_SHARED_STORE_ENV, "value": "1"})
     if inst.trainium:
-        cache = spec.compile.cache_dir
-        items += [
-            {"name": "FI_PROVIDER", "value": "efa"},
-            {"name": "FI_EFA_USE_DEVICE_RDMA", "value": "1"},
-            {"name": "FI_EFA_FORK_SAFE", "value": "1"},
-            # Per process: each torchrun worker drives one NeuronCore (the runtime reserves this
-            # many cores for every process that sets it).
-            {"name": "NEURON_RT_NUM_CORES", "value": "1"},
-            {
-                "name": "NEURON_CC_FLAGS",
-                "value": f"{NEURON_CC_BASE_FLAGS} --cache_dir={cache} --retry_failed_compilation",
-            },
-            {"name": "NEURON_COMPILE_CACHE_URL", "value": cache},
-            {"name": "NEURON_FUSE_SOFTMAX", "value": "1"},
-            {
-                "name": "NEURON_RT_ASYNC_EXEC_MAX_INFLIGHT_REQUESTS",
-                "value": NEURON_INFLIGHT_REQUESTS,
-            },
-            {"name": "MALLOC_ARENA_MAX", "value": MALLOC_ARENA_MAX},
-        ]
+        items += _trainium_env(job, plan)
+    elif plan.device == "cuda":
+        items += _gpu_env(plan)
     items += [{"name": e.name, "value": e.value} for e in spec.cluster.env]
     items += [
         {"name": s.name, "valueFrom": {"secretKeyRef": {"name": s.secret_name, "key": s.key}}}
@@ -408,12 +500,15 @@ def env(job: LlamaTrainingJob, plan: Plan, role: str) -> list[dict[str, Any]]:
 
 
 def node_selector(job: LlamaTrainingJob, plan: Plan) -> dict[str, str]:
+    # Accelerator pods select their instance type: device counts alone would let, say, a p5 gang
+    # land on any node with eight GPUs. Plain CPU pods go wherever they fit.
+    accelerated = plan.instance.device_resource is not None
     out: dict[str, str] = {}
-    if plan.instance.trainium and job.spec.cluster.hyperpod:
+    if accelerated and job.spec.cluster.hyperpod:
         # HyperPod EKS nodes carry the ml.-prefixed name in this label.
         out[INSTANCE_TYPE_LABEL] = plan.instance.name
         out[HYPERPOD_HEALTH_LABEL] = HYPERPOD_SCHEDULABLE
-    elif plan.instance.trainium:
+    elif accelerated:
         # Plain EKS: the kubelet sets the EC2 name, and no HyperPod agent labels health.
         out[INSTANCE_TYPE_LABEL] = plan.instance.name.removeprefix("ml.")
     out.update(job.spec.cluster.node_selector)
@@ -458,9 +553,9 @@ def affinity(
 
 def tolerations(job: LlamaTrainingJob, plan: Plan) -> list[dict[str, Any]]:
     out = [t.to_wire() for t in job.spec.cluster.tolerations]
-    if plan.instance.trainium and plan.instance.device_resource:
-        # Accelerator node groups are commonly tainted with the device resource name; only pods
-        # that request the devices should land there, which these do.
+    if plan.instance.device_resource:
+        # Accelerator node groups (Neuron or NVIDIA) are commonly tainted with the device
+        # resource name; only pods that request the devices should land there, which these do.
         taint = {"key": plan.instance.device_resource, "operator": "Exists", "effect": "NoSchedule"}
         if taint not in out:
             out.append(taint)
