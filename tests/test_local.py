@@ -282,7 +282,7 @@ def _run_cli(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
 def test_trainium_job_is_refused_with_a_hint(tmp_path: Path) -> None:
     res = _run_cli(tmp_path, str(ROOT / "examples" / "llama3-70b.yaml"))
     assert res.returncode == 2
-    assert "Local runs use the CPU backend" in res.stderr and "--scale-down" in res.stderr
+    assert "Local runs use the torch backend on CPU" in res.stderr and "--scale-down" in res.stderr
     assert not (tmp_path / "runs").exists()
 
 

@@ -86,7 +86,7 @@ def render_text(name: str, plan: Plan) -> str:
             f"{_duration(p.total_seconds)}, "
             + (f"${p.total_cost_usd:,.0f} at ${p.price_per_hour:.2f}/node-hour"
                if p.price_per_hour else
-               f"cost unknown: {p.instance.name} has no published on-demand price; pass --price"),
+               f"cost unknown: the catalogue has no price for {p.instance.name}; pass --price"),
         ]
     return "\n".join(lines)
 

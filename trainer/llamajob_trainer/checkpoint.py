@@ -373,22 +373,33 @@ def collect_state(
 
 
 def capture_rng() -> dict[str, Any]:
+    """This rank's RNG states: CPU, Python and NumPy always, and the generator of the device
+    this process trains on (``parallel.device.place``) when it is an accelerator."""
+    from .parallel import device as devices
+
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "python": random.getstate(),
         "numpy": np.random.get_state(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    accel = devices.rng_device()
+    if accel is not None:
+        state["device"] = {"type": accel.type, "state": devices.get_rng_state(accel)}
     return state
 
 
 def restore_rng(state: dict[str, Any]) -> None:
+    """The inverse of ``capture_rng``. A device state saved on another kind of device (a CPU
+    checkpoint resumed on an accelerator, or the reverse) is skipped: the generators differ."""
+    from .parallel import device as devices
+
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    accel = devices.rng_device()
+    saved = state.get("device")
+    if accel is not None and isinstance(saved, dict) and saved.get("type") == accel.type:
+        devices.set_rng_state(saved["state"], accel)
 
 
 def read_rng(path: Path) -> dict[str, Any]:

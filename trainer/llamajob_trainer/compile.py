@@ -5,9 +5,13 @@
   extracts the XLA graphs of those steps and compiles them in parallel into the cache on the
   shared file system. Needs Trainium and the Neuron SDK; it cannot run on CPU.
 - torch backend: one validation step (forward + backward of one optimizer step's
-  micro-batches), which fails fast on a layout or model that cannot run. With
-  ``compile.torchCompile`` that step also compiles the blocks into Inductor's cache under
-  ``compile.cacheDir``, so the training pods load the kernels instead of compiling them.
+  micro-batches) on the job's device (``device``: auto, cpu, cuda, neuron), which fails fast on
+  a layout or model that cannot run, or a device that is missing here (exit code 79). With
+  ``compile.torchCompile`` that step also compiles the blocks with the device's compile
+  backend; Inductor's (cpu, cuda) cache is under ``compile.cacheDir``, so the training pods
+  load the kernels instead of compiling them. TorchNeuron (neuron) keeps its compiled graphs
+  in its NEFF cache, which the operator's pods put under ``compile.cacheDir/neff`` on the shared
+  volume (``TORCH_NEURONX_NEFF_CACHE_DIR``), so the step warms it for the training pods.
 - either backend, with ``validation.sequences``: then one forward-only pass as validation runs
   it, so its graphs are in the cache too.
 
@@ -53,13 +57,14 @@ def run_compile(
     from .train import build_optimizers, optimizer_step
 
     arch = cfg.model.architecture()
-    env = init_distributed(cfg.resolved_backend)
-    neuron = cfg.resolved_backend == "nxd"
-    steps = cfg.compile.steps if neuron else 1
+    env = init_distributed(cfg.resolved_backend, cfg.device)
+    nxd = cfg.resolved_backend == "nxd"
+    steps = cfg.compile.steps if nxd else 1
     started = time.perf_counter()
     pm = parallelize(cfg, arch, env)
-    optimizers = build_optimizers(pm, cfg.optimizer) if neuron else []
+    optimizers = build_optimizers(pm, cfg.optimizer) if nxd else []
     n_micro = cfg.batch.global_batch_size // (cfg.batch.micro_batch_size * pm.dp_size)
+    # Tokens are drawn on the CPU and moved by the backend, so every device sees the same ones.
     gen = torch.Generator().manual_seed(cfg.seed)
     shape = (cfg.batch.micro_batch_size, cfg.data.seq_length + 1)
 
@@ -71,7 +76,7 @@ def run_compile(
     loss = float("nan")
     for i in range(steps):
         loss = pm.forward_backward(random_batch())
-        if neuron:
+        if nxd:
             optimizer_step(pm, optimizers, cfg.optimizer.grad_clip)
             for opt in optimizers:
                 opt.zero_grad(set_to_none=True)
@@ -91,6 +96,7 @@ def run_compile(
         write_marker(marker, {
             "compileKey": key,
             "backend": cfg.resolved_backend,
+            "device": env.device.type,
             "image": cfg.image,
             "steps": steps,
             "seconds": round(seconds, 3),

@@ -10,9 +10,11 @@ MFU (model FLOPs utilisation) = achieved model FLOPs per second / peak FLOPs per
   but not the input embedding table, which is a lookup. Activation recompute is not counted
   (it is hardware work, not model work), so MFU is comparable across recompute settings.
 - Peak = `peakTflopsPerCore` from the instance catalogue (Trainium: BF16 dense per NeuronCore)
-  times the number of ranks; without it (CPU runs) a fp32 matmul timed once per process (the
-  faster of torch.mm and oneDNN) stands in for the per-rank peak, so CPU MFU says how close the
-  step is to this machine's matmul speed.
+  times the number of ranks; without it, on device cpu, a fp32 matmul timed once per process
+  (the faster of torch.mm and oneDNN) stands in for the per-rank peak, so CPU MFU says how close
+  the step is to this machine's matmul speed. An accelerator (cuda, neuron) without a catalogue
+  figure has no peak and reports MFU 0: timing a matmul there would measure one kernel's speed,
+  not the device's rated peak.
 """
 
 from __future__ import annotations

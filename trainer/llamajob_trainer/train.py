@@ -20,8 +20,10 @@ of these hold (tests/test_train_resume.py checks it):
 - the same torch build, the same intra-op thread count (OMP_NUM_THREADS; torchrun sets 1 per
   process when it starts several), the same hardware and the same CPU matmul library
   (``LLAMAJOB_CPU_MATMUL``, see ``cpu_linear``);
-- the CPU torch backend (gloo reductions and CPU kernels are deterministic); GPU runs would also
-  need `torch.use_deterministic_algorithms(True)`, which this trainer does not set;
+- device cpu on the torch backend (gloo reductions and CPU kernels are deterministic); cuda or
+  neuron runs would also need `torch.use_deterministic_algorithms(True)` (on TorchNeuron it also
+  turns off Adaptive Eager Execution's fusion), which this trainer does not set; the RNG state
+  captured is the CPU's and the training device's (`parallel.device`);
 - the same training config, maxSteps and validation.sequences included (they shape the
   learning-rate decay and which rows are trained on); checkpoint, metrics and logging settings
   and validation.everySteps may differ. The fingerprint refuses a different model.
@@ -272,7 +274,7 @@ def train(cfg: TrainerConfig, options: TrainOptions | None = None) -> int:
     dataset = open_dataset(cfg)
     check_resume(cfg)
     arch = cfg.model.architecture()
-    env = init_distributed(cfg.resolved_backend)
+    env = init_distributed(cfg.resolved_backend, cfg.device)
     torch.manual_seed(cfg.seed)
     rank0 = _Rank0(cfg, options, env.rank == 0)
     terminate = TerminationRequest(cfg.checkpoint.save_on_terminate)
@@ -301,6 +303,8 @@ def _loop(
     rank0: _Rank0,
     terminate: TerminationRequest,
 ) -> int:
+    from .parallel import device as devices
+
     log = rank0.log
     max_steps = cfg.total_steps()
     spec = cfg.optimizer
@@ -321,8 +325,8 @@ def _loop(
     n_params = sum(p.numel() for p in pm.parameters())
     log(
         f"llamajob train: job {cfg.namespace}/{cfg.job_name}, backend {cfg.resolved_backend} "
-        f"({env.backend}), world {env.world_size} = pp {pm.pp_size} x dp {pm.dp_size} x tp "
-        f"{pm.tp_size}, fsdp {cfg.parallelism.fsdp}, grad accum {grad_accum}, "
+        f"({env.backend}) on {env.device}, world {env.world_size} = pp {pm.pp_size} x dp "
+        f"{pm.dp_size} x tp {pm.tp_size}, fsdp {cfg.parallelism.fsdp}, grad accum {grad_accum}, "
         f"{arch.num_params() / 1e6:.2f}M params ({n_params / 1e6:.2f}M on rank 0), "
         f"{cfg.tokens_per_step():,} tokens/step, {max_steps} steps, threads "
         f"{torch.get_num_threads()}"
@@ -370,12 +374,17 @@ def _loop(
     peak = 0.0
     if rank0.active:
         measured = None
-        if cfg.peak_tflops_per_core is None and env.device.type == "cpu":
+        if cfg.peak_tflops_per_core is None and devices.measures_peak_flops(env.device):
             measured = m.measure_cpu_peak_flops()
         peak = m.peak_flops_total(cfg.peak_tflops_per_core, env.world_size, measured)
-        log(f"MFU peak: {peak / 1e12:.3f} TFLOP/s for {env.world_size} rank(s) "
-            f"({'catalogue' if cfg.peak_tflops_per_core else 'measured fp32 matmul'}); "
-            f"{fpt / 1e6:.2f} MFLOP per token")
+        if peak > 0:
+            log(f"MFU peak: {peak / 1e12:.3f} TFLOP/s for {env.world_size} rank(s) "
+                f"({'catalogue' if cfg.peak_tflops_per_core else 'measured fp32 matmul'}); "
+                f"{fpt / 1e6:.2f} MFLOP per token")
+        else:
+            # Only a CPU's matmul is timed here; an accelerator's peak is the catalogue's.
+            log(f"MFU not measured on {env.device.type}: peakTflopsPerCore is unset; "
+                "MFU is reported as 0")
     if rank0.metrics:
         rank0.metrics.max_steps.set(max_steps)
         rank0.metrics.step.set(step)
@@ -420,8 +429,11 @@ def _loop(
         seconds = time.perf_counter() - started
         # Loss and norm are global (reduced over all ranks), so every rank agrees on this.
         diverged = not (math.isfinite(loss) and math.isfinite(grad_norm))
-        if step == first_step + 1 and (report := pm.compile_report()):
-            log(report)
+        if step == first_step + 1:
+            if report := pm.compile_report():
+                log(report)
+            if rank0.active:
+                _log_device_memory(env, log)
         validation_loss = None
         if validation.due(step, max_steps) and not diverged:
             first_validation = validation.runs == 0
@@ -465,8 +477,21 @@ def _loop(
             _saved(ckpt.wait())
             raise Terminated(step)
     _saved(ckpt.wait())
+    if rank0.active:
+        _log_device_memory(env, log)
     log(f"done: {step} steps")
     return step
+
+
+def _log_device_memory(env: DistEnv, log: Callable[[str], None]) -> None:
+    """Rank 0's peak device memory so far, where the device's allocator keeps the figure
+    (accelerators; nothing on CPU)."""
+    from .parallel import device as devices
+
+    peak = devices.max_memory_allocated(env.device)
+    if peak is not None:
+        log(f"device memory: peak {peak / 2**30:.2f} GiB allocated by tensors on {env.device} "
+            "(rank 0)")
 
 
 def build_optimizers(pm: ParallelModel, spec: OptimizerSpec) -> list[torch.optim.Optimizer]:

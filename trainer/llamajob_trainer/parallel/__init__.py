@@ -1,7 +1,8 @@
 """How the one Llama model is spread over ranks: the backends behind a single entry point.
 
 ``parallelize(cfg, arch, env)`` picks the backend from ``cfg.resolved_backend``: ``torch``
-(DDP/FSDP2, DTensor tensor parallel, torch.distributed.pipelining; CPU or GPU) or ``neuron``
+(DDP/FSDP2, DTensor tensor parallel, torch.distributed.pipelining; on cpu, cuda or neuron
+through ``device.py``) or ``nxd``
 (torch-xla + neuronx-distributed on Trainium, imported only when selected).
 """
 

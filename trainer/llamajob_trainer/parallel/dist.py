@@ -9,6 +9,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from . import device as devices
+
 # Long enough for a slow rank to finish a checkpoint or a first-step compile while the others
 # wait in a collective; short enough that a dead peer fails the job instead of hanging it.
 PROCESS_GROUP_TIMEOUT = timedelta(minutes=30)
@@ -20,17 +22,20 @@ class DistEnv:
     world_size: int
     local_rank: int
     device: torch.device
-    backend: str  # process-group backend: "gloo", "nccl" or "xla"
+    backend: str  # process-group backend: "gloo", "nccl", "neuron" or "xla"
 
 
-def init_distributed(backend: str = "torch") -> DistEnv:
-    """Join the job's process group.
+def init_distributed(backend: str = "torch", device: str = "auto") -> DistEnv:
+    """Join the job's process group on this rank's device.
 
-    ``backend`` is the trainer backend ("torch" or "neuron"). Under torchrun (``RANK``,
-    ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` set) this joins the real group: nccl on
-    CUDA, gloo on CPU, xla for Neuron. Without those variables it creates a world of one over
-    an in-memory store, so the rest of the trainer (device mesh, distributed checkpoint) runs
-    unchanged in a single process. Idempotent.
+    ``backend`` is the trainer backend ("torch" or "nxd"); ``device`` the job's device (auto,
+    cpu, cuda or neuron), which the torch backend resolves through ``device.resolve`` (a missing
+    device is a ``DependencyError``) and places on this rank's index; the process-group backend
+    is the device's (gloo, nccl, neuron). The nxd backend ignores ``device``: it joins torch-xla's
+    "xla" group on its own device. Under torchrun (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
+    ``MASTER_ADDR`` set) this joins the real group. Without those variables it creates a world
+    of one over an in-memory store, so the rest of the trainer (device mesh, distributed
+    checkpoint) runs unchanged in a single process. Idempotent.
     """
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -40,11 +45,11 @@ def init_distributed(backend: str = "torch") -> DistEnv:
         from .neuron_backend import init_xla_process_group
 
         return init_xla_process_group(rank, world, local_rank)
-    if torch.cuda.is_available():
-        pg_backend, device = "nccl", torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    else:
-        pg_backend, device = "gloo", torch.device("cpu")
+    # Before the process group: a missing device fails here with its own message, and the
+    # neuron process-group backend exists only once torch_neuronx is imported.
+    kind = devices.resolve(device)
+    placed = devices.place(kind, local_rank)
+    pg_backend = kind.process_group
     if not dist.is_initialized():
         if "MASTER_ADDR" in os.environ:
             dist.init_process_group(pg_backend, timeout=PROCESS_GROUP_TIMEOUT)
@@ -61,8 +66,8 @@ def init_distributed(backend: str = "torch") -> DistEnv:
         rank=dist.get_rank(),
         world_size=dist.get_world_size(),
         local_rank=local_rank,
-        device=device,
-        backend=pg_backend,
+        device=placed,
+        backend=str(dist.get_backend()),  # the group's, should one already exist
     )
 
 

@@ -1,4 +1,7 @@
-"""Torch-native parallelism on a (pp, dp, tp) DeviceMesh: CPU with gloo, GPU with nccl.
+"""Torch-native parallelism on a (pp, dp, tp) DeviceMesh, on any device of ``device``: cpu
+(gloo), cuda (nccl) or neuron (TorchNeuron's "neuron" process group). Everything that
+differs between them (autocast device type, compile backend, fused AdamW, the oneDNN CPU
+linear, DDP's device ids) is read from ``device.kind_of(env.device)``.
 
 - Data parallel: DDP, or FSDP2 ``fully_shard`` per layer plus the root when
   ``parallelism.fsdp``. DDP cannot hold DTensor parameters, so with tensor parallel and without
@@ -19,18 +22,20 @@
   (flash) SDPA kernels the attention core keeps no s x s tensor anyway, so ``selective`` saves
   little there; it matters where SDPA falls back to the math kernel, and for compiled blocks
   on CPU below sequence 768, whose block-causal attention keeps its probabilities.
-- ``compile.torchCompile``: each transformer block is compiled with ``torch.compile``
-  (Inductor), after tensor parallel and before FSDP as torchtitan does; blocks share one
-  compiled graph, and ``Module.compile`` keeps the FQNs. On CPU below sequence 768 the compiled
-  attention is ``model.block_causal_attention`` (it skips the masked half that PyTorch's CPU
-  flash kernel computes at those lengths). Inductor's cache goes to
-  ``compile.cacheDir/inductor`` (``TORCHINDUCTOR_CACHE_DIR`` is set to it), so the compile step
-  warms it for the training pods.
+- ``compile.torchCompile``: each transformer block is compiled with ``torch.compile`` (the
+  device's backend: Inductor on cpu and cuda, ``neuron`` on neuron), after tensor parallel and
+  before FSDP as torchtitan does; blocks share one compiled graph, and ``Module.compile`` keeps
+  the FQNs. On CPU below sequence 768 the compiled attention is
+  ``model.block_causal_attention`` (it skips the masked half that PyTorch's CPU flash kernel
+  computes at those lengths). Inductor's cache goes to ``compile.cacheDir/inductor``
+  (``TORCHINDUCTOR_CACHE_DIR`` is set to it), so the compile step warms it for the training
+  pods; TorchNeuron keeps its NEFFs in its own cache.
 - fp32 linears on CPU run on oneDNN rather than ``torch.mm``'s MKL (``cpu_linear``: 2.1x per
   matmul measured on an AMD Zen 5 CPU); ``LLAMAJOB_CPU_MATMUL=aten`` turns it off. Not with
   tensor parallel (DTensor weights) nor for bf16 operands, which keep ``F.linear``.
 - ``bf16-mixed``: FSDP2 ``MixedPrecisionPolicy`` (bf16 params for compute, fp32 reduce) with
-  FSDP, ``torch.autocast(bfloat16)`` otherwise; master weights stay fp32 either way.
+  FSDP, ``torch.autocast(<device type>, bfloat16)`` otherwise; master weights stay fp32 either
+  way.
 """
 
 from __future__ import annotations
@@ -68,6 +73,7 @@ from .. import cpu_linear
 from ..config import TrainerConfig
 from ..model import IGNORE_INDEX, Llama, loss_sum
 from ..presets import Architecture
+from . import device as devices
 from .base import ParallelModel
 from .dist import DistEnv
 from .layout import Layout, make_layout, stage_layer_range
@@ -75,11 +81,12 @@ from .layout import Layout, make_layout, stage_layer_range
 
 def parallelize_torch(cfg: TrainerConfig, arch: Architecture, env: DistEnv) -> TorchParallelModel:
     layout = make_layout(cfg, arch, env.world_size)
-    if layout.torch_compile:
+    kind = devices.kind_of(env.device)
+    if layout.torch_compile and kind.compile_cache_env is not None:
         # Set, not defaulted: torch fills in its /tmp default as soon as anything asks for the
         # cache directory, so an existing value does not mean the user chose it.
-        inductor_cache = Path(cfg.compile.cache_dir).absolute() / "inductor"
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(inductor_cache)
+        cache = Path(cfg.compile.cache_dir).absolute() / kind.compile_backend
+        os.environ[kind.compile_cache_env] = str(cache)
     mesh = init_device_mesh(
         env.device.type, (layout.pp, layout.dp, layout.tp), mesh_dim_names=("pp", "dp", "tp")
     )
@@ -104,14 +111,16 @@ def _build_part(
     for block in model.layers.values():
         block.recompute = layout.activation_checkpointing == "full"
         block.attention.recompute_core = layout.activation_checkpointing == "selective"
+    kind = devices.kind_of(device)
     if layout.tp > 1:
         _apply_tensor_parallel(model, mesh["tp"], layout.sequence_parallel)
     else:
-        # Tensor-parallel weights are DTensors, which only F.linear takes.
-        cpu_linear.use_onednn(model, cpu_linear.wanted(device))
+        # Tensor-parallel weights are DTensors, which only F.linear takes; oneDNN is a CPU
+        # kernel, so every other device keeps F.linear too.
+        cpu_linear.use_onednn(model, kind.onednn_linear and cpu_linear.wanted(device))
     if layout.torch_compile:
         for block in model.layers.values():
-            block.compile()
+            block.compile(backend=kind.compile_backend)
     if layout.fsdp:
         _apply_fsdp(model, mesh["dp"], layout.bf16, reshard_after_forward=layout.pp == 1)
     return model
@@ -193,6 +202,7 @@ class TorchParallelModel(ParallelModel):
     ) -> None:
         self.layout = layout
         self.env = env
+        self.kind = devices.kind_of(env.device)
         self.mesh = mesh
         self.model_parts = list(parts)
         self.stage_ids = stage_ids
@@ -211,7 +221,8 @@ class TorchParallelModel(ParallelModel):
             DistributedDataParallel(
                 part,
                 process_group=self._dp_group,
-                device_ids=[env.device.index] if env.device.type == "cuda" else None,
+                # Inputs are already on the device (_prepare), so DDP has nothing to move.
+                device_ids=[env.device.index] if self.kind.ddp_device_ids else None,
                 forward_sync_buffers=False,  # only the RoPE tables, identical everywhere
                 gradient_as_bucket_view=True,
             )
@@ -354,7 +365,7 @@ class TorchParallelModel(ParallelModel):
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.layout.bf16 and not self.layout.fsdp:
-            return torch.autocast(self.env.device.type, dtype=torch.bfloat16)
+            return torch.autocast(self.kind.autocast, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     @torch.no_grad()
@@ -392,6 +403,9 @@ class TorchParallelModel(ParallelModel):
     def compile_report(self) -> str | None:
         if not self.layout.torch_compile:
             return None
+        if self.kind.compile_backend != "inductor":
+            # The counters below are Inductor's; another backend keeps its own books.
+            return f"torch.compile: blocks compiled by the {self.kind.compile_backend} backend"
         from torch._dynamo.utils import counters
 
         hits = counters["inductor"]["fxgraph_cache_hit"]
@@ -405,8 +419,8 @@ class TorchParallelModel(ParallelModel):
     def make_optimizer(
         self, optimizer_cls: type[torch.optim.Optimizer], params: Any, **defaults: Any
     ) -> torch.optim.Optimizer:
-        """The fused implementation (one kernel over all parameters) where torch has one for
-        the class and device; torch's own default on CPU is a Python loop over parameters.
+        """The fused implementation (one kernel over all parameters) where the device's table
+        entry says so (cpu, cuda); torch's own default on CPU is a Python loop over parameters.
         DTensor runs the fused kernel on each shard, but not over a mix of DTensor and plain
         tensors (tensor parallel without FSDP leaves the norms plain): that keeps the default."""
         params = list(params)
@@ -418,7 +432,7 @@ class TorchParallelModel(ParallelModel):
             "fused" not in defaults
             and "foreach" not in defaults
             and optimizer_cls in (torch.optim.AdamW, torch.optim.Adam)
-            and self.env.device.type in ("cpu", "cuda")
+            and self.kind.fused_adamw
             and len(kinds) == 1
         ):
             defaults["fused"] = True
