@@ -690,7 +690,8 @@ def alert_rules(objects: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 def test_alert_rules() -> None:
     rules = alert_rules(scenario_objects("defaults-with-prometheus-operator"))
     assert sorted(rules) == sorted(
-        ["JobStalled", "HighRestartRate", "ThroughputDrop", "JobFailed", "OperatorDown"]
+        ["JobStalled", "HighRestartRate", "ThroughputDrop", "JobFailed", "CheckpointQuarantined",
+         "OperatorDown"]
     )
     for name, rule in rules.items():
         assert rule["labels"]["severity"] in {"critical", "warning", "info"}, name
@@ -705,6 +706,9 @@ def test_alert_rules() -> None:
         "llamajob_train_step", "llamajob_train_max_steps"
     }
     assert ("llamajob_jobs", {"phase": "Failed"}) in selectors(rules["JobFailed"]["expr"])
+    assert selectors(rules["CheckpointQuarantined"]["expr"]) == [
+        ("llamajob_checkpoints_quarantined", {})
+    ]
 
 
 def test_alert_thresholds_follow_values() -> None:
