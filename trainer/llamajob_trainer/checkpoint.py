@@ -510,9 +510,13 @@ class CheckpointManager:
         """Load the newest intact checkpoint the mode allows into the model parts and
         optimizers, quarantining damaged ones on the way; its trainer state, or None for a fresh
         start. Then (and only then) prune. All ranks call it."""
-        _barrier()  # every rank scans the same directory before rank 0 moves anything
+        # Every rank reads the directory, then waits for the others to have read it too: rank 0
+        # moves things below, and a rank still scanning would see another set of checkpoints
+        # and take a different number of collective steps. (Nothing changes the directory
+        # between `prepare`'s barrier and this one.)
         entries, leftovers = scan(self.root)
         earlier = quarantined_steps(self.root)
+        _barrier()
         resolve_resume(mode, entries, self.root)
         loaded: dict[str, Any] | None = None
         tried: list[str] = []
@@ -678,7 +682,10 @@ class CheckpointManager:
         except Exception as exc:  # a background thread: report through the file, never lose it
             body = {"error": f"{type(exc).__name__}: {exc}"}
         out.parent.mkdir(exist_ok=True)
-        _write_durable(out, json.dumps(body))
+        # Written aside and renamed: rank 0 polls for this file and must never read it half done.
+        partial = out.with_name(out.name + ".partial")
+        _write_durable(partial, json.dumps(body))
+        partial.rename(out)
 
     def poll(self) -> int | None:
         """Finalize a finished background save (rank 0); returns its step, else None."""
