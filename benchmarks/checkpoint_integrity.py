@@ -23,15 +23,12 @@ import hashlib
 import json
 import os
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from trainer_throughput import ckpt_arch
+from trainer_throughput import ckpt_arch, run_two_ranks
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -111,18 +108,10 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory(prefix="llamajob-bench-") as tmp:
-        out = Path(tmp) / "result.json"
-        env = dict(os.environ, BENCH_CKPT_DIR=tmp, TMPDIR=tmp, OMP_NUM_THREADS="1")
-        cmd = [
-            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-            "2", __file__, "--worker", str(out), *(["--quick"] if args.quick else []),
-            *(["--reps", str(args.reps)] if args.reps else []),
-        ]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
-        if proc.returncode != 0:
-            raise SystemExit(f"checkpoint benchmark failed:\n{proc.stderr[-4000:]}")
-        return json.loads(out.read_text())
+    return run_two_ranks(
+        __file__, "--worker", *(["--quick"] if args.quick else []),
+        *(["--reps", str(args.reps)] if args.reps else []), timeout=3600,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

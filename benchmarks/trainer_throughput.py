@@ -515,18 +515,25 @@ def ckpt_arch(quick: bool) -> Architecture:
     return Architecture(1024, 8, 16, 4, 3072, 32000, 500000.0, 1024)
 
 
-def run_checkpoint_benchmark(args: argparse.Namespace) -> dict[str, Any]:
+def run_two_ranks(script: str, worker_flag: str, *extra: str, timeout: float) -> dict[str, Any]:
+    """Run `script WORKER_FLAG OUT EXTRA...` as 2 torchrun ranks in a scratch directory (their
+    BENCH_CKPT_DIR and TMPDIR); rank 0 writes its result as JSON to OUT, returned here."""
     with tempfile.TemporaryDirectory(prefix="llamajob-bench-") as tmp:
         out = Path(tmp) / "result.json"
         env = dict(os.environ, BENCH_CKPT_DIR=tmp, TMPDIR=tmp, OMP_NUM_THREADS="1")
         cmd = [
             sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-            "2", __file__, "--checkpoint-worker", str(out), *(["--quick"] if args.quick else []),
+            "2", script, worker_flag, str(out), *extra,
         ]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
         if proc.returncode != 0:
             raise SystemExit(f"checkpoint benchmark failed:\n{proc.stderr[-4000:]}")
         return json.loads(out.read_text())
+
+
+def run_checkpoint_benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    return run_two_ranks(__file__, "--checkpoint-worker", *(["--quick"] if args.quick else []),
+                         timeout=1800)
 
 
 # --- main --------------------------------------------------------------------------------------

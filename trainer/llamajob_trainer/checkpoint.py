@@ -469,7 +469,6 @@ class CheckpointManager:
         self.checksums = checksums
         self.before_done = before_done
         self.log = log
-        self.quarantined: list[str] = []  # names moved to quarantine/ by this run
         self._pending: _PendingSave | None = None
         self._side_group: Any = None
         if _is_dist():
@@ -609,7 +608,6 @@ class CheckpointManager:
                     + "\n".join(problems) + "\n"
                 )
             _fsync_path(self.root)
-            self.quarantined.append(path.name)
         _barrier()
         return target
 
