@@ -5,10 +5,11 @@
    architecture, batch, threads and precision. Ours builds and steps its optimizer as the
    trainer does (fused AdamW); HF gets torch's fused AdamW too. Both clip the gradient norm.
    Ours runs eager, and with ``compile.torchCompile`` (each block compiled by Inductor, cold
-   cache; the compile time is reported separately), and compiled again with its linears on
-   ``torch.mm`` instead of oneDNN (``ours_compiled_mm``: the share of the gain that is the
-   matmul library's, see ``llamajob_trainer.cpu_linear``). HF runs eager with its ``eager``
-   and ``sdpa`` attention, on ``torch.mm`` as any model of ``nn.Linear`` does. Steps of all
+   cache; the compile time is reported separately), both on the CPU matmul library the trainer
+   picks by timing (``llamajob_trainer.cpu_linear``: oneDNN or ``torch.mm``, printed), and
+   compiled again on the other library (``ours_compiled_onednn`` or ``ours_compiled_mm``: what
+   the choice is worth on this CPU). HF and torchtitan run on ``torch.mm``, as any model of
+   ``nn.Linear`` does. HF runs eager with its ``eager`` and ``sdpa`` attention. Steps of all
    contenders alternate, so load from other processes on the machine hits them alike; the
    median step time is reported.
    The headline figures (``tokens_per_second``, ``ratio_vs_hf``, ``ratio_vs_torchtitan``,
@@ -60,7 +61,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from llamajob_trainer.cpu_linear import LIBRARY_NAMES
 from llamajob_trainer.presets import Architecture
+
+# The contender that runs the library the trainer did not choose.
+ABLATION = {"onednn": "ours_compiled_onednn", "aten": "ours_compiled_mm"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -132,12 +137,11 @@ def make_adamw(params: Any) -> torch.optim.Optimizer:
 
 def our_step(
     arch: Architecture, args: argparse.Namespace, compile_cache: str | None = None,
-    onednn: bool = True,
-) -> tuple[Callable[[torch.Tensor], float], int]:
-    """The step, and the model's parameter count. ``compile_cache``: run with
-    ``compile.torchCompile``, Inductor's cache under it. ``onednn=False``: linears on torch.mm,
-    as with ``LLAMAJOB_CPU_MATMUL=aten``."""
-    from llamajob_trainer import cpu_linear
+    library: str | None = None,
+) -> tuple[Callable[[torch.Tensor], float], int, str | None]:
+    """The step, the model's parameter count and its CPU matmul library. ``compile_cache``: run
+    with ``compile.torchCompile``, Inductor's cache under it. ``library``: ``onednn`` or
+    ``aten`` instead of the trainer's timed choice."""
     from llamajob_trainer.config import TrainerConfig
     from llamajob_trainer.parallel import init_distributed, parallelize
     from llamajob_trainer.train import build_optimizers, optimizer_step
@@ -153,9 +157,8 @@ def our_step(
         }
     )
     pm = parallelize(cfg, arch, init_distributed())
-    if not onednn:
-        for part in pm.model_parts:
-            cpu_linear.use_onednn(part, False)
+    if library is not None and pm.cpu_matmul is not None:
+        pm.use_cpu_matmul(library)
     optimizers = build_optimizers(pm, cfg.optimizer)
 
     def step(tokens: torch.Tensor) -> float:
@@ -165,7 +168,7 @@ def our_step(
             opt.zero_grad(set_to_none=True)
         return loss
 
-    return step, sum(p.numel() for p in pm.parameters())
+    return step, sum(p.numel() for p in pm.parameters()), pm.cpu_matmul
 
 
 def hf_step(
@@ -556,16 +559,19 @@ def main(argv: list[str] | None = None) -> None:
           f"{arch.num_params() / 1e6:.1f}M params; batch {args.batch} x seq {args.seq}; "
           f"{args.precision}; {args.threads} threads; {steps} timed steps")
     compiled = not args.no_compile
-    our_eager, our_params = our_step(arch, args)
+    our_eager, our_params, library = our_step(arch, args)
+    # One timed choice for all of ours, so eager and compiled run on the same library.
     contenders = {"ours": our_eager}
+    if library is not None:
+        print(f"ours: CPU matmul {LIBRARY_NAMES[library]}, chosen by timing this model's shapes")
     # A cold cache of its own, so the compile time printed is the real first-run cost.
     compile_cache = tempfile.TemporaryDirectory(prefix="llamajob-bench-compile-")
+    other = {"onednn": "aten", "aten": "onednn"}.get(library or "")
     if compiled:
-        contenders["ours_compiled"] = our_step(arch, args, compile_cache.name)[0]
-        # What the step gains from oneDNN's matmuls alone: the same compiled model on torch.mm.
-        contenders["ours_compiled_mm"] = our_step(
-            arch, args, compile_cache.name, onednn=False
-        )[0]
+        contenders["ours_compiled"] = our_step(arch, args, compile_cache.name, library)[0]
+        if other is not None:
+            # What the choice is worth: the same compiled model on the other library.
+            contenders[ABLATION[other]] = our_step(arch, args, compile_cache.name, other)[0]
     contenders |= {
         "hf_eager": hf_step(arch, args, "eager"),
         "hf_sdpa": hf_step(arch, args, "sdpa"),
@@ -637,14 +643,19 @@ def main(argv: list[str] | None = None) -> None:
         "hidden_size": arch.hidden_size,
         "precision": args.precision,
         "threads": args.threads,
+        "cpu_matmul": library,
     }
     if compiled:
         # The first step's extra time over a steady step is the cold-cache compilation.
         compile_seconds = first["ours_compiled"] - median["ours_compiled"]
         print(f"torch.compile (cold cache): {compile_seconds:.1f} s once, in the first step")
         result["compile_seconds"] = round(compile_seconds, 1)
-        result["torch_mm_ratio_vs_hf"] = round(tps["ours_compiled_mm"] / tps["hf_eager"], 3)
-        result["torch_mm_mfu"] = round(mfu["ours_compiled_mm"], 4)
+        if other is not None:
+            ablation = ABLATION[other]
+            result["other_library"] = other
+            result["other_library_ratio_vs_hf"] = round(tps[ablation] / tps["hf_eager"], 3)
+            result["other_library_ratio_vs_torchtitan"] = vs_titan(ablation, titan_head)
+            result["other_library_mfu"] = round(mfu[ablation], 4)
         if "titan_compiled" in median:
             titan_compile = first["titan_compiled"] - median["titan_compiled"]
             print(f"torchtitan torch.compile (cold cache): {titan_compile:.1f} s once")

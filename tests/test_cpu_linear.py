@@ -1,7 +1,10 @@
 """fp32 CPU linears on oneDNN: the same numbers as F.linear, forward and backward, eager and
-compiled, and only where the operands allow it."""
+compiled, and only where the operands allow it; what LLAMAJOB_CPU_MATMUL asks for and what the
+torch backend sets on every Linear (the timed choice itself: test_cpu_matmul_choice.py)."""
 
 from __future__ import annotations
+
+import re
 
 import pytest
 import torch
@@ -131,31 +134,88 @@ def test_llama_on_onednn_computes_the_same_loss_and_gradients() -> None:
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
-def test_environment_variable_chooses_and_bad_values_name_it(
-    monkeypatch: pytest.MonkeyPatch,
+@pytest.mark.parametrize(
+    ("value", "choice"),
+    [(None, "auto"), ("", "auto"), ("auto", "auto"), (" OneDNN ", "onednn"), ("aten", "aten")],
+)
+def test_environment_variable_requests_a_library_or_auto(
+    monkeypatch: pytest.MonkeyPatch, value: str | None, choice: str
 ) -> None:
-    cpu = torch.device("cpu")
-    monkeypatch.delenv(cpu_linear.ENV_VAR, raising=False)
-    assert cpu_linear.wanted(cpu) is True
+    if value is None:
+        monkeypatch.delenv(cpu_linear.ENV_VAR, raising=False)
+    else:
+        monkeypatch.setenv(cpu_linear.ENV_VAR, value)
+    assert cpu_linear.requested() == choice
+    # oneDNN may be used unless the variable pins torch.mm, and only on the CPU.
+    assert cpu_linear.wanted(torch.device("cpu")) is (choice != "aten")
     assert cpu_linear.wanted(torch.device("meta")) is False
-    monkeypatch.setenv(cpu_linear.ENV_VAR, "aten")
-    assert cpu_linear.wanted(cpu) is False
+
+
+def test_bad_environment_variable_names_it(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(cpu_linear.ENV_VAR, "mkl")
-    with pytest.raises(ValueError, match="LLAMAJOB_CPU_MATMUL='mkl': use one of onednn, aten"):
-        cpu_linear.wanted(cpu)
+    message = re.escape("LLAMAJOB_CPU_MATMUL='mkl': use one of auto, onednn, aten")
+    with pytest.raises(ValueError, match=message):
+        cpu_linear.requested()
+    with pytest.raises(ValueError, match=message):
+        cpu_linear.wanted(torch.device("cpu"))
 
 
-def test_torch_backend_sets_the_path_on_every_linear(monkeypatch: pytest.MonkeyPatch) -> None:
+def onednn_flags(pm: object) -> set[bool]:
+    return {
+        m.onednn
+        for part in pm.model_parts  # type: ignore[attr-defined]
+        for m in part.modules()
+        if isinstance(m, cpu_linear.Linear)
+    }
+
+
+@pytest.mark.parametrize("env", ["onednn", "aten", None])
+def test_torch_backend_sets_the_path_on_every_linear(
+    monkeypatch: pytest.MonkeyPatch, env: str | None
+) -> None:
+    """fp32 on CPU: the pinned library, or (variable unset: auto) the timed one, on every
+    Linear; the model records which and, when timed, rank 0's timings of both."""
     from llamajob_trainer.parallel import init_distributed, parallelize
 
-    cfg = TrainerConfig.model_validate({"batch": {"micro_batch_size": 1, "global_batch_size": 1}})
-    for env, expected in ((None, True), ("aten", False)):
-        if env is None:
-            monkeypatch.delenv(cpu_linear.ENV_VAR, raising=False)
-        else:
-            monkeypatch.setenv(cpu_linear.ENV_VAR, env)
-        pm = parallelize(cfg, PRESETS["tiny"], init_distributed())
-        linears = [m for part in pm.model_parts for m in part.modules()
-                   if isinstance(m, cpu_linear.Linear)]
-        assert len(linears) == 7 * PRESETS["tiny"].num_layers + 1
-        assert {m.onednn for m in linears} == {expected}
+    if env is None:
+        monkeypatch.delenv(cpu_linear.ENV_VAR, raising=False)
+    else:
+        monkeypatch.setenv(cpu_linear.ENV_VAR, env)
+    cfg = TrainerConfig.model_validate(
+        {"batch": {"micro_batch_size": 1, "global_batch_size": 1}, "precision": "fp32"}
+    )
+    pm = parallelize(cfg, PRESETS["tiny"], init_distributed())
+    linears = [m for part in pm.model_parts for m in part.modules()
+               if isinstance(m, cpu_linear.Linear)]
+    assert len(linears) == 7 * PRESETS["tiny"].num_layers + 1
+    if env == "onednn":
+        assert pm.cpu_matmul == "onednn" and pm.cpu_matmul_seconds == {}
+        assert onednn_flags(pm) == {True}
+    elif env == "aten":
+        # Pinned to torch.mm, no Linear takes the oneDNN path (what pm.cpu_matmul records
+        # then is tested in test_cpu_matmul_choice.py).
+        assert onednn_flags(pm) == {False}
+    else:
+        assert pm.cpu_matmul in cpu_linear.LIBRARIES
+        assert onednn_flags(pm) == {pm.cpu_matmul == "onednn"}
+        assert set(pm.cpu_matmul_seconds) == {"onednn", "aten"}
+        assert all(s > 0 for s in pm.cpu_matmul_seconds.values())
+        assert cpu_linear.decide(pm.cpu_matmul_seconds) == pm.cpu_matmul
+
+
+@pytest.mark.parametrize("env", ["onednn", None])
+def test_bf16_mixed_keeps_f_linear_and_records_no_library(
+    monkeypatch: pytest.MonkeyPatch, env: str | None
+) -> None:
+    from llamajob_trainer.parallel import init_distributed, parallelize
+
+    if env is None:
+        monkeypatch.delenv(cpu_linear.ENV_VAR, raising=False)
+    else:
+        monkeypatch.setenv(cpu_linear.ENV_VAR, env)
+    cfg = TrainerConfig.model_validate(
+        {"batch": {"micro_batch_size": 1, "global_batch_size": 1}, "precision": "bf16-mixed"}
+    )
+    pm = parallelize(cfg, PRESETS["tiny"], init_distributed())
+    assert pm.cpu_matmul is None and pm.cpu_matmul_seconds == {}
+    assert onednn_flags(pm) == {False}

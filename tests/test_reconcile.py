@@ -788,7 +788,8 @@ def test_spec_edit_with_compile_enabled_runs_the_compile_step_again() -> None:
     assert (st.phase, st.attempt, st.restarts) == ("Compiling", 2, 0)
     compiled = cond(d, "Compiled")
     assert (compiled.status, compiled.message) == ("False", "attempt 2: compiling (spec changed)")
-    assert st.compile_key == w.job.spec.compile_key("torch", w.job.spec.cluster.image) != "k1"
+    spec = w.job.spec
+    assert st.compile_key == spec.compile_key("torch", spec.cluster.image, "cpu") != "k1"
     assert [c.name for c in d.created_pods] == [name("compile", 2, r) for r in range(NODES)]
     assert events(d) == [("Normal", "CompileStarted")]
 

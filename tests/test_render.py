@@ -976,3 +976,36 @@ def test_device_examples_render_valid_pods(name: str) -> None:
     assert plan.backend == "torch"
     for doc in render.render_all(job):
         valid_k8s(doc)
+
+
+@pytest.mark.parametrize(
+    ("name", "device"),
+    [
+        ("llama3-8b-trn2", "neuron"),
+        ("llama3-8b-p5", "cuda"),
+        ("llama3-70b", "neuron"),
+        ("tiny", "cpu"),
+    ],
+)
+def test_compile_key_names_the_device_and_pods_compute_the_operators_key(
+    name: str, device: str
+) -> None:
+    """The compile pods report the key they computed from the ConfigMap; it must be the one the
+    operator derived from the spec, or every edit would compile again."""
+    from llamajob_trainer.compile import compile_key_and_marker
+
+    job = example(name)
+    plan = make_plan(job.spec)
+    assert plan.device == device
+    cm = render.render_configmap(job, plan)
+    cfg = TrainerConfig.model_validate(yaml.safe_load(cm["data"][render.CONFIG_KEY]))
+    operator_key = job.spec.compile_key(plan.backend, job.spec.cluster.image, plan.device)
+    pod_key, marker = compile_key_and_marker(cfg)
+    assert pod_key == operator_key
+    assert marker.name == f"{operator_key}.json"
+    # The same spec compiled for another device is another set of graphs.
+    others = {"cpu", "cuda", "neuron"} - {device}
+    assert all(
+        job.spec.compile_key(plan.backend, job.spec.cluster.image, other) != operator_key
+        for other in others
+    )

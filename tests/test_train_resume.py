@@ -189,7 +189,7 @@ def test_compile_validates_once_then_reports_cache_hit(
 
     wire = tiny_config(data, tmp_path / "ckpt")
     cfg_path = write_config(tmp_path / "cfg.yaml", wire)
-    key = TrainerConfig.model_validate(wire).compile_key("torch", None)
+    key = TrainerConfig.model_validate(wire).compile_key("torch", None, "cpu")
     marker = protocol.compile_marker_path(wire["compile"]["cacheDir"], key)
 
     first = run_trainer("compile", cfg_path, tmp_path, None)

@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 from llamajob_trainer import protocol
+from llamajob_trainer.cpu_linear import ENV_VAR as CPU_MATMUL_ENV
 from llamajob_trainer.data import BUILTIN_PYDOC, prepare_data
 from llamajob_trainer.tokenizer import ByteTokenizer
 
@@ -82,6 +83,10 @@ def trainer_env(tmp: Path) -> dict[str, str]:
             "OMP_NUM_THREADS": "1",
             "PYTHONUNBUFFERED": "1",
             protocol.TERMINATION_LOG_ENV: str(tmp / "termination.json"),
+            # Pinned rather than timed: fresh runs are compared bit for bit across separate
+            # processes, and a timed choice (auto) could differ between them. oneDNN keeps its
+            # path exercised end to end as before; tests of the timed choice remove this.
+            CPU_MATMUL_ENV: "onednn",
         }
     )
     for name in (protocol.CHAOS_KILL_AT_STEP_ENV, protocol.CHAOS_KILL_DURING_CHECKPOINT_ENV):
@@ -102,11 +107,12 @@ def trainer_argv(command: str, config: Path, nproc: int | None, *extra: str) -> 
 
 def run_trainer(
     command: str, config: Path, tmp: Path, nproc: int | None = 2, *extra: str,
-    timeout: float = 150,
+    timeout: float = 150, env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
+    """`env`: the whole environment (default `trainer_env(tmp)`)."""
     return subprocess.run(
         trainer_argv(command, config, nproc, *extra),
-        env=trainer_env(tmp),
+        env=trainer_env(tmp) if env is None else env,
         cwd=tmp,
         capture_output=True,
         text=True,

@@ -206,7 +206,7 @@ class _Pass:
         st.pods = plan.pods
         st.max_steps = spec.total_steps()
         # The compile pods may report the key they used; theirs wins and is kept.
-        self.compile_key = spec.compile_key(plan.backend, spec.cluster.image)
+        self.compile_key = spec.compile_key(plan.backend, spec.cluster.image, plan.device)
         st.compile_key = st.compile_key or self.compile_key
         self.cond(
             VALIDATED,

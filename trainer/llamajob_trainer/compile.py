@@ -36,7 +36,14 @@ from .config import TrainerConfig
 
 
 def compile_key_and_marker(cfg: TrainerConfig) -> tuple[str, Path]:
-    key = cfg.compile_key(cfg.resolved_backend, cfg.image)
+    device = cfg.device
+    if device == "auto":
+        # Only a local run leaves it open (the operator writes the instance type's device);
+        # the key names what this process would train on.
+        from .parallel.device import requested_type
+
+        device = requested_type(device)
+    key = cfg.compile_key(cfg.resolved_backend, cfg.image, device)
     return key, protocol.compile_marker_path(cfg.compile.cache_dir, key)
 
 

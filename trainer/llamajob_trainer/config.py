@@ -384,7 +384,9 @@ class TrainingSpec(SpecModel):
         assert self.max_tokens is not None
         return -(-self.max_tokens // self.tokens_per_step())
 
-    def compile_key(self, backend: str, image: str | None = None) -> str:
+    def compile_key(self, backend: str, image: str | None = None, device: str | None = None) -> str:
+        """The compile key of this spec on ``backend`` and the resolved ``device`` (never
+        ``auto``: the operator passes the instance type's, the trainer the one it runs on)."""
         p = self.parallelism
         layout = {
             "tensor": p.tensor,
@@ -409,6 +411,7 @@ class TrainingSpec(SpecModel):
             precision=self.precision,
             backend=backend,
             image=image,
+            device=device,
         )
 
     def training_fingerprint(self) -> str:

@@ -107,8 +107,11 @@ def compile_key(
     precision: str,
     backend: str,
     image: str | None,
+    device: str | None = None,
 ) -> str:
-    """Identity of a compiled graph set: what changes the graphs changes the key."""
+    """Identity of a compiled graph set: what changes the graphs changes the key. ``device``: the
+    resolved device type (cpu, cuda, neuron); Inductor's CPU and CUDA graphs and TorchNeuron's
+    NEFFs are different artefacts even for the same model and layout."""
     payload = {
         "arch": arch,
         "layout": layout,
@@ -118,6 +121,8 @@ def compile_key(
         "backend": backend,
         "image": image or "",
     }
+    if device is not None:
+        payload["device"] = device
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
 

@@ -18,8 +18,8 @@ of these hold (tests/test_train_resume.py checks it):
 - the same layout and world size (a different layout reshards correctly but changes the order
   of floating-point reductions, so losses agree only to rounding);
 - the same torch build, the same intra-op thread count (OMP_NUM_THREADS; torchrun sets 1 per
-  process when it starts several), the same hardware and the same CPU matmul library
-  (``LLAMAJOB_CPU_MATMUL``, see ``cpu_linear``);
+  process when it starts several), the same hardware and the same CPU matmul library (a
+  checkpoint records the one its run used and the resumed run takes it; see ``cpu_linear``);
 - device cpu on the torch backend (gloo reductions and CPU kernels are deterministic); cuda or
   neuron runs would also need `torch.use_deterministic_algorithms(True)` (on TorchNeuron it also
   turns off Adaptive Eager Execution's fusion), which this trainer does not set; the RNG state
@@ -59,8 +59,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from . import cpu_linear, protocol
 from . import metrics as m
-from . import protocol
 from .chaos import Chaos, ChaosConfig
 from .checkpoint import CheckpointManager
 from .config import OptimizerSpec, TrainerConfig
@@ -143,6 +143,36 @@ def schedule_state(step: int, spec: OptimizerSpec, max_steps: int) -> dict[str, 
         "max_steps": max_steps,
         "next_lr": lr_at(step, spec, max_steps),
     }
+
+
+def cpu_matmul_line(library: str, seconds: dict[str, float]) -> str:
+    """The log line that says which library the fp32 CPU linears run on, and why."""
+    names = cpu_linear.LIBRARY_NAMES
+    if not seconds:
+        why = (f"set by {cpu_linear.ENV_VAR}" if cpu_linear.requested() != "auto"
+               else "torch has no oneDNN kernel")
+        return f"CPU matmul: {names[library]} ({why})"
+    timed = ", ".join(f"{names[lib]} {sec * 1000:.1f} ms" for lib, sec in sorted(seconds.items()))
+    return f"CPU matmul: {names[library]} (timed on this model's linear shapes: {timed})"
+
+
+def resume_cpu_matmul(pm: ParallelModel, recorded: str | None, log: Callable[[str], None]) -> None:
+    """A resumed run computes with the library its checkpoint was trained on (bit-identical
+    resume), unless the environment variable pins another; then it says what that costs."""
+    if pm.cpu_matmul is None or recorded is None or recorded == pm.cpu_matmul:
+        return
+    if recorded not in cpu_linear.LIBRARIES:
+        log(f"checkpoint records CPU matmul {recorded!r}, unknown here; keeping {pm.cpu_matmul}")
+        return
+    names = cpu_linear.LIBRARY_NAMES
+    if cpu_linear.requested() == "auto" and (recorded == "aten" or cpu_linear.available()):
+        pm.use_cpu_matmul(recorded)
+        log(f"CPU matmul: {names[recorded]}, as the checkpoint was trained (timed choice was "
+            "overridden for a bit-identical resume)")
+    else:
+        log(f"CPU matmul: {names[pm.cpu_matmul]} ({cpu_linear.ENV_VAR} or this torch build), "
+            f"while the checkpoint was trained on {names[recorded]}: losses will agree with an "
+            "uninterrupted run only to rounding")
 
 
 def set_lr(optimizers: Sequence[torch.optim.Optimizer], lr: float) -> None:
@@ -331,6 +361,8 @@ def _loop(
         f"{cfg.tokens_per_step():,} tokens/step, {max_steps} steps, threads "
         f"{torch.get_num_threads()}"
     )
+    if pm.cpu_matmul is not None:
+        log(cpu_matmul_line(pm.cpu_matmul, pm.cpu_matmul_seconds))
 
     restarts = int(os.environ.get(protocol.TORCHELASTIC_RESTART_COUNT_ENV, "0") or 0)
     if rank0.metrics:
@@ -344,6 +376,9 @@ def _loop(
         rank0.metrics.checkpoints_quarantined.set(ckpt.quarantine_count())
     if state is not None:
         step, data_state = int(state["step"]), DataState.from_state_dict(state["data"])
+        # Checkpoints from before the library was recorded were trained on oneDNN, then the
+        # only default.
+        resume_cpu_matmul(pm, state.get("cpu_matmul", "onednn"), log)
         seconds = time.perf_counter() - started
         if rank0.metrics:
             rank0.metrics.checkpoint_load_seconds.observe(seconds)
@@ -399,6 +434,7 @@ def _loop(
             "layout": {"pp": pm.pp_size, "dp": pm.dp_size, "tp": pm.tp_size,
                        "fsdp": cfg.parallelism.fsdp},
             "tokens_seen": source.state.consumed_samples * cfg.data.seq_length,
+            "cpu_matmul": pm.cpu_matmul,
         }
 
     def save(at: int) -> None:

@@ -27,6 +27,23 @@ class ParallelModel(ABC):
     dp_size: int
     tp_size: int
     pp_size: int
+    # The library of the fp32 CPU linears ("onednn" or "aten", see ``cpu_linear``), recorded in
+    # checkpoints; None where the choice does not apply (other devices, tensor parallel, bf16).
+    cpu_matmul: str | None = None
+    cpu_matmul_seconds: dict[str, float] = {}
+
+    def use_cpu_matmul(self, library: str, seconds: dict[str, float] | None = None) -> None:
+        """Run the model's fp32 CPU linears on ``library`` (before the first step: compiled
+        blocks trace the choice). ``seconds``: the timings it was chosen by, for the log."""
+        from .. import cpu_linear
+
+        if library not in cpu_linear.LIBRARIES:
+            raise ValueError(f"CPU matmul library {library!r}: use one of "
+                             f"{', '.join(cpu_linear.LIBRARIES)}")
+        for part in self.model_parts:
+            cpu_linear.use_onednn(part, library == "onednn")
+        self.cpu_matmul = library
+        self.cpu_matmul_seconds = dict(seconds or {})
 
     @abstractmethod
     def forward_backward(self, micro_batches: list[tuple[Tensor, Tensor]]) -> float:

@@ -30,9 +30,12 @@ linear, DDP's device ids) is read from ``device.kind_of(env.device)``.
   computes at those lengths). Inductor's cache goes to ``compile.cacheDir/inductor``
   (``TORCHINDUCTOR_CACHE_DIR`` is set to it), so the compile step warms it for the training
   pods; TorchNeuron keeps its NEFFs in its own cache.
-- fp32 linears on CPU run on oneDNN rather than ``torch.mm``'s MKL (``cpu_linear``: 2.1x per
-  matmul measured on an AMD Zen 5 CPU); ``LLAMAJOB_CPU_MATMUL=aten`` turns it off. Not with
-  tensor parallel (DTensor weights) nor for bf16 operands, which keep ``F.linear``.
+- fp32 linears on CPU run on oneDNN or ``torch.mm``'s MKL, whichever is faster for this model on
+  this CPU (``cpu_linear``: rank 0 times the model's linear shapes on both, every rank takes
+  its answer; oneDNN won 2.1x on an AMD Zen 5 CPU, MKL won on an Intel Xeon).
+  ``LLAMAJOB_CPU_MATMUL=onednn|aten`` pins it; a resumed run takes the library its checkpoint
+  records. Not with tensor parallel (DTensor weights) nor for bf16 operands, which keep
+  ``F.linear``.
 - ``bf16-mixed``: FSDP2 ``MixedPrecisionPolicy`` (bf16 params for compute, fp32 reduce) with
   FSDP, ``torch.autocast(<device type>, bfloat16)`` otherwise; master weights stay fp32 either
   way.
@@ -93,7 +96,34 @@ def parallelize_torch(cfg: TrainerConfig, arch: Architecture, env: DistEnv) -> T
     pp_rank = mesh.get_local_rank("pp")
     stage_ids = layout.stage_ids(pp_rank) if layout.pp > 1 else [0]
     parts = [_build_part(arch, layout, mesh, sid, env.device, cfg.seed) for sid in stage_ids]
-    return TorchParallelModel(layout, env, mesh, arch, parts, stage_ids)
+    pm = TorchParallelModel(layout, env, mesh, arch, parts, stage_ids)
+    cpu_linear.requested()  # a bad value is refused in every run, not only where it applies
+    if kind.onednn_linear and layout.tp == 1 and not layout.bf16:
+        library, seconds = _choose_cpu_matmul(layout, env, parts)
+        pm.use_cpu_matmul(library, seconds)
+    return pm
+
+
+def _choose_cpu_matmul(
+    layout: Layout, env: DistEnv, parts: list[Llama]
+) -> tuple[str, dict[str, float]]:
+    """The CPU matmul library for this run, the same on every rank, and rank 0's timings (empty
+    when the environment variable pins it or torch has no oneDNN). With pipeline parallelism
+    rank 0 times its own stages' shapes, which are the model's but for the output projection."""
+    pinned = cpu_linear.pinned()
+    if pinned is not None:
+        return pinned, {}
+    answer: list[Any] = [None, None]
+    if env.rank == 0:
+        shapes = [shape for part in parts for shape in cpu_linear.linear_shapes(part)]
+        rows = cpu_linear.timing_rows(shapes, layout.micro_batch_size * layout.seq_length)
+        seconds = cpu_linear.measure(shapes, rows)
+        answer = [cpu_linear.decide(seconds), seconds]
+    if env.world_size > 1:
+        # Every rank must run the same kernels: a rank that timed its own could pick the other
+        # library and break the bit-identical guarantees between layouts and resumes.
+        dist.broadcast_object_list(answer, src=0)
+    return answer[0], answer[1]
 
 
 def _build_part(
@@ -113,11 +143,9 @@ def _build_part(
         block.attention.recompute_core = layout.activation_checkpointing == "selective"
     kind = devices.kind_of(device)
     if layout.tp > 1:
+        # Tensor-parallel weights are DTensors, which only F.linear takes (the oneDNN path is
+        # chosen after the parts are built, and only without tensor parallel).
         _apply_tensor_parallel(model, mesh["tp"], layout.sequence_parallel)
-    else:
-        # Tensor-parallel weights are DTensors, which only F.linear takes; oneDNN is a CPU
-        # kernel, so every other device keeps F.linear too.
-        cpu_linear.use_onednn(model, kind.onednn_linear and cpu_linear.wanted(device))
     if layout.torch_compile:
         for block in model.layers.values():
             block.compile(backend=kind.compile_backend)
