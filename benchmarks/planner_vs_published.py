@@ -1,21 +1,30 @@
-"""The planner's predictions for the trn2 and p5 examples, beside the published figures.
+"""The planner's predictions beside published figures: trn1 (NxD), trn2 and p5.
 
-For examples/llama3-8b-trn2.yaml, examples/llama3-70b-trn2.yaml and examples/llama3-8b-p5.yaml
-(built here from the same description when a file is missing) it prints what `make_plan` says:
-memory per device and whether it fits, step time, tokens/s and cost at the family's default
-MFU. Then every published throughput figure found for the same stack, and plainly where none
-was found. A benchmark: it prints and asserts nothing.
+For the trn1 examples (examples/llama3-8b.yaml, examples/llama3-70b.yaml) and the trn2 and p5
+ones (examples/llama3-8b-trn2.yaml, examples/llama3-70b-trn2.yaml, examples/llama3-8b-p5.yaml;
+built here from the same description when a file is missing) it prints what `make_plan` says:
+memory per device and whether it fits, step time, tokens/s and cost at the default MFU. Then,
+for every published trn1 Llama run whose layout our spec can express, the planner's step time at
+that run's settings beside the published one, with the difference and the MFU the publication
+implies; for trn2 and p5 the published throughput figures, and plainly where none was found. A
+benchmark: it prints and asserts nothing (tests/test_plan_trn1.py holds the 70B runs to 10%).
 
 Published figures looked for, and where:
+- trn1, NeuronX Distributed on torch-xla (the nxd backend's stack): AWS's trn1 training table,
+  about-neuron/benchmarks/trn1/training_data_decoder.csv in github.com/aws-neuron/aws-neuron-sdk
+  (Neuron 2.24 for the Llama 3.1 rows; the Llama 2 rows were last listed for Neuron 2.21, commit
+  752349fd of that file), and the SageMaker HyperPod Llama 3 70B trn1 guide's training log
+  (github.com/awslabs/ai-on-sagemaker-hyperpod, website/docs/02-slurm-blueprints/training/
+  trainium/Llama3-70B/04-training.md L165-169: NxD's run_llama3_70B_tp_pp.sh on 16 nodes). The
+  two Llama 3 70B runs calibrate the trn1+pp MFU and the Llama 3.1 8B run the trn1 one
+  (DEFAULT_MFU_BY_FAMILY in operator/llamajob/plan.py); the Llama 2 rows (sequence 4096, an
+  older release) are printed beside them, uncalibrated.
 - TorchNeuron / TorchTitan-Neuron on trn2 (the torch backend's stack there): the AWS Neuron
   documentation's TorchTitan Neuron pages (https://awsdocs-neuron.readthedocs-hosted.com/en/
   latest/training/torchtitan/index.html: overview, quickstart, the basic-training and SimpleFSDP
   tutorials, best practices; release notes for Neuron 2.33) give configurations but no
   throughput, and the Neuron performance pages (about-neuron/benchmarks in
-  github.com/aws-neuron/aws-neuron-sdk) have training tables for trn1 only
-  (benchmarks/trn1/training_data_decoder.csv). None found.
-- For context, the nearest published Neuron training figures: that trn1 table (NeuronX
-  Distributed on torch-xla, Neuron 2.24): another instance and another stack, printed as such.
+  github.com/aws-neuron/aws-neuron-sdk) have training tables for trn1 only. None found.
 - H100 (p5): torchtitan's own benchmark, benchmarks/llama3_h100_202412_torchtitan.md in
   github.com/pytorch/torchtitan (FSDP2 as here), and the training log in the FSDP sample's
   README (aws-samples/awsome-distributed-training, 3.test_cases/pytorch/FSDP/slurm/README.md).
@@ -33,14 +42,30 @@ from typing import Any
 from llamajob.api import LlamaTrainingJobSpec
 from llamajob.catalogue import INSTANCE_TYPES
 from llamajob.jobfile import load_job
-from llamajob.plan import Plan, flops_per_token, make_plan
+from llamajob.plan import Plan, flops_per_token, make_plan, mfu_family
 from llamajob_trainer.presets import PRESETS
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# The examples as described, for when their files are not there: the torch backend on trn2
-# (TP + SP inside a node, FSDP2 over the rest) and FSDP2 on four p5 nodes.
+# The examples as described, for when their files are not there: NxD on trn1, the torch backend
+# on trn2 (TP + SP inside a node, FSDP2 over the rest) and FSDP2 on four p5 nodes.
 FALLBACK_SPECS: dict[str, dict[str, Any]] = {
+    "llama3-8b": {
+        "model": {"preset": "llama3-8b"},
+        "data": {"seq_length": 8192},
+        "parallelism": {"tensor": 32, "zero1": True, "sequence_parallel": True,
+                        "kv_replicator": 4, "activation_checkpointing": "selective"},
+        "batch": {"micro_batch_size": 1, "global_batch_size": 1024},
+        "cluster": {"nodes": 1, "instance_type": "ml.trn1.32xlarge"},
+    },
+    "llama3-70b": {
+        "model": {"preset": "llama3-70b"},
+        "data": {"seq_length": 8192},
+        "parallelism": {"tensor": 32, "pipeline": 8, "zero1": True, "sequence_parallel": True,
+                        "kv_replicator": 4, "activation_checkpointing": "full"},
+        "batch": {"micro_batch_size": 1, "global_batch_size": 1024},
+        "cluster": {"nodes": 16, "instance_type": "ml.trn1.32xlarge"},
+    },
     "llama3-8b-trn2": {
         "backend": "torch",
         "model": {"preset": "llama3-8b"},
@@ -84,11 +109,11 @@ class Published:
     note: str = ""
 
 
-TRN1 = INSTANCE_TYPES["ml.trn1.32xlarge"]
 H100 = INSTANCE_TYPES["ml.p5.48xlarge"]
-NEURON_CSV = (
-    "aws-neuron/aws-neuron-sdk about-neuron/benchmarks/trn1/training_data_decoder.csv "
-    "(Neuron 2.24)"
+NEURON_CSV = "aws-neuron/aws-neuron-sdk about-neuron/benchmarks/trn1/training_data_decoder.csv"
+HYPERPOD_70B = (
+    "awslabs/ai-on-sagemaker-hyperpod website/docs/02-slurm-blueprints/training/trainium/"
+    "Llama3-70B/04-training.md L165-169 (training log, steps 2-5)"
 )
 TORCHTITAN = "pytorch/torchtitan benchmarks/llama3_h100_202412_torchtitan.md, Table 1"
 FSDP_SAMPLE = (
@@ -96,18 +121,9 @@ FSDP_SAMPLE = (
     "(training log excerpt)"
 )
 
-# Figures per device (a trn1 NeuronCore, an H100). The trn1 rows: 47.95 and 7.94 sequences/s of
-# 8192 tokens on 32 nodes of 32 NeuronCores.
+# Figures per device (an H100).
 PUBLISHED: dict[str, list[Published]] = {
     "trn2": [],  # none found: see the module docstring
-    "trn1 (context only)": [
-        Published(NEURON_CSV, "Llama-3.1-8B, 32 x trn1.32xlarge, NxD TP=32 DP=32 ZeRO-1, "
-                  "gbs 1024, seq 8192", 47.95 * 8192 / (32 * 32), "llama3.1-8b", 8192,
-                  TRN1.peak_tflops_per_core, "NeuronX Distributed on torch-xla, not TorchNeuron"),
-        Published(NEURON_CSV, "Llama-3.1-70B, 32 x trn1.32xlarge, NxD TP=32 PP=8 DP=4, "
-                  "gbs 1024, seq 8192", 7.94 * 8192 / (32 * 32), "llama3.1-70b", 8192,
-                  TRN1.peak_tflops_per_core, "NeuronX Distributed on torch-xla, not TorchNeuron"),
-    ],
     "p5": [
         Published(TORCHTITAN, "Llama 3.1 8B, 8 H100 (96 GB HBM2e, 500 W), FSDP2, local batch 2, "
                   "seq 8192, selective (per-op) recompute, eager; peak memory 82.4 GiB",
@@ -123,6 +139,84 @@ PUBLISHED: dict[str, list[Published]] = {
                   "first steps of a run, not a steady state; vocabulary 50432, not 128256"),
     ],
 }
+
+
+@dataclass(frozen=True)
+class PublishedRun:
+    """A published trn1 run whose layout a spec can express: the planner's step time at its
+    settings is printed beside the published one."""
+
+    what: str  # model, nodes, layout and settings, as published
+    source: str
+    published: str  # the figure as the source gives it
+    seconds_per_step: float
+    spec: dict[str, Any]
+    calibrates: bool  # one of the runs DEFAULT_MFU_BY_FAMILY was fitted to
+
+
+def trn1_run(preset: str, nodes: int, tensor: int, pipeline: int, seq: int,
+             kv_replicator: int = 1) -> dict[str, Any]:
+    """NxD on trn1.32xlarge at a published run's settings: micro-batch 1, global batch 1024,
+    ZeRO-1 and sequence parallel, as AWS's recipes run them. Recompute is full with a pipeline
+    (what examples/llama3-70b.yaml does) and selective without; the step time does not depend
+    on it."""
+    return {
+        "model": {"preset": preset},
+        "data": {"seq_length": seq},
+        "parallelism": {"tensor": tensor, "pipeline": pipeline, "kv_replicator": kv_replicator,
+                        "zero1": True, "sequence_parallel": True,
+                        "activation_checkpointing": "full" if pipeline > 1 else "selective"},
+        "batch": {"micro_batch_size": 1, "global_batch_size": 1024},
+        "cluster": {"nodes": nodes, "instance_type": "ml.trn1.32xlarge"},
+    }
+
+
+TRN1_RUNS: list[PublishedRun] = [
+    PublishedRun("Llama-3.1-70B, 32 x trn1.32xlarge, TP=32 PP=8 DP=4, gbs 1024, seq 8192",
+                 f"{NEURON_CSV} (Neuron 2.24)", "7.94 seq/s", 1024 / 7.94,
+                 trn1_run("llama3.1-70b", 32, 32, 8, 8192, 4), True),
+    PublishedRun("Llama-3-70B, 16 x trn1.32xlarge, TP=32 PP=8 DP=2, gbs 1024, seq 8192 "
+                 "(NxD's run_llama3_70B_tp_pp.sh)", HYPERPOD_70B,
+                 "steps 2-5 at 243.86, 243.81, 243.82, 243.87 s", 243.84,
+                 trn1_run("llama3-70b", 16, 32, 8, 8192, 4), True),
+    PublishedRun("Llama-3.1-8B, 32 x trn1.32xlarge, TP=32 DP=32 ZeRO-1, gbs 1024, seq 8192",
+                 f"{NEURON_CSV} (Neuron 2.24)", "47.95 seq/s", 1024 / 47.95,
+                 trn1_run("llama3.1-8b", 32, 32, 1, 8192, 4), True),
+    PublishedRun("Llama2-70B, 32 x trn1.32xlarge, TP=32 PP=8 DP=4, gbs 1024, seq 4096",
+                 f"{NEURON_CSV} (Neuron 2.21)", "14.44 seq/s", 1024 / 14.44,
+                 trn1_run("llama2-70b", 32, 32, 8, 4096, 4), False),
+    PublishedRun("Llama2-13B, 32 x trn1.32xlarge, TP=8 PP=8 DP=16, gbs 1024, seq 4096",
+                 f"{NEURON_CSV} (Neuron 2.21)", "80.33 seq/s", 1024 / 80.33,
+                 trn1_run("llama2-13b", 32, 8, 8, 4096), False),
+    PublishedRun("Llama2-7B, 16 x trn1.32xlarge, TP=8 DP=64, gbs 1024, seq 4096",
+                 f"{NEURON_CSV} (Neuron 2.21)", "95.14 seq/s", 1024 / 95.14,
+                 trn1_run("llama2-7b", 16, 8, 1, 4096), False),
+]
+
+
+def trn1_lines() -> list[str]:
+    lines = ["planner beside publication, trn1 (NeuronX Distributed on torch-xla):"]
+    for run in TRN1_RUNS:
+        spec = LlamaTrainingJobSpec.model_validate(run.spec)
+        plan = make_plan(spec)
+        lines.append(f"  {run.what}" + ("  [calibration run]" if run.calibrates else ""))
+        if plan.errors:
+            lines.append(f"    INVALID here: {'; '.join(str(e) for e in plan.errors)}")
+            continue
+        assert plan.assumed_mfu is not None
+        ratio = plan.step_seconds / run.seconds_per_step
+        implied = plan.assumed_mfu * ratio
+        verdict = "fits" if plan.fits else "DOES NOT FIT"
+        lines += [
+            f"    published  {run.published} = {run.seconds_per_step:.1f} s/step "
+            f"(implied MFU {implied:.1%})",
+            f"    planner    {plan.step_seconds:.1f} s/step at MFU {plan.assumed_mfu:.0%} "
+            f"({mfu_family(spec)}): {ratio - 1:+.1%}",
+            f"    memory     our trainer at these settings: {plan.memory_per_core_gib:.2f} of "
+            f"{plan.core_memory_gib:.0f} GiB per NeuronCore, {verdict}",
+            f"    source: {run.source}",
+        ]
+    return lines
 
 
 def load_spec(name: str) -> tuple[LlamaTrainingJobSpec, str]:
@@ -175,7 +269,8 @@ def published_lines(family: str) -> list[str]:
     if not figures:
         return [f"published, {family}: NONE FOUND - no TorchNeuron or TorchTitan-Neuron "
                 "training throughput is published for trn2 (see this script's docstring for "
-                "where we looked); the planner's trn2 speed rests on the trn1 MFU."]
+                "where we looked); the planner's trn2 speed rests on the 25% that was its "
+                "single trn1 figure."]
     lines = [f"published, {family}:"]
     for f in figures:
         flops = flops_per_token(PRESETS[f.model], f.seq)
@@ -191,11 +286,13 @@ def published_lines(family: str) -> list[str]:
 
 
 def main() -> int:
-    for name in ("llama3-8b-trn2", "llama3-70b-trn2", "llama3-8b-p5"):
+    for name in ("llama3-8b", "llama3-70b", "llama3-8b-trn2", "llama3-70b-trn2", "llama3-8b-p5"):
         spec, origin = load_spec(name)
         print("\n".join(describe(name, origin, make_plan(spec))))
         print()
-    for family in ("trn2", "trn1 (context only)", "p5"):
+    print("\n".join(trn1_lines()))
+    print()
+    for family in ("trn2", "p5"):
         print("\n".join(published_lines(family)))
         print()
     # The planner at the published runs' own settings where they are ours to express: the FSDP

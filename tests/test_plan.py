@@ -87,7 +87,8 @@ def test_flops_per_token_is_6n_plus_attention() -> None:
 
 def test_step_time_scales_with_nodes_and_mfu() -> None:
     base = make_plan(example("llama3-70b"))
-    doubled = make_plan(example("llama3-70b"), mfu=0.5)
+    assert base.assumed_mfu is not None
+    doubled = make_plan(example("llama3-70b"), mfu=2 * base.assumed_mfu)
     assert doubled.step_seconds == pytest.approx(base.step_seconds / 2)
     cheaper = make_plan(example("llama3-70b"), price_per_hour=10.75)
     assert cheaper.total_cost_usd == pytest.approx(base.total_cost_usd / 2)

@@ -7,20 +7,51 @@ Memory is estimated per rank (a NeuronCore, a GPU or a CPU process) on the most 
 stage and compared with the device memory the catalogue gives per rank. There is one model per
 trainer backend, because the two hold different things.
 
-nxd backend (NeuronX Distributed on torch-xla; written for trn1):
-- Parameters and optimizer, bytes per parameter held by the core (after TP/PP sharding):
-  bf16-mixed: 2 (bf16 weights) + 4 (fp32 gradient accumulator) + 12 (fp32 master copy and Adam
-  moments), the 12 divided by DP under ZeRO-1. ZeRO-1 also all-gathers the updated bf16 shards
-  into a fresh full-size buffer before copying it into the weights (torch-xla's
-  ZeroRedundancyOptimizer), so +2 while it runs. fp32: 4 + 4 + 8.
+nxd backend (NeuronX Distributed on torch-xla; written for trn1), counted from what
+parallel/neuron_backend.py asks NxD for: torch.autocast("xla", bf16) over fp32 parameters, NxD's
+mixed_precision_config with use_master_weights, use_fp32_grad_acc and use_master_weights_in_ckpt
+all off, and ZeRO-1 when parallelism.zero1. Read at aws-neuron/neuronx-distributed v2.28.0 (the
+Neuron 2.28 release) and pytorch/xla v2.9.0:
+- States, bytes per parameter held by the core (after TP/PP sharding), whatever the precision:
+  4 (the fp32 parameter) + 4 (its fp32 .grad: the bf16 casts are differentiable, so the
+  gradient lands in the parameter's dtype) + 12/DP under ZeRO-1 (8 without). NxD's
+  initialize_optimizer_from_class (trainer/trainer.py L243-315) builds NeuronZero1Optimizer and
+  passes optimizer_dtype only when use_master_weights is on (L281-283), so torch-xla's default,
+  fp32, applies (torch_xla/distributed/zero_redundancy_optimizer.py L101). _shard_parameters
+  (L234-269) copies each parameter's DP shard into a new fp32 nn.Parameter even when the
+  parameter is fp32 already, and AdamW steps those shards (init_zero, L138): a 4-byte shard copy
+  plus the 4-byte exp_avg and exp_avg_sq, 12/DP. use_master_weights would only make that copy
+  double precision (with XLA_DOWNCAST_BF16=1) and halve a bucket size (L261-283): the fp32 copy
+  is there with it off. Without ZeRO-1 NxD steps the optimizer on the parameters themselves:
+  exp_avg and exp_avg_sq, 8.
+- Step buffers, held during the optimizer step only (step_buffer): _reduce_gradients (L339-401)
+  gives every shard an fp32 gradient of 4/DP, dropped after the step (L411), and
+  allgather_weights_and_update_full_parameter (L440-486) all-gathers the updated shards into
+  full-size fp32 tensors, 4, before copying them into the parameters. So 4 + 4/DP under ZeRO-1.
+  These peak after backward: the trainer always clips (max_grad_norm is infinite when
+  gradClip is 0), and the clip needs the norm of every gradient, so no shard can be updated,
+  and none gathered, before the whole backward is done and its activations are free.
+- bf16 weight copies (gather_buffer) under bf16-mixed: NxD's parallel linears cast their weight
+  to bf16 before the matmul and save the cast for backward (linear_with_async_allreduce,
+  parallel_layers/layers.py L508-533; _linear_autograd_base_setup_fwd, layers_utils.py L50-53), as
+  autocast's weight cache does for plain matmuls: 2 bytes per matmul parameter of the stage from
+  forward to backward. Under whole-block recompute without a pipeline this overstates what is
+  held (the checkpointed forward saves nothing), by at most those 2 bytes.
 - Activations: Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer
   Models"), 16-bit activations per layer and micro-batch: s*b*h*(34 + 5*a*s/h) without
-  recompute; the 5*a*s/h term (attention scores) vanishes with selective recompute; with sequence
-  parallel everything divides by t, without it only the 24 inside the 34 does. Full recompute
-  keeps only each layer's input (2*s*b*h, /t with SP) plus one layer's working set. The first
-  pipeline stage holds min(pp, micro-batches) micro-batches in flight under 1F1B, all of them
-  under GPipe, and (1 + (pp-1)/(pp*v)) times more under the interleaved schedule.
+  recompute; the 5*a*s/h term (the attention scores and softmax, b x a/t x s x s each) leaves
+  the layers' saved set under selective recompute; with sequence parallel everything divides by
+  t, without it only the 24 inside the 34 does. The scores do not leave the working set: a layer
+  whose core or whole block is recomputed rebuilds them during its backward (the model's
+  attention core materialises them: the trainer uses no fused attention kernel on XLA), so
+  selective recompute adds one layer's 5*a*s/h and full recompute counts one layer's whole
+  34 + 5*a*s/h on top of each layer's input (2*s*b*h, /t with SP). The first pipeline stage
+  holds min(pp, micro-batches) micro-batches in flight under 1F1B, all of them under GPipe,
+  and (1 + (pp-1)/(pp*v)) times more under the interleaved schedule.
 - Logits: fp32 logits and their gradient on the last stage, vocabulary split over TP.
+- Layouts the runtime refuses are errors, not estimates: on trn1 the tensor-parallel degree is
+  one of NXD_TRN1_TENSOR_DEGREES, and kvReplicator must satisfy NxD's GQAQKVColumnParallelLinear
+  and the trainer's kv-head placement (nxd_kv_replicators).
 
 torch backend (parallel/torch_backend.py: DDP or FSDP2, DTensor TP + SP, torch pipelining),
 counted from what that code allocates. P is the stage's parameters per TP rank, B one block's,
@@ -76,7 +107,8 @@ that row holds the same as its Llama 2 70B row, which fits on 2.
 
 Compute: FLOPs per token = 6*N + 12*L*h*s (Chowdhery et al. 2022, PaLM appendix B), with N the
 parameters that take part in matmuls (the input embedding lookup does not). Step time follows from
-an assumed MFU of the instance's peak (DEFAULT_MFU_BY_FAMILY), or a measured TFLOPS per node.
+an assumed MFU of the instance's peak (DEFAULT_MFU_BY_FAMILY, by mfu_family: the catalogue
+family, with trn1 split into pipelined and unpipelined NxD layouts), or a measured TFLOPS per node.
 """
 
 from __future__ import annotations
@@ -91,15 +123,28 @@ from .api import LlamaTrainingJobSpec
 from .catalogue import GIB, INSTANCE_TYPES, InstanceType
 from .jobfile import SpecError
 
-# Default utilisation when nothing was measured, by catalogue family (a family not listed gets
-# DEFAULT_MFU).
-# - trn1 (nxd): the HyperPod tutorial measured ~21% (634 of 3,040 TFLOPS, Llama-3-8B at TP=32 on
-#   one trn1.32xlarge); AWS's published Neuron 2.24 figures (Neuron performance pages,
-#   training_data_decoder.csv) work out to ~23% (8B) and ~32% (70B) on 32 trn1 nodes. 25% sits
-#   in that range.
+# Default utilisation when nothing was measured, by MFU family (mfu_family: the catalogue family,
+# with trn1 split by whether NxD pipelines; a family not listed gets DEFAULT_MFU). MFU here is
+# the planner's own: flops_per_token at the catalogue peak, so a published throughput converts
+# into it exactly (benchmarks/planner_vs_published.py prints the conversions).
+# - trn1+pp (NxD TP + PP + DP on trn1): AWS's two published Llama 3 70B runs with the layout of
+#   examples/llama3-70b.yaml (TP=32, PP=8, micro-batch 1, global batch 1024, sequence 8192), in
+#   that unit: 32.2% on 32 nodes (7.94 seq/s, Neuron 2.24: about-neuron/benchmarks/trn1/
+#   training_data_decoder.csv in aws-neuron/aws-neuron-sdk) and 34.1% on 16 nodes (243.8 s/step
+#   over steps 2-5 of NxD's run_llama3_70B_tp_pp.sh in the SageMaker HyperPod Llama 3 70B trn1
+#   guide: awslabs/ai-on-sagemaker-hyperpod, website/docs/02-slurm-blueprints/training/trainium/
+#   Llama3-70B/04-training.md L165-169). 0.33 puts both within 4% (16 nodes do a little better:
+#   half the data-parallel replicas, each running 512 micro-batches behind the same pipeline fill
+#   instead of 256, and a later release).
+# - trn1 (NxD without pipeline: TP + ZeRO-1 data parallel): the published Llama 3.1 8B run at
+#   TP=32 on 32 nodes works out to 23.4% (47.95 seq/s, Neuron 2.24, same file); the HyperPod
+#   tutorial measured ~21% (634 of 3,040 TFLOPS, Llama-3-8B at TP=32 on one trn1.32xlarge).
+#   Small per-core matmuls (hidden 4096 over 32 cores) are what keep it below the 70B figure,
+#   and the figure is for TP=32: AWS's Llama2-7B at TP=8 on 16 nodes (sequence 4096, Neuron
+#   2.21) implies 36.9%, so the planner is 60% slow there (the benchmark prints it).
 # - trn2, trn3 (torch on TorchNeuron): no published TorchNeuron or TorchTitan-Neuron throughput
-#   to derive one from (see benchmarks/planner_vs_published.py), so the trn1 figure is carried
-#   over; pass --mfu or --tflops once measured.
+#   to derive one from (see benchmarks/planner_vs_published.py), so the single trn1 figure used
+#   before the split above is kept; pass --mfu or --tflops once measured.
 # - gpu: torchtitan's own benchmark, benchmarks/llama3_h100_202412_torchtitan.md in
 #   pytorch/torchtitan: FSDP2 Llama 3.1 8B on 8 or 128 H100s without Float8 reaches 33% MFU in
 #   eager mode (39% compiled), the same building blocks (FSDP2, bf16 parameters, fp32 reduce) as
@@ -107,7 +152,8 @@ from .jobfile import SpecError
 # - cpu: a placeholder, like the CPU peak it multiplies.
 DEFAULT_MFU = 0.25
 DEFAULT_MFU_BY_FAMILY: dict[str, float] = {
-    "trn1": 0.25,
+    "trn1": 0.23,
+    "trn1+pp": 0.33,
     "trn2": 0.25,
     "trn3": 0.25,
     "gpu": 0.33,
@@ -131,8 +177,19 @@ RUNTIME_RESERVE_GIB: dict[str, float] = {
 }
 
 
-def default_mfu(inst: InstanceType) -> float:
-    return DEFAULT_MFU_BY_FAMILY.get(inst.family, DEFAULT_MFU)
+def mfu_family(spec: LlamaTrainingJobSpec) -> str:
+    """The DEFAULT_MFU_BY_FAMILY key of a job: its instance's family, except that pipelined
+    layouts on trn1 (NxD's TP + PP) are calibrated apart from unpipelined ones."""
+    family = INSTANCE_TYPES[spec.cluster.instance_type].family
+    if family == "trn1" and spec.parallelism.pipeline > 1:
+        return "trn1+pp"
+    return family
+
+
+def default_mfu(inst: InstanceType, spec: LlamaTrainingJobSpec | None = None) -> float:
+    """The assumed MFU of a job (or, without one, of the instance's family as such)."""
+    family = inst.family if spec is None else mfu_family(spec)
+    return DEFAULT_MFU_BY_FAMILY.get(family, DEFAULT_MFU_BY_FAMILY.get(inst.family, DEFAULT_MFU))
 
 
 def runtime_reserve_bytes(inst: InstanceType) -> float:
@@ -315,10 +372,81 @@ def resolve_device(spec: LlamaTrainingJobSpec) -> str:
     return INSTANCE_TYPES[spec.cluster.instance_type].device
 
 
-def _kv_ok(arch: Architecture, tp: int, kv_rep: int, backend: str) -> bool:
-    if backend == "nxd":
-        return (arch.num_kv_heads * kv_rep) % tp == 0
-    return arch.num_kv_heads % tp == 0
+# Tensor-parallel degrees NxD runs on trn1/trn1n. A trn1.32xlarge's 16 chips are a 2D torus
+# (about-neuron/arch/neuron-hardware/trn1-arch.rst in aws-neuron/aws-neuron-sdk), and the Neuron
+# runtime runs collectives over the replica groups it supports there, not over any set of cores:
+# - the Neuron Calculator's tensor-parallel degrees for Trn1 are 2, 8 and 32
+#   (about-neuron/calculator/neuron-calculator.rst L574-577);
+# - the runtime of Neuron 2.21 "added support for 4-rank replica group on adjacent Neuron cores
+#   on TRN1/TRN1N" (release-notes/components/runtime.rst L1176), and NxD gives TP=4 exactly such
+#   groups on trn1 (parallel_state.py L594-618 at v2.28.0) where every other degree takes
+#   consecutive ranks;
+# - NxD's own trn1 integration configs (test/integration/combinatorial_tests/configs) and every
+#   published trn1 Llama result (training_data_decoder.csv) use TP=8 or TP=32;
+# - 1 is data parallelism alone.
+# 16 is in none of them: on one node it makes the tensor groups (0..15), (16..31) and the
+# data-parallel groups (0, 16), (1, 17), ..., and Llama-3-8B at TP=16 x DP=2 on one trn1.32xlarge
+# failed at start-up with a replica-group error.
+NXD_TRN1_TENSOR_DEGREES: tuple[int, ...] = (1, 2, 4, 8, 32)
+
+
+def nxd_kv_replicators(arch: Architecture, tp: int, family: str = "trn1") -> list[int]:
+    """kvReplicator values the nxd backend accepts at tensor degree ``tp`` on a catalogue
+    ``family``, ascending.
+
+    - NxD's GQAQKVColumnParallelLinear asserts that the tensor degree is a multiple of
+      kv_size_multiplier (modules/qkv_linear.py L444 at v2.28.0; initialize_kv_group builds the
+      kv-sharing groups from it, parallel_state.py L1486), and that the replicated kv heads
+      split evenly over the tensor ranks (L445-447; the trainer needs whole heads per rank, so
+      numKvHeads x kvReplicator, not only its width, must divide by the degree).
+    - Each copy of a kv head must serve whole query heads, so kvReplicator divides the query
+      heads per kv head (the trainer's _gqa_heads in parallel/neuron_backend.py).
+    - On trn2 NxD places the copies of a kv head on adjacent ranks (repeat_interleave,
+      qkv_linear.py L83) and makes every run of kvReplicator adjacent ranks one kv-sharing group
+      (arrange_kv_groups, parallel_state.py L1615-1628), so each rank must hold exactly one kv
+      head: numKvHeads x kvReplicator equals the degree. trn1's interleaved copies (L86) give
+      every rank of a group the same heads however many there are.
+    With kvReplicator 1 the plain column-parallel k/v projections need the kv heads to divide
+    by the degree, which is the same condition.
+    """
+    kv = arch.num_kv_heads
+    group = arch.num_heads // kv if arch.num_heads % kv == 0 else 0
+    return [
+        r for r in _divisors(tp)
+        if (kv * r) % tp == 0 and (group == 0 or group % r == 0)
+        and (r == 1 or family != "trn2" or kv * r == tp)
+    ]
+
+
+def _nxd_kv_problem(arch: Architecture, tp: int, rep: int, family: str) -> str | None:
+    """Why kvReplicator ``rep`` does not work at tensor ``tp`` under nxd on ``family``, with
+    the fix; None when it does."""
+    valid = nxd_kv_replicators(arch, tp, family)
+    if rep in valid:
+        return None
+    fix = (
+        f"use kvReplicator: {_nearest(rep, valid)}" if valid
+        else "no kvReplicator works at this tensor degree; lower parallelism.tensor"
+    )
+    kv, group = arch.num_kv_heads, arch.num_heads // max(1, arch.num_kv_heads)
+    if tp % rep:
+        why = (
+            f"{rep} does not divide tensor {tp}: NxD's GQAQKVColumnParallelLinear shares each kv "
+            "head over groups of kvReplicator ranks inside the tensor group"
+        )
+    elif (kv * rep) % tp:
+        why = f"{kv} kv heads x kvReplicator {rep} is not divisible by tensor {tp}"
+    elif group % rep == 0:
+        why = (
+            f"{kv} kv heads x kvReplicator {rep} is not tensor {tp}: on {family} NxD holds one "
+            "kv head per rank"
+        )
+    else:
+        why = (
+            f"{rep} does not divide the {group} query heads per kv head: each copy of a kv head "
+            "must serve whole query heads"
+        )
+    return f"{why}; {fix}"
 
 
 def validate_layout(spec: LlamaTrainingJobSpec) -> list[SpecError]:
@@ -401,7 +529,20 @@ def validate_layout(spec: LlamaTrainingJobSpec) -> list[SpecError]:
             f"{tp} spans nodes; tensor-parallel groups must stay inside one "
             f"node of {ppn} cores; nearest valid: {fit}",
         )
-    if arch.num_heads % tp:
+    split = {"intermediateSize": arch.intermediate_size, "vocabSize": arch.vocab_size}
+    unsplit = [(name, n) for name, n in split.items() if n % tp]
+    if backend == "nxd" and inst.family == "trn1" and tp not in NXD_TRN1_TENSOR_DEGREES:
+        if tp <= ppn:  # past the node's cores it was refused above, as spanning nodes
+            degrees = [d for d in NXD_TRN1_TENSOR_DEGREES if world % d == 0 and d <= ppn]
+            allowed = ", ".join(map(str, NXD_TRN1_TENSOR_DEGREES[:-1]))
+            err(
+                "parallelism.tensor",
+                f"{tp} is not a tensor-parallel degree NxD runs on {inst.name}: the Neuron "
+                f"runtime there runs tensor groups of {allowed} or "
+                f"{NXD_TRN1_TENSOR_DEGREES[-1]} NeuronCores (16 fails at start-up with a "
+                f"replica-group error); nearest valid: {_nearest(tp, degrees)}",
+            )
+    elif arch.num_heads % tp:
         # d * pp dividing the world means d divides it: search the small gcd, not the heads.
         heads = math.gcd(arch.num_heads, world)
         fit = _nearest(tp, [d for d in _divisors(heads) if world % (d * pp) == 0])
@@ -409,22 +550,27 @@ def validate_layout(spec: LlamaTrainingJobSpec) -> list[SpecError]:
             "parallelism.tensor",
             f"{tp} does not divide the {arch.num_heads} attention heads; nearest valid: {fit}",
         )
-    elif not _kv_ok(arch, tp, par.kv_replicator, backend):
-        if backend == "nxd":
-            need = tp // math.gcd(arch.num_kv_heads, tp)
-            err(
-                "parallelism.kvReplicator",
-                f"{arch.num_kv_heads} kv heads x kvReplicator "
-                f"{par.kv_replicator} is not divisible by tensor {tp}; use kvReplicator: {need}",
-            )
-        else:
-            kv = math.gcd(arch.num_kv_heads, world)
-            fit = _nearest(tp, [d for d in _divisors(kv) if world % (d * pp) == 0])
-            err(
-                "parallelism.tensor",
-                f"{tp} does not divide the {arch.num_kv_heads} kv heads "
-                f"(the torch backend does not replicate kv heads); nearest valid: {fit}",
-            )
+    elif unsplit:
+        # Both backends shard the MLP and the vocabulary evenly (the trainer refuses otherwise).
+        name, n = unsplit[0]
+        common = math.gcd(math.gcd(arch.num_heads, n), world)
+        fit = _nearest(tp, [d for d in _divisors(common) if world % (d * pp) == 0])
+        err(
+            "parallelism.tensor",
+            f"{tp} does not divide model.{name} {n}; nearest valid: {fit}",
+        )
+    elif backend == "nxd":
+        problem = _nxd_kv_problem(arch, tp, par.kv_replicator, inst.family)
+        if problem:
+            err("parallelism.kvReplicator", problem)
+    elif arch.num_kv_heads % tp:
+        kv = math.gcd(arch.num_kv_heads, world)
+        fit = _nearest(tp, [d for d in _divisors(kv) if world % (d * pp) == 0])
+        err(
+            "parallelism.tensor",
+            f"{tp} does not divide the {arch.num_kv_heads} kv heads "
+            f"(the torch backend does not replicate kv heads); nearest valid: {fit}",
+        )
     if backend == "torch" and par.kv_replicator != 1:
         err("parallelism.kvReplicator", "only the nxd backend replicates kv heads; use 1")
     if spec.compile.torch_compile and backend == "nxd":
@@ -509,37 +655,55 @@ def estimate_memory(spec: LlamaTrainingJobSpec, dp: int) -> Memory:
 
 
 def _nxd_memory(spec: LlamaTrainingJobSpec, dp: int) -> Memory:
+    """The nxd model of the module docstring: states, step buffers, bf16 weight copies,
+    Korthikanti activations with the recomputed layer's attention scores, and logits."""
     arch = spec.model.architecture()
     par = spec.parallelism
     tp, pp = par.tensor, par.pipeline
     inst = INSTANCE_TYPES[spec.cluster.instance_type]
     params = stage_params(arch, pp) / tp
-
     mixed = spec.precision == "bf16-mixed"
-    w_bytes, g_bytes, o_bytes = (2, 4, 12) if mixed else (4, 4, 8)
-    weights, grads, optim = params * w_bytes, params * g_bytes, params * o_bytes
-    gather = 0.0
-    if par.zero1:
-        optim /= dp
-        gather = params * 2 if mixed else params * 4
-
     s, b, h, a = spec.data.seq_length, spec.batch.micro_batch_size, arch.hidden_size, arch.num_heads
+    layers = arch.num_layers // pp
+
+    # fp32 parameters and gradients under either precision (autocast over fp32 parameters).
+    weights, grads = 4.0 * params, 4.0 * params
+    if par.zero1:
+        # ZeRO-1's fp32 copy of the DP shard plus AdamW's two moments of it; while it steps, the
+        # shard's reduce-scattered gradient and the full-size all-gather of the updated shards.
+        optim = 12.0 * params / dp
+        step = (4.0 + 4.0 / dp) * params
+    else:
+        optim, step = 8.0 * params, 0.0
+
+    # The bf16 copy of every matmul weight, saved from forward for backward (the norms and the
+    # embedding lookup are not cast; the head is).
+    gather = 0.0
+    if mixed:
+        matmul = layers * (arch.layer_params() - 2 * h) / tp + arch.embedding_params() / tp
+        gather = 2.0 * matmul
+
     act_scale = 1.0 if mixed else 2.0  # the formula counts 16-bit activations
     sp = par.sequence_parallel and tp > 1
     base = (34.0 / tp) if sp else (10.0 + 24.0 / tp)
-    scores = 5.0 * a * s / (h * tp)
-    full_layer = s * b * h * (base + (scores if par.activation_checkpointing == "none" else 0.0))
-    layers = arch.num_layers // pp
+    scores = 5.0 * a * s / (h * tp)  # b x a/t x s x s, per s*b*h
     in_flight = _in_flight(spec, dp)
     if par.activation_checkpointing == "full":
+        # Each layer keeps its input; backward recomputes one layer at a time, scores included.
         stored = 2.0 * s * b * h / (tp if sp else 1)
-        activations = stored * layers * in_flight + full_layer
+        activations = stored * layers * in_flight + s * b * h * (base + scores)
+    elif par.activation_checkpointing == "selective":
+        # The layers keep all but the attention core, which backward rebuilds one layer at a time.
+        activations = s * b * h * (base * layers * in_flight + scores)
     else:
-        activations = full_layer * layers * in_flight
+        activations = s * b * h * (base + scores) * layers * in_flight
     activations *= act_scale
 
     logits = 2 * 4.0 * s * b * arch.vocab_size / tp
-    return Memory(weights, grads, optim, gather, activations, logits, runtime_reserve_bytes(inst))
+    return Memory(
+        weights, grads, optim, gather, activations, logits, runtime_reserve_bytes(inst),
+        step_buffer=step,
+    )
 
 
 # How the torch backend computes, as far as memory goes: "bf16" (FSDP2 casts the parameters to
@@ -707,10 +871,15 @@ def suggest_fix(spec: LlamaTrainingJobSpec) -> str | None:
     for tp in sorted(d for d in _divisors(ppn) if d > par.tensor):
         change: dict[str, Any] = {"parallelism.tensor": tp}
         text = f"tensor: {par.tensor} -> {tp}"
-        if resolve_backend(spec) == "nxd" and (arch.num_kv_heads * par.kv_replicator) % tp:
-            rep = tp // math.gcd(arch.num_kv_heads, tp)
+        nxd = resolve_backend(spec) == "nxd"
+        if nxd and _nxd_kv_problem(arch, tp, par.kv_replicator, inst.family):
+            reps = nxd_kv_replicators(arch, tp, inst.family)
+            if not reps:
+                continue
+            rep = _nearest(par.kv_replicator, reps)
             change["parallelism.kv_replicator"] = rep
             text += f" (with kvReplicator: {par.kv_replicator} -> {rep})"
+        # Degrees the runtime refuses (TP=16 on trn1) fail validate_layout inside works().
         candidates.append((text, change))
     order = ["none", "selective", "full"]
     for mode in order[order.index(par.activation_checkpointing) + 1 :]:
@@ -798,7 +967,7 @@ def make_plan(
     if tflops_per_node is not None:
         plan.tflops_per_node = tflops_per_node
     else:
-        plan.assumed_mfu = default_mfu(inst) if mfu is None else mfu
+        plan.assumed_mfu = default_mfu(inst, spec) if mfu is None else mfu
         plan.tflops_per_node = inst.peak_tflops_per_node * share * plan.assumed_mfu
     plan.step_seconds = plan.flops_per_step / (plan.tflops_per_node * 1e12 * plan.nodes)
     plan.total_steps = (
