@@ -207,6 +207,9 @@ def test_happy_path_70b_compile_train_succeed(
         assert resources["limits"]["aws.amazon.com/neuron"] == 16
         assert resources["limits"]["vpc.amazonaws.com/efa"] == 8
         cmd = container["command"]
+        # neuron_parallel_compile runs inside the compile marker's wrapper (render.command).
+        assert cmd[:3] == ["python", "-m", "llamajob_trainer.compile"]
+        cmd = cmd[cmd.index("--") + 1 :]
         assert cmd[:2] == ["neuron_parallel_compile", "torchrun"]
         assert cmd[cmd.index("--nnodes") + 1] == "16"
         assert cmd[cmd.index("--nproc_per_node") + 1] == "32"

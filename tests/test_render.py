@@ -135,10 +135,18 @@ def test_70b_command_is_torchrun_with_rendezvous_at_pod_0(gang70: list[dict[str,
         assert pod["spec"]["subdomain"] == "llama3-70b"
 
 
+def nxd_compile_launcher(rank: int, nodes: int) -> list[str]:
+    """The nxd compile pod's command up to torchrun: the compile marker follows the exit
+    status of neuron_parallel_compile, so llamajob_trainer.compile runs it."""
+    return ["python", "-m", "llamajob_trainer.compile", "--node", str(rank), "--nodes",
+            str(nodes), "--config", render.CONFIG_PATH, "--", "neuron_parallel_compile",
+            "torchrun"]
+
+
 def test_compile_pods_run_under_neuron_parallel_compile(job70: LlamaTrainingJob) -> None:
     pod = render.render_pod(job70, make_plan(job70.spec), "compile", 2, 5)
     cmd = container(pod)["command"]
-    assert cmd[:2] == ["neuron_parallel_compile", "torchrun"]
+    assert cmd[:12] == nxd_compile_launcher(5, 16)
     assert cmd[cmd.index("--node_rank") + 1] == "5"
     assert cmd[cmd.index("--master_addr") + 1] == "llama3-70b-compile-a2-0.llama3-70b.training.svc"
     assert cmd[-3:] == ["compile", "--config", render.CONFIG_PATH]
@@ -152,7 +160,10 @@ def test_70b_env(gang70: list[dict[str, Any]], job70: LlamaTrainingJob) -> None:
     assert plain["FI_EFA_FORK_SAFE"] == "1"
     assert plain["NEURON_RT_NUM_CORES"] == "1"
     assert "--cache_dir=/fsx/neuron-cache" in plain["NEURON_CC_FLAGS"].split()
-    assert plain["NEURON_RT_ASYNC_EXEC_MAX_INFLIGHT_REQUESTS"] == "3"
+    # A pipeline layout (TP 32, PP 8): NxD's 70B pipeline script's depth.
+    assert plain["NEURON_RT_ASYNC_EXEC_MAX_INFLIGHT_REQUESTS"] == "7"
+    assert plain["XLA_DISABLE_FUNCTIONALIZATION"] == "0"
+    assert plain["CCOM_SOCKET_IFNAME"] == "eth0"
     assert plain["MALLOC_ARENA_MAX"] == "64"
     assert plain[protocol.TERMINATION_LOG_ENV] == protocol.DEFAULT_TERMINATION_LOG
     assert plain[protocol.CONFIG_ENV] == render.CONFIG_PATH
@@ -753,7 +764,8 @@ def test_process_restarts_change_the_revision_only_when_set() -> None:
 # What the device adds to the container environment on each family (the rest is the same
 # everywhere: the config path, termination log, shutdown timeout).
 NXD_ENV = {"NEURON_RT_NUM_CORES", "NEURON_CC_FLAGS", "NEURON_COMPILE_CACHE_URL",
-           "NEURON_FUSE_SOFTMAX", "NEURON_RT_ASYNC_EXEC_MAX_INFLIGHT_REQUESTS"}
+           "NEURON_FUSE_SOFTMAX", "NEURON_RT_ASYNC_EXEC_MAX_INFLIGHT_REQUESTS",
+           "XLA_DISABLE_FUNCTIONALIZATION", "CCOM_SOCKET_IFNAME"}
 EFA_ENV = {"FI_PROVIDER", "FI_EFA_USE_DEVICE_RDMA", "FI_EFA_FORK_SAFE"}
 NCCL_EFA_ENV = {"FI_PROVIDER", "FI_EFA_FORK_SAFE", "FI_EFA_USE_HUGE_PAGE",
                 "FI_EFA_SET_CUDA_SYNC_MEMOPS", "NCCL_SOCKET_IFNAME"}
@@ -867,7 +879,7 @@ def test_pods_per_instance_family(
         assert cmd[cmd.index("--nnodes") + 1] == "2"
         # neuron_parallel_compile is torch-xla's: the nxd compile step only.
         nxd_compile = backend == "nxd" and role == render.ROLE_COMPILE
-        launcher = ["neuron_parallel_compile", "torchrun"] if nxd_compile else ["torchrun"]
+        launcher = nxd_compile_launcher(1, 2) if nxd_compile else ["torchrun"]
         assert cmd[: len(launcher)] == launcher
         assert cmd[-4:] == ["llamajob.cli", role, "--config", render.CONFIG_PATH]
 
@@ -934,7 +946,7 @@ def test_trn2_on_nxd_keeps_the_nxd_environment_with_its_logical_core_size() -> N
     assert set(env) >= NXD_ENV and "TORCH_NEURONX_NEFF_CACHE_DIR" not in env
     assert env["NEURON_LOGICAL_NC_CONFIG"] == "2"
     cmd = render.command(job, plan, render.ROLE_COMPILE, 1, 0)
-    assert cmd[:2] == ["neuron_parallel_compile", "torchrun"]
+    assert cmd[:12] == nxd_compile_launcher(0, plan.nodes)
 
 
 def test_torch_on_neuron_compiles_with_llamajob_compile_not_neuron_parallel_compile() -> None:
@@ -953,6 +965,63 @@ def test_torch_on_neuron_compiles_with_llamajob_compile_not_neuron_parallel_comp
     }
     assert caches == {"/fsx/neuron-cache/neff"}
     assert job.spec.cluster.volumes[0].mount_path == "/fsx"
+
+
+# --- trn1 (nxd): the environment of NxD's Llama scripts ------------------------------------------
+@pytest.mark.parametrize(
+    ("name", "inflight"),
+    [("llama3-8b", "3"), ("llama3-70b", "7")],
+)
+def test_trn1_nxd_pods_get_the_nxd_scripts_environment(name: str, inflight: str) -> None:
+    """NxD v2.28.0's Llama scripts: functionalization on for ZeRO-1 (run_llama3_70B_tp_pp.sh,
+    line 15), eth0 for the collectives' socket on EKS (line 62; tp_zero1_llama3_8B_hf_pretrain.sh,
+    line 94), and an in-flight depth of 3 without a pipeline (8B at TP 32, that script's line
+    12) and 7 with one (70B at TP 32, PP 8, run_llama3_70B_tp_pp.sh, line 18)."""
+    job = example(name)
+    plan = make_plan(job.spec)
+    assert plan.backend == "nxd" and plan.instance.family == "trn1"
+    assert (plan.pipeline > 1) == (inflight == "7")
+    for role in render.ROLES:
+        env = {e["name"]: e.get("value") for e in render.env(job, plan, role)}
+        assert env["XLA_DISABLE_FUNCTIONALIZATION"] == "0"
+        assert env["CCOM_SOCKET_IFNAME"] == "eth0"
+        assert env["NEURON_RT_ASYNC_EXEC_MAX_INFLIGHT_REQUESTS"] == inflight
+
+
+def test_trn1_nxd_environment_defaults_yield_to_the_job() -> None:
+    job = example("llama3-8b", env=[{"name": "CCOM_SOCKET_IFNAME", "value": "ens5"},
+                                    {"name": "XLA_DISABLE_FUNCTIONALIZATION", "value": "1"}])
+    env = {e["name"]: e["value"] for e in render.env(job, make_plan(job.spec), "train")}
+    assert env["CCOM_SOCKET_IFNAME"] == "ens5"
+    assert env["XLA_DISABLE_FUNCTIONALIZATION"] == "1"
+
+
+def test_torchneuron_pods_get_none_of_the_torch_xla_settings() -> None:
+    job = example("llama3-8b-trn2")
+    plan = make_plan(job.spec)
+    assert (plan.backend, plan.device) == ("torch", "neuron")
+    env = {e["name"] for e in render.env(job, plan, render.ROLE_TRAIN)}
+    assert not env & {"XLA_DISABLE_FUNCTIONALIZATION", "CCOM_SOCKET_IFNAME",
+                      "NEURON_RT_ASYNC_EXEC_MAX_INFLIGHT_REQUESTS"}
+
+
+def test_nxd_compile_wraps_the_plain_compile_command_for_its_marker() -> None:
+    """The compile pod runs the same torchrun command as before under neuron_parallel_compile,
+    inside the marker's wrapper (llamajob_trainer.compile.main), which knows its node."""
+    from llamajob_trainer import compile as compile_step
+
+    job = example("llama3-70b")
+    plan = make_plan(job.spec)
+    for rank in (0, 15):
+        cmd = render.command(job, plan, render.ROLE_COMPILE, 1, rank)
+        split = cmd.index("--")
+        assert cmd[:split] == nxd_compile_launcher(rank, 16)[:split]
+        assert cmd[split + 1] == "neuron_parallel_compile"
+        train = render.command(job, plan, render.ROLE_TRAIN, 1, rank)
+        plain = [arg.replace("-train-", "-compile-") for arg in train]
+        plain[plain.index("train")] = "compile"
+        assert cmd[split + 2 :] == plain
+    assert callable(compile_step.main)
 
 
 def test_tunable_device_defaults_yield_to_the_job_and_derived_ones_are_refused() -> None:

@@ -76,7 +76,21 @@ NODE_GONE = "NodeGone"
 SHUTDOWN_TIMEOUT_ENV = "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"
 # Values from the Neuron reference training scripts (NxD Llama pre-training): the nxd backend's.
 NEURON_CC_BASE_FLAGS = "--model-type transformer --distribution-strategy=llm-training"
-NEURON_INFLIGHT_REQUESTS = "3"  # async runtime: overlap host work with device execution
+# Async runtime: how many executions the host may queue ahead of the device. NxD's Llama
+# scripts at v2.28.0 (examples/training/llama/): 3 for tensor parallel + ZeRO-1 on one replica
+# (tp_zero1_llama_hf_pretrain/tp_zero1_llama3_8B_hf_pretrain.sh, line 12), 7 for the pipeline
+# layouts (tp_pp_llama_hf_pretrain/run_llama3_70B_tp_pp.sh, line 18; run_llama2_13B_tp_pp.sh,
+# line 18). NxDT's 70B configs (its Neuron 2.26 release) use 5 to 7
+# (examples/conf/hf_llama3_70B_config.yaml: 5, hf_llama3.1_70B_config.yaml: 7); NxD's own
+# scripts are the ones this backend follows.
+NEURON_INFLIGHT_REQUESTS = "3"
+NEURON_INFLIGHT_REQUESTS_PIPELINE = "7"
+# The network interface of Neuron's collectives bootstrap socket: eth0, the pod's interface
+# under the VPC CNI, as NxD's and NxDT's scripts set it when they run on EKS (the
+# OMPI_COMM_WORLD_RANK branch of tp_zero1_llama3_8B_hf_pretrain.sh, line 94, and of
+# run_llama3_70B_tp_pp.sh, line 62, at NxD v2.28.0; examples/train_setup.sh, line 36, in NxDT's
+# Neuron 2.26 release).
+CCOM_SOCKET_IFNAME = "eth0"
 # glibc arenas per thread otherwise exhaust host memory with 32 ranks (64 on trn2/trn3).
 MALLOC_ARENA_MAX = "64"
 # TorchNeuron's persistent NEFF cache, under compile.cacheDir on the shared file system.
@@ -326,7 +340,14 @@ def command(
         "-m", "llamajob.cli", role, "--config", config_path,
     ]  # fmt: skip
     if role == ROLE_COMPILE and plan.backend == "nxd":
-        argv.insert(0, "neuron_parallel_compile")
+        # neuron_parallel_compile compiles after the command it wraps has ended, so the
+        # compile marker can only follow its exit status: llamajob_trainer.compile runs it and
+        # records this node when it succeeds (see that module's docstring).
+        argv = [
+            "python", "-m", "llamajob_trainer.compile",
+            "--node", str(rank), "--nodes", str(plan.nodes), "--config", config_path,
+            "--", "neuron_parallel_compile", *argv,
+        ]  # fmt: skip
     return argv
 
 
@@ -410,8 +431,19 @@ def _trainium_env(job: LlamaTrainingJob, plan: Plan) -> list[dict[str, Any]]:
             {"name": "NEURON_FUSE_SOFTMAX", "value": "1"},
             {
                 "name": "NEURON_RT_ASYNC_EXEC_MAX_INFLIGHT_REQUESTS",
-                "value": NEURON_INFLIGHT_REQUESTS,
+                "value": (
+                    NEURON_INFLIGHT_REQUESTS_PIPELINE
+                    if plan.pipeline > 1
+                    else NEURON_INFLIGHT_REQUESTS
+                ),
             },
+            # Functionalization on: NxD's and NxDT's scripts set it because ZeRO-1 trails
+            # by 3% in convergence without it ("In PT2.1, functionalization is needed to
+            # close 3% convergence gap compared to PT1.13 for ZeRO1": run_llama3_70B_tp_pp.sh,
+            # lines 14-15, and test/integration/zero1/run_test_zero1.sh, line 5, at NxD
+            # v2.28.0; examples/train_setup.sh, lines 58-60, in NxDT's Neuron 2.26 release).
+            {"name": "XLA_DISABLE_FUNCTIONALIZATION", "value": "0"},
+            {"name": "CCOM_SOCKET_IFNAME", "value": CCOM_SOCKET_IFNAME},
         ]
     else:
         # No NEURON_RT_NUM_CORES (the torch-xla path's core count per process): AWS launches

@@ -2,26 +2,35 @@
 
 Import (continual pre-training) reads `model.safetensors` or the shards listed in
 `model.safetensors.index.json`, checks `config.json` against the job's architecture, renames to
-our FQNs (`model.from_hf_state_dict`) and hands every model part the tensors it owns;
-`set_model_state_dict(full_state_dict=True)` cuts them into this rank's TP/FSDP shards. Each
-rank reads through memory maps but materialises the full tensors of its own pipeline stage
-before sharding; for 70B-class models give the host memory for that, or convert the weights to
-a checkpoint once and resume from it.
+our FQNs (`model.from_hf_state_dict`) and hands every model part the tensors it owns.
+
+- torch backend: `set_model_state_dict(full_state_dict=True)` cuts them into this rank's
+  TP/FSDP shards. Each rank reads through memory maps but materialises the full tensors of its
+  own pipeline stage before sharding; for 70B-class models give the host memory for that, or
+  convert the weights to a checkpoint once and resume from it.
+- nxd backend (`apply_pretrained`): NxD's layers are already cut, so each rank reads only the
+  rows or columns its parameters hold (`parallel.nxd_shards`, GQA kv copies included), one
+  tensor at a time, straight from the memory-mapped files.
 
 Export turns a complete checkpoint into `model.safetensors` + `config.json` that
 `transformers.LlamaForCausalLM.from_pretrained` loads, in one process, without a process group.
+`hf_state_dict_from_nxd` reassembles the full tensors from every tensor-parallel rank's NxD
+state for it.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from contextlib import ExitStack
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import _CHECKPOINT_PREFIX
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -29,6 +38,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from .errors import CheckpointError, ConfigError
+from .parallel.nxd_shards import RankShards, ShardMismatch, ShardPlan
 from .presets import Architecture
 
 SAFETENSORS = "model.safetensors"
@@ -100,13 +110,8 @@ def _weight_files(root: Path) -> list[Path]:
     )
 
 
-def load_pretrained(path: str | Path, arch: Architecture) -> dict[str, Tensor]:
-    """All weights of a HF Llama directory under our FQNs, checked against `arch`."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from .model import from_hf_state_dict
-
+def _pretrained_root(path: str | Path, arch: Architecture) -> Path:
+    """The HF directory, its `config.json` (when present) checked against `arch`."""
     root = Path(path)
     if not root.is_dir():
         raise ConfigError(f"model.pretrained: directory {root} does not exist")
@@ -121,6 +126,17 @@ def load_pretrained(path: str | Path, arch: Architecture) -> dict[str, Tensor]:
                 f"model.pretrained ({root}) does not match the job's model: "
                 f"{'; '.join(problems)}. Choose the matching model.preset or overrides"
             )
+    return root
+
+
+def load_pretrained(path: str | Path, arch: Architecture) -> dict[str, Tensor]:
+    """All weights of a HF Llama directory under our FQNs, checked against `arch`."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from .model import from_hf_state_dict
+
+    root = _pretrained_root(path, arch)
     hf_sd: dict[str, Tensor] = {}
     for file in _weight_files(root):
         try:
@@ -137,6 +153,10 @@ def apply_full_state_dict(model_parts: Sequence[nn.Module], sd: dict[str, Tensor
     """Copy full (unsharded) tensors into each part's shards; returns tensors applied."""
     applied = 0
     for part in model_parts:
+        shards = rank_shards_of(part)
+        if shards is not None:
+            applied += _fill_shards(part, shards, sd.keys(), _cutter(sd, shards))
+            continue
         wanted = get_model_state_dict(part).keys()
         missing = [k for k in wanted if k not in sd]
         if missing:
@@ -145,6 +165,167 @@ def apply_full_state_dict(model_parts: Sequence[nn.Module], sd: dict[str, Tensor
         set_model_state_dict(part, mine, options=StateDictOptions(full_state_dict=True))
         applied += len(mine)
     return applied
+
+
+# --- nxd backend: tensor-parallel shards -------------------------------------------------------
+
+
+def rank_shards_of(part: nn.Module) -> RankShards | None:
+    """The shard map the nxd backend left on its model, None for a torch-backend part.
+
+    NxD's wrapper (``NxDModel``) hands back the model it wraps through ``original_module()``,
+    pipeline-parallel or not.
+    """
+    original = getattr(part, "original_module", None)
+    root = original() if callable(original) else part
+    shards = getattr(root, "rank_shards", None)
+    return shards if isinstance(shards, RankShards) else None
+
+
+def _local_parameters(part: nn.Module, shards: RankShards) -> Iterator[tuple[str, nn.Parameter]]:
+    """(our FQN, parameter) of every parameter the part holds on this rank."""
+    for name, param in part.named_parameters():
+        # NxD wraps checkpointed blocks in torch's checkpoint wrapper, which adds this to the
+        # parameter names (its state dict hook removes it again, named_parameters does not).
+        yield shards.plan.fqn_of(name.replace(_CHECKPOINT_PREFIX, "")), param
+
+
+def _fill_shards(
+    part: nn.Module,
+    shards: RankShards,
+    available: Collection[str],
+    read: Callable[[str], Tensor],
+) -> int:
+    params = list(_local_parameters(part, shards))
+    missing = [fqn for fqn, _ in params if fqn not in available]
+    if missing:
+        raise ConfigError(f"model.pretrained lacks {len(missing)} tensors, e.g. {missing[:3]}")
+    with torch.no_grad():
+        for fqn, param in params:
+            value = read(fqn)
+            if tuple(value.shape) != tuple(param.shape):
+                raise RuntimeError(
+                    f"{fqn}: this rank's shard is {tuple(value.shape)}, the NxD layer holds "
+                    f"{tuple(param.shape)}"
+                )
+            param.copy_(value)
+    return len(params)
+
+
+def _cutter(sd: Mapping[str, Tensor], shards: RankShards) -> Callable[[str], Tensor]:
+    def read(fqn: str) -> Tensor:
+        try:
+            return shards.take(fqn, sd[fqn])
+        except ShardMismatch as exc:
+            raise ConfigError(f"model.pretrained: {exc}") from exc
+
+    return read
+
+
+class _PretrainedSlices:
+    """A HF directory opened for reading parts of tensors: the memory maps stay open, and a
+    rank reads the rows or columns it holds without materialising the rest."""
+
+    def __init__(self, path: str | Path, arch: Architecture) -> None:
+        self.root = _pretrained_root(path, arch)
+        self.arch = arch
+        self._stack = ExitStack()
+        self._where: dict[str, tuple[Any, str]] = {}
+
+    def __enter__(self) -> _PretrainedSlices:
+        from safetensors import SafetensorError, safe_open
+
+        from .model import from_hf_state_dict
+
+        with ExitStack() as stack:
+            handles: dict[str, Any] = {}
+            for file in _weight_files(self.root):
+                try:
+                    handle = stack.enter_context(safe_open(str(file), framework="pt"))
+                except (OSError, SafetensorError) as exc:
+                    raise ConfigError(f"model.pretrained: cannot read {file}: {exc}") from exc
+                handles.update(dict.fromkeys(handle.keys(), handle))
+            try:
+                # The conversion only renames, so applied to the names it maps each FQN to its
+                # HF name, with the checks (unexpected, missing, tied head) of a full load.
+                names = from_hf_state_dict(
+                    cast(dict[str, Tensor], {k: k for k in handles}), self.arch
+                )
+            except KeyError as exc:
+                raise ConfigError(f"model.pretrained ({self.root}): {exc.args[0]}") from exc
+            self._where = {fqn: (handles[str(key)], str(key)) for fqn, key in names.items()}
+            self._stack = stack.pop_all()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stack.close()
+
+    @property
+    def names(self) -> Collection[str]:
+        return self._where.keys()
+
+    def read(self, fqn: str, shards: RankShards) -> Tensor:
+        handle, key = self._where[fqn]
+        tensor = handle.get_slice(key)
+        shape, want = tuple(tensor.get_shape()), shards.plan.full_shape(fqn)
+        if shape != want:
+            raise ConfigError(f"model.pretrained: {key} is {shape}, the job's model has {want}")
+        cut = shards.cut(fqn)
+        pieces = [
+            tensor[start:stop] if cut.dim == 0 else tensor[:, start:stop]
+            for start, stop in cut.spans
+        ]
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=cut.dim)
+
+
+def apply_pretrained(model_parts: Sequence[nn.Module], path: str | Path, arch: Architecture) -> int:
+    """Load `model.pretrained` into the model parts; returns tensors applied.
+
+    On the torch backend this is `apply_full_state_dict(load_pretrained(...))`. On the nxd
+    backend each rank reads only its own shard of one tensor at a time, so host memory holds a
+    shard, not the model (every rank of a node reads the same files through the page cache).
+    """
+    all_shards = [rank_shards_of(part) for part in model_parts]
+    if not any(all_shards):
+        return apply_full_state_dict(model_parts, load_pretrained(path, arch))
+    applied = 0
+    with _PretrainedSlices(path, arch) as source:
+        for part, shards in zip(model_parts, all_shards, strict=True):
+            if shards is None:
+                raise RuntimeError("model parts of both backends in one model")
+            applied += _fill_shards(part, shards, source.names, partial(source.read, shards=shards))
+    return applied
+
+
+def hf_state_dict_from_nxd(
+    plan: ShardPlan,
+    rank_states: Sequence[Mapping[str, Tensor]],
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, Tensor]:
+    """HF-named full tensors from every tensor-parallel rank's model state.
+
+    ``rank_states[r]`` holds rank r's parameters under the NxD layers' names (a rank's pipeline
+    stages merged); a lazily loading mapping keeps one parameter's shards in memory at a time.
+    Parts held by several ranks (kv copies, norms) must be equal.
+    """
+    from .model import to_hf_state_dict
+
+    if len(rank_states) != plan.tp:
+        raise CheckpointError(f"{len(rank_states)} tensor-parallel states, expected {plan.tp}")
+
+    def shards_of(local: str) -> Iterator[Tensor]:
+        for rank, state in enumerate(rank_states):
+            if local not in state:
+                raise CheckpointError(f"tensor-parallel rank {rank}'s state lacks {local}")
+            yield state[local]
+
+    full: dict[str, Tensor] = {}
+    for fqn in plan.fqns():
+        try:
+            full[fqn] = plan.assemble(fqn, shards_of(plan.local_name(fqn))).to(dtype)
+        except ShardMismatch as exc:
+            raise CheckpointError(f"cannot reassemble the model: {exc}") from exc
+    return {k: v.contiguous() for k, v in to_hf_state_dict(full, plan.arch).items()}
 
 
 # --- export --------------------------------------------------------------------------------

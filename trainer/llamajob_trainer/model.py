@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -74,8 +74,10 @@ class Attention(nn.Module):
         self.wv = Linear(h, arch.kv_dim, bias=False)
         self.wo = Linear(arch.num_heads * self.head_dim, h, bias=False)
         # Selective activation checkpointing: recompute the attention core (the s x s part)
-        # in backward instead of keeping it. Set by the parallel backend.
+        # in backward instead of keeping it. Set by the parallel backend, which may also swap
+        # the recompute function (torch-xla has its own checkpoint; see neuron_backend).
         self.recompute_core = False
+        self.recompute_fn: Callable[..., Tensor] = checkpoint_non_reentrant
 
     def project_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """The q, k, v projections; a backend with a fused projection overrides this."""
@@ -93,10 +95,15 @@ class Attention(nn.Module):
         cos, sin = rope_cos[:s], rope_sin[:s]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.recompute_core and torch.is_grad_enabled():
-            out = checkpoint(_attention_core, q, k, v, use_reentrant=False)
+            out = self.recompute_fn(_attention_core, q, k, v)
         else:
             out = _attention_core(q, k, v)
         return self.wo(out.transpose(1, 2).reshape(b, s, -1))
+
+
+def checkpoint_non_reentrant(function: Callable[..., Tensor], *args: Tensor) -> Tensor:
+    """torch's activation checkpoint, non-reentrant: the recompute of every torch device."""
+    return checkpoint(function, *args, use_reentrant=False)
 
 
 # PyTorch's CPU flash kernel splits queries finely enough to skip the masked half of causal

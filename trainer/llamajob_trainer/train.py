@@ -386,9 +386,9 @@ def _loop(
         log(f"resumed from step_{step} ({data_state.consumed_samples} samples consumed) "
             f"in {seconds:.2f} s")
     elif cfg.model.pretrained:
-        from .hf import apply_full_state_dict, load_pretrained
+        from .hf import apply_pretrained
 
-        count = apply_full_state_dict(pm.model_parts, load_pretrained(cfg.model.pretrained, arch))
+        count = apply_pretrained(pm.model_parts, cfg.model.pretrained, arch)
         log(f"fresh start from pretrained weights {cfg.model.pretrained} ({count} tensors)")
     else:
         log(f"fresh start (seed {cfg.seed})")

@@ -3,8 +3,12 @@
 UNVERIFIED: no Trainium device and no Neuron packages are available where this project is
 tested, so this module has never run. It follows NxD's documented API (``parallel_state``,
 ``parallel_layers``, ``modules.qkv_linear``, ``neuronx_distributed_config`` /
-``initialize_parallel_model`` / ``initialize_parallel_optimizer``, ``NxDPPModel``); what *is*
-tested here is that selecting it without the packages fails with a clear error.
+``initialize_parallel_model`` / ``initialize_parallel_optimizer``, ``NxDPPModel``), read at
+aws-neuron/neuronx-distributed v2.28.0 and pytorch/xla v2.9.0 (the trn1 image's Neuron 2.28 and
+torch 2.9); the paths cited in the comments are theirs at those tags. What *is* tested here:
+selecting it without the packages fails with a clear error, and its calls into NxD and
+torch-xla, made against stand-in modules, are the ones those sources take
+(tests/test_nxd_backend.py); not how it runs on Trainium.
 
 It does not define a second model. It takes the one ``Llama`` and converts it:
 
@@ -20,11 +24,15 @@ It does not define a second model. It takes the one ``Llama`` and converts it:
   gradients over the tensor group.
 - Loss: NxD's vocabulary-parallel cross-entropy on sharded logits (no ``[b, s, vocab]`` gather).
 - Data parallel and ZeRO-1: NxD's optimizer wrapper (``make_optimizer``), which reduces,
-  clips and steps in ``step()``; hence ``optimizer_step`` instead of ``clip_grad_norm``.
+  clips (to ``optimizer.gradClip``, ZeRO-1 included) and steps in ``step()``; hence
+  ``optimizer_step`` instead of ``clip_grad_norm``.
 - Pipeline: ``NxDPPModel`` (``transformer_layer_cls=TransformerBlock``, micro-batches = gradient
-  accumulation steps, ``virtual_pipeline_size``).
+  accumulation steps, ``virtual_pipeline_size``), partitioned by NxD (``auto_partition``).
 - Activation checkpointing: ``full`` lets NxD checkpoint each ``TransformerBlock``;
-  ``selective`` uses the model's attention-core recompute.
+  ``selective`` uses the model's attention-core recompute. Both recompute through torch-xla's
+  reentrant checkpoint (``xla_recompute``), never torch's.
+- Graphs: one per micro-batch and one for the optimizer step (``xm.mark_step``); the loss and
+  the gradient norm are read in step closures once their graph has run (``sync_and_read``).
 - ``bf16-mixed``: ``torch.autocast("xla", bfloat16)`` over fp32 parameters.
 
 Differences from the torch backend: the step loss is the mean of micro-batch means (what NxD's
@@ -37,6 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -108,7 +117,6 @@ def parallelize_neuron(cfg: TrainerConfig, arch: Architecture, env: DistEnv) -> 
 
     layout = make_layout(cfg, arch, env.world_size)
     p = cfg.parallelism
-    clip = cfg.optimizer.grad_clip
     pipeline_config = None
     if layout.pp > 1:
         pipeline_config = {
@@ -120,6 +128,20 @@ def parallelize_neuron(cfg: TrainerConfig, arch: Architecture, env: DistEnv) -> 
             "leaf_module_cls": [RMSNorm.__name__],
             "autowrap_functions": (vocab_parallel_loss,),
             "tracer_cls": "torch",
+            # NxD's Llama pipeline script sets both (examples/training/llama/
+            # tp_pp_llama_hf_pretrain/run_llama_nxd.py at v2.28.0, lines 137 and 143).
+            # auto_partition: NxDPPModel traces and cuts only when given cuts or this flag
+            # (pipeline/model.py, lines 340-372), and NxD keeps delayed tracing off
+            # (utils/model_utils.py, lines 359-362); unpartitioned, the first parameters() call
+            # raises "Model has not been partitioned yet" (lines 872-876) and full activation
+            # checkpointing finds no stage modules to wrap (utils/activation_checkpoint.py,
+            # lines 71-72). NxD splits the layers evenly, the remainder to the later stages
+            # (pipeline/partition.py, lines 280-303).
+            "auto_partition": True,
+            # The data-parallel gradient reduction is NxD's optimizer wrapper's; without this
+            # flag the pipeline also all-reduces every gradient when ZeRO-1 is off
+            # (pipeline/model.py, line 1687).
+            "use_optimizer_wrapper": True,
             "use_zero1_optimizer": p.zero1,
             "broadcast_and_average_loss": True,
         }
@@ -127,11 +149,13 @@ def parallelize_neuron(cfg: TrainerConfig, arch: Architecture, env: DistEnv) -> 
         tensor_parallel_size=layout.tp,
         pipeline_parallel_size=layout.pp,
         pipeline_config=pipeline_config,
-        # Clipping always on (infinite bound when disabled) so the optimizer reports the norm.
+        # max_grad_norm is read by NxD's own clipping, used without ZeRO-1 (trainer/
+        # optimizer.py at v2.28.0, lines 142-143); ZeRO-1 clips inside torch-xla's optimizer,
+        # which NeuronParallelModel.make_optimizer gives the same bound.
         optimizer_config={
             "zero_one_enabled": p.zero1,
             "grad_clipping": True,
-            "max_grad_norm": clip if clip > 0 else float("inf"),
+            "max_grad_norm": max_grad_norm(cfg.optimizer.grad_clip),
         },
         sequence_parallel=layout.sequence_parallel,
         activation_checkpoint_config=(
@@ -147,6 +171,12 @@ def parallelize_neuron(cfg: TrainerConfig, arch: Architecture, env: DistEnv) -> 
         nxd_config, _build_model, False, arch, layout, cfg.seed, p.kv_replicator
     )
     return NeuronParallelModel(layout, env, nxd_config, model)
+
+
+def max_grad_norm(grad_clip: float) -> float:
+    """The clipping bound NxD's optimizer gets for ``optimizer.gradClip``: clipping stays on
+    (so the optimizer reports the norm) with an infinite bound when gradClip is 0."""
+    return grad_clip if grad_clip > 0 else float("inf")
 
 
 class NeuronLlama(Llama):
@@ -190,26 +220,66 @@ def _build_model(arch: Architecture, layout: Layout, seed: int, kv_rep: int) -> 
     selective = layout.activation_checkpointing == "selective"
     for block in model.layers.values():
         block.attention.recompute_core = selective
+        if selective:
+            block.attention.recompute_fn = xla_recompute
     return model
 
 
+def xla_recompute(function: Callable[..., Tensor], *args: Tensor) -> Tensor:
+    """The selective recompute on torch-xla: torch-xla's checkpoint, reentrant, as NxD wraps
+    its own checkpointed modules (utils/activation_checkpoint.py at v2.28.0, lines 37-46).
+
+    torch's non-reentrant checkpoint (the model's default) does not run on XLA: torch-xla's
+    refuses use_reentrant=False (torch_xla/utils/checkpoint.py at v2.9.0, lines 301-304) and
+    torch's looks up ``torch.xla``, which does not exist (aws-neuron-sdk issue 1317). torch-xla's
+    puts an optimization barrier on the recompute's inputs in backward (lines 168-178), so the
+    compiler cannot fold the recompute into the forward values it was meant to replace.
+    """
+    from torch_xla.utils.checkpoint import checkpoint
+
+    return checkpoint(function, *args, use_reentrant=True)
+
+
 class _Converter:
+    """Swaps NxD's layers into the meta-device model and fills this rank's shards.
+
+    Which rows and columns the rank holds is ``nxd_shards``'s map, the one pretrained import
+    and export use too, so a fresh start, an import and an export agree by construction.
+    """
+
     def __init__(self, arch: Architecture, layout: Layout, seed: int, kv_rep: int, tp_rank: int):
         from neuronx_distributed.parallel_layers import layers
 
+        from .nxd_shards import RankShards, ShardPlan, platform_named
+
         self.layers = layers
-        self.arch, self.seed, self.kv_rep = arch, seed, kv_rep
-        self.tp, self.rank = layout.tp, tp_rank
+        self.arch, self.seed = arch, seed
+        platform = platform_named(self._platform()) if kv_rep > 1 else None
+        self.shards = RankShards(ShardPlan(arch, layout.tp, kv_rep, platform), tp_rank)
         self.sp = layout.sequence_parallel
         self.seq_kwargs: dict[str, Any] = (
             {"sequence_parallel_enabled": True, "sequence_dimension": 1} if self.sp else {}
         )
 
+    @staticmethod
+    def _platform() -> str:
+        """trn1 or trn2, decided as NxD's GQA layer decides where kv copies go: the same two
+        functions (``modules/qkv_linear.py`` at v2.28.0 imports them at lines 32 and 40 and
+        branches on them at lines 80-88)."""
+        from neuronx_distributed.utils.utils import hardware
+        from torch_neuronx.utils import get_platform_target
+
+        target = get_platform_target()
+        try:
+            return str(hardware(target).value)
+        except ValueError:
+            return str(target)
+
     def apply(self, model: NeuronLlama) -> None:
         a = self.arch
         h = a.hidden_size
         emb = self.layers.ParallelEmbedding(a.vocab_size, h, **self.seq_kwargs)
-        self._fill(emb.weight, self._rows(self._full("tok_embeddings.weight", (a.vocab_size, h))))
+        self._fill(emb.weight, "tok_embeddings.weight")
         model.tok_embeddings = emb
         for idx, block in model.layers.items():
             self._convert_block(f"layers.{idx}.", block)
@@ -223,17 +293,22 @@ class _Converter:
             out = self._column(h, a.vocab_size, "output.weight")
         model.output = out
         model.rope_cos, model.rope_sin = rope_tables(a.head_dim, model.max_seq_len, a.rope_theta)
+        # Pretrained import finds the map here (``hf.rank_shards_of``): NxD's wrappers keep the
+        # model object but not attributes set on parameters.
+        model.rank_shards = self.shards
 
     def _convert_block(self, prefix: str, block: TransformerBlock) -> None:
         a = self.arch
         h, q_dim = a.hidden_size, a.num_heads * a.head_dim
         att, ff = block.attention, block.feed_forward
-        if self.kv_rep > 1:
+        if self.shards.plan.replicated_kv:
             self._replicated_kv(prefix, att)
         else:
             att.wq = self._column(h, q_dim, prefix + "attention.wq.weight")
             att.wk = self._column(h, a.kv_dim, prefix + "attention.wk.weight")
             att.wv = self._column(h, a.kv_dim, prefix + "attention.wv.weight")
+        # With replicated kv the rank's q heads are not a contiguous block; the map gives wo
+        # the same heads in the same order.
         att.wo = self._row(q_dim, h, prefix + "attention.wo.weight")
         ff.w1 = self._column(h, a.intermediate_size, prefix + "feed_forward.w1.weight")
         ff.w3 = self._column(h, a.intermediate_size, prefix + "feed_forward.w3.weight")
@@ -245,100 +320,75 @@ class _Converter:
         from neuronx_distributed.modules.qkv_linear import GQAQKVColumnParallelLinear
 
         a = self.arch
-        h, hd = a.hidden_size, a.head_dim
         proj = GQAQKVColumnParallelLinear(
-            h,
-            [a.num_heads * hd, a.kv_dim],
+            a.hidden_size,
+            [a.num_heads * a.head_dim, a.kv_dim],
             bias=False,
             gather_output=False,
             sequence_parallel_enabled=self.sp,
-            kv_size_multiplier=self.kv_rep,
+            kv_size_multiplier=self.shards.plan.kv_replicator,
             fuse_qkv=False,
         )
-        q_heads, kv_heads = self._gqa_heads()
-        full_q = self._full(prefix + "attention.wq.weight", (a.num_heads * hd, h))
-        full_k = self._full(prefix + "attention.wk.weight", (a.kv_dim, h))
-        full_v = self._full(prefix + "attention.wv.weight", (a.kv_dim, h))
-        self._fill(proj.weight_q, _heads(full_q, q_heads, hd))
-        self._fill(proj.weight_k, _heads(full_k, kv_heads, hd))
-        self._fill(proj.weight_v, _heads(full_v, kv_heads, hd))
+        self._fill(proj.weight_q, prefix + "attention.wq.weight")
+        self._fill(proj.weight_k, prefix + "attention.wk.weight")
+        self._fill(proj.weight_v, prefix + "attention.wv.weight")
         for name in ("wq", "wk", "wv"):
             delattr(att, name)
         att.qkv_proj = proj
         att.__class__ = _ReplicatedKVAttention
-
-    def _gqa_heads(self) -> tuple[list[int], list[int]]:
-        """(q heads, kv heads) of this rank, in local order, given where NxD puts kv copies.
-
-        NxD lays the kv_heads x kvReplicator copies out as K0..Kn, K0..Kn, ... on trn1 and
-        K0, K0, ..., K1, K1, ... on trn2, then gives each rank a contiguous run of copies. Each
-        copy serves (group / kvReplicator) of the q heads that share its kv head, so the
-        local q heads are chosen to match.
-        """
-        from neuronx_distributed.parallel_layers import parallel_state
-
-        a = self.arch
-        group = a.num_heads // a.num_kv_heads
-        if group % self.kv_rep:
-            raise ValueError(
-                f"parallelism.kvReplicator ({self.kv_rep}) must divide the query heads per kv "
-                f"head ({group})"
-            )
-        per_copy = group // self.kv_rep
-        slots_per_rank = a.num_kv_heads * self.kv_rep // self.tp
-        hw = parallel_state.hardware(parallel_state.get_platform_target())
-        interleaved = hw == parallel_state.hardware.TRN2
-        q_heads: list[int] = []
-        kv_heads: list[int] = []
-        for slot in range(self.rank * slots_per_rank, (self.rank + 1) * slots_per_rank):
-            if interleaved:
-                head, copy = divmod(slot, self.kv_rep)
-            else:
-                copy, head = divmod(slot, a.num_kv_heads)
-            kv_heads.append(head)
-            first = head * group + copy * per_copy
-            q_heads.extend(range(first, first + per_copy))
-        return q_heads, kv_heads
 
     def _column(self, fan_in: int, fan_out: int, fqn: str | None) -> nn.Module:
         layer = self.layers.ColumnParallelLinear(
             fan_in, fan_out, bias=False, gather_output=False, **self.seq_kwargs
         )
         if fqn is not None:
-            self._fill(layer.weight, self._rows(self._full(fqn, (fan_out, fan_in))))
+            self._fill(layer.weight, fqn)
         return layer
 
     def _row(self, fan_in: int, fan_out: int, fqn: str) -> nn.Module:
         layer = self.layers.RowParallelLinear(
             fan_in, fan_out, bias=False, input_is_parallel=True, **self.seq_kwargs
         )
-        full = self._full(fqn, (fan_out, fan_in))
-        n = fan_in // self.tp
-        self._fill(layer.weight, full[:, self.rank * n : (self.rank + 1) * n])
+        self._fill(layer.weight, fqn)
         return layer
 
     def _norm(self, norm: RMSNorm, fqn: str) -> None:
-        norm.weight = nn.Parameter(self._full(fqn, (self.arch.hidden_size,)))
+        norm.weight = nn.Parameter(self._full(fqn))
         # NxD's optimizer all-reduces these over the tensor group under sequence parallel.
         norm.weight.sequence_parallel_enabled = self.sp  # type: ignore[attr-defined]
 
-    def _full(self, fqn: str, shape: tuple[int, ...]) -> Tensor:
-        return init_tensor(self.arch, self.seed, fqn, shape)
+    def _full(self, fqn: str) -> Tensor:
+        return init_tensor(self.arch, self.seed, fqn, self.shards.plan.full_shape(fqn))
 
-    def _rows(self, full: Tensor) -> Tensor:
-        n = full.shape[0] // self.tp
-        return full[self.rank * n : (self.rank + 1) * n]
-
-    @staticmethod
     @torch.no_grad()
-    def _fill(param: Tensor, value: Tensor) -> None:
+    def _fill(self, param: Tensor, fqn: str) -> None:
+        """Copy this rank's shard of ``fqn``'s initial value into the NxD layer's parameter."""
+        value = self.shards.take(fqn, self._full(fqn))
         if tuple(param.shape) != tuple(value.shape):
-            raise RuntimeError(f"shard shape {tuple(value.shape)} != layer {tuple(param.shape)}")
+            raise RuntimeError(
+                f"{fqn}: shard shape {tuple(value.shape)} != NxD layer {tuple(param.shape)}"
+            )
         param.copy_(value)
 
 
-def _heads(full: Tensor, heads: list[int], head_dim: int) -> Tensor:
-    return torch.cat([full[h * head_dim : (h + 1) * head_dim] for h in heads])
+def sync_and_read(value: Tensor) -> float:
+    """Cut the pending graph (``xm.mark_step``) and read ``value`` in a step closure.
+
+    torch-xla runs step closures at the end of ``mark_step``, after the graph that computes
+    ``value`` has been handed to the device (torch_xla/core/xla_model.py at v2.9.0, lines
+    977-1028; torch_xla/torch_xla.py, lines 78-96), so the read takes device data. A bare
+    ``.item()`` before the cut would instead compile and run the part of the graph the value
+    needs on its own, and cut the step there. NxD's Llama scripts read the loss and the norm
+    the same way (examples/training/llama/tp_zero1_llama_hf_pretrain/
+    tp_zero1_llama_hf_pretrain.py at v2.28.0, lines 331-336; tp_pp_llama_hf_pretrain/
+    run_llama_nxd.py, lines 295-311).
+    """
+    import torch_xla.core.xla_model as xm
+
+    read: list[float] = []
+    xm.add_step_closure(lambda t: read.append(float(t.item())), (value,))
+    xm.mark_step()
+    return read[0]
 
 
 class NeuronParallelModel(ParallelModel):
@@ -361,6 +411,14 @@ class NeuronParallelModel(ParallelModel):
         return contextlib.nullcontext()
 
     def forward_backward(self, micro_batches: list[tuple[Tensor, Tensor]]) -> float:
+        """One graph per micro-batch. Without a cut, torch-xla records every micro-batch of the
+        step into one lazy graph (1,024 forward and backward passes for 8B at GBS 1024 on one
+        node), which the compiler cannot take. NxD's TP/ZeRO-1 Llama script gets the same cut
+        from its loader, which marks a step per batch (examples/training/llama/
+        tp_zero1_llama_hf_pretrain/tp_zero1_llama_hf_pretrain.py at v2.28.0, lines 427-430;
+        torch_xla/distributed/parallel_loader.py at v2.9.0, lines 39-47), and cuts again at
+        the accumulation boundary (line 297). The pipeline cuts its own graphs (NxDPPModel's
+        mark steps around and inside ``run_train``)."""
         import torch_xla.core.xla_model as xm
 
         device = self.env.device
@@ -369,18 +427,23 @@ class NeuronParallelModel(ParallelModel):
             labels = torch.cat([y for _, y in micro_batches]).to(device)
             with self._autocast():
                 # Runs forward and backward over the micro-batches; with
-                # broadcast_and_average_loss the loss is the same on every rank.
+                # broadcast_and_average_loss the loss is the same on every rank, already on
+                # the host (return_loss_on_cpu, NxDPPModel's default: pipeline/model.py at
+                # v2.28.0, lines 1993-1999).
                 loss = self.model.run_train(input_ids=inputs, labels=labels)
             return float(loss)
         n = len(micro_batches)
         total = torch.zeros((), device=device)
-        for x, y in micro_batches:
+        for i, (x, y) in enumerate(micro_batches, 1):
             with self._autocast():
                 (loss,) = self.model(input_ids=x.to(device), labels=y.to(device))
             (loss / n).backward()
             total += loss.detach()
+            if i < n:
+                xm.mark_step()
+        # The loss reduction joins the last micro-batch's graph, whose cut reads it.
         mean = xm.all_reduce(xm.REDUCE_SUM, total / (n * self.dp_size), groups=self._dp_groups)
-        return float(mean.item())
+        return sync_and_read(mean)
 
     @torch.no_grad()
     def evaluate(self, micro_batches: list[tuple[Tensor, Tensor]]) -> tuple[float, int]:
@@ -398,12 +461,14 @@ class NeuronParallelModel(ParallelModel):
                 mean = float(self.model.run_eval(input_ids=inputs, labels=labels))
             return mean * tokens, tokens
         total = torch.zeros((), device=device)
-        for x, y in micro_batches:
+        for i, (x, y) in enumerate(micro_batches, 1):
             with self._autocast():
                 (loss,) = self.model(input_ids=x.to(device), labels=y.to(device))
             total += loss
+            if i < n:
+                xm.mark_step()  # one forward graph per micro-batch, as in forward_backward
         mean = xm.all_reduce(xm.REDUCE_SUM, total / (n * self.dp_size), groups=self._dp_groups)
-        return float(mean.item()) * tokens, tokens
+        return sync_and_read(mean) * tokens, tokens
 
     def any_rank(self, flag: bool) -> bool:
         import torch_xla.core.xla_model as xm
@@ -414,16 +479,36 @@ class NeuronParallelModel(ParallelModel):
     def make_optimizer(
         self, optimizer_cls: type[torch.optim.Optimizer], params: Any, **defaults: Any
     ) -> torch.optim.Optimizer:
+        """NxD's optimizer wrapper. With ZeRO-1 the clipping is torch-xla's
+        ``ZeroRedundancyOptimizer``'s, whose bound is its ``max_norm`` argument, 1.0 unless
+        given (torch_xla/distributed/zero_redundancy_optimizer.py at v2.9.0, lines 74, 103 and
+        434). NxD does not pass ``optimizer_config["max_grad_norm"]`` on to it (trainer/
+        trainer.py at v2.28.0, lines 250-255 and 296-301), but it does pass the keyword
+        arguments, so the bound goes in here. Without ZeRO-1 the wrapper clips itself with
+        ``max_grad_norm`` (trainer/optimizer.py, lines 142-143) and the optimizer class would
+        refuse the extra argument."""
         import neuronx_distributed as nxd
 
+        optimizer_config = self.nxd_config["optimizer_config"]
+        if optimizer_config["zero_one_enabled"]:
+            defaults = {**defaults, "max_norm": optimizer_config["max_grad_norm"]}
         return nxd.initialize_parallel_optimizer(self.nxd_config, optimizer_cls, params, **defaults)
 
     def optimizer_step(self, optimizer: torch.optim.Optimizer, max_norm: float) -> float:
         """NxD reduces gradients over data parallel, clips (to the configured
-        ``optimizer.gradClip``) and steps in one call; returns its pre-clip norm."""
+        ``optimizer.gradClip``) and steps in one call; returns its pre-clip norm.
+
+        The step is a graph of its own, cut here as NxD's Llama scripts cut it after
+        ``optimizer.step()`` (run_llama_nxd.py at v2.28.0, lines 292-311); otherwise it
+        would join the next step's first micro-batch."""
+        import torch_xla.core.xla_model as xm
+
         optimizer.step()
         norm = getattr(optimizer, "grad_norm", None)
-        return float(norm) if norm is not None else float("nan")
+        if norm is None:
+            xm.mark_step()
+            return float("nan")
+        return sync_and_read(norm)
 
     def clip_grad_norm(self, max_norm: float) -> float:
         raise NotImplementedError(
