@@ -1,14 +1,23 @@
-"""Sharded checkpoints that survive crashes, are never trusted unchecked, and allow a different
-layout on resume.
+"""Sharded checkpoints that survive crashes and are never trusted unchecked; the torch backend
+may resume them in a different layout, the nxd backend only in its own.
 
 Layout of `checkpoint.dir`:
 
     step_N/
-      state/              torch.distributed.checkpoint (DCP) files: model + optimizer, every rank
-                          writes its own shards (`__R_*.distcp`); DCP reshards on load, so a run
-                          saved on 2 FSDP ranks can resume on 1 rank (or another TP/PP layout)
+      state/              the model and optimizer state, written and read by the run's `StateIO`:
+                          torch backend (`DCPStateIO`): torch.distributed.checkpoint (DCP) files,
+                            every rank its own shards (`__R_*.distcp`); DCP reshards on load, so
+                            a run saved on 2 FSDP ranks can resume on 1 rank (or another TP/PP
+                            layout);
+                          nxd backend (`checkpoint_nxd.NxDStateIO`): NxD's checkpoint of one
+                            tag (`checkpoint`, `model/` and `optim/` with one
+                            `dp_rank_DD_tp_rank_TT_pp_rank_PP.pt`
+                            per rank, xser tensor files, NxD's `done`), written and read by
+                            `neuronx_distributed.trainer.save_checkpoint`/`load_checkpoint`; NxD
+                            cannot reshard, so a resume in another layout is refused
       rng/rank_R.pt       RNG states of each rank (restored only when the world size matches)
-      trainer_state.json  step, consumed samples, scheduler, fingerprint, layout (rank 0)
+      trainer_state.json  step, consumed samples, scheduler, fingerprint, layout (rank 0); on
+                          the nxd backend also `state_format` (NxD, xser, the NxD layout)
       manifest.json       size and SHA-256 of every file above (rank 0, from each rank's own)
       done                written last (rank 0), after every rank finished its shards
     .tmp-step_N/          a save in progress; renamed to step_N once `done` is in it
@@ -18,8 +27,11 @@ Layout of `checkpoint.dir`:
 
 Integrity. Each rank hashes the files it wrote itself (its shards and RNG file) right after
 writing them, while they are still in the page cache, so the cost is spread over the ranks; rank 0
-merges the digests into the manifest. Before a checkpoint is loaded the ranks check it together:
-the trainer state must name the directory's step and this job's model, the manifest must list
+merges the digests into the manifest. (NxD's files carry the writer's ranks in their names, but
+which replica wrote which tensor file is NxD's business: there each rank hashes the files of its
+own ranks' shards, split among the replicas, once NxD's save is complete everywhere.) Before a
+checkpoint is loaded the ranks check it together: the trainer state must name the directory's
+step and this job's model (and, on the nxd backend, its format and layout), the manifest must list
 exactly the files present, and every file's size and digest must match (each rank re-hashes a
 share of the files). A checkpoint that fails any check, or whose shards or RNG files then fail to
 load, is moved to `quarantine/` and the next older complete one is tried.
@@ -28,12 +40,14 @@ What is never done:
 - load a directory without `done` (a save renames its directory only after writing `done`, so a
   `step_N` without it was made by something else: it is quarantined, not loaded or deleted);
 - prune before the newest intact checkpoint has loaded (a damaged newest one must not cost the
-  good older ones), or prune the checkpoint just loaded or written (`keep` >= 1);
+  good older ones), or prune the checkpoint just loaded or written (`keep` >= 1); NxD's own
+  pruning never runs on our directories (`NxDStateIO`);
 - start fresh while step directories exist (or were quarantined) and none could be loaded: that
   is an error naming them, unless the spec says `resume: none`.
 
-The decisions (what is complete, what to try, what to prune, what a manifest says about the files)
-are pure functions; `CheckpointManager` is the I/O shell around them.
+The decisions (what is complete, what to try, what to prune, what a manifest says about the files,
+which NxD layout changes cannot load, which rank hashes which NxD file) are pure functions;
+`CheckpointManager` is the I/O shell around them.
 """
 
 from __future__ import annotations
@@ -47,6 +61,7 @@ import re
 import shutil
 import time
 import warnings
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -372,9 +387,12 @@ def collect_state(
     return {"model": model_sd, "optim": optim_sd}, keys
 
 
-def capture_rng() -> dict[str, Any]:
+def capture_rng(device_state: dict[str, Any] | None = None) -> dict[str, Any]:
     """This rank's RNG states: CPU, Python and NumPy always, and the generator of the device
-    this process trains on (``parallel.device.place``) when it is an accelerator."""
+    this process trains on (``parallel.device.place``) when it is an accelerator.
+
+    ``device_state`` ({"type", "state"}) replaces the latter where the device is not one
+    ``parallel.device`` places (the nxd backend's XLA device: ``StateIO.device_rng_state``)."""
     from .parallel import device as devices
 
     state: dict[str, Any] = {
@@ -383,21 +401,29 @@ def capture_rng() -> dict[str, Any]:
         "numpy": np.random.get_state(),
     }
     accel = devices.rng_device()
-    if accel is not None:
+    if device_state is not None:
+        state["device"] = device_state
+    elif accel is not None:
         state["device"] = {"type": accel.type, "state": devices.get_rng_state(accel)}
     return state
 
 
-def restore_rng(state: dict[str, Any]) -> None:
+def restore_rng(
+    state: dict[str, Any], set_device: Callable[[dict[str, Any]], bool] | None = None
+) -> None:
     """The inverse of ``capture_rng``. A device state saved on another kind of device (a CPU
-    checkpoint resumed on an accelerator, or the reverse) is skipped: the generators differ."""
+    checkpoint resumed on an accelerator, or the reverse) is skipped: the generators differ.
+    ``set_device`` (``StateIO.set_device_rng_state``) restores the device state first and
+    says whether it did."""
     from .parallel import device as devices
 
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
-    accel = devices.rng_device()
     saved = state.get("device")
+    if set_device is not None and isinstance(saved, dict) and set_device(saved):
+        return
+    accel = devices.rng_device()
     if accel is not None and isinstance(saved, dict) and saved.get("type") == accel.type:
         devices.set_rng_state(saved["state"], accel)
 
@@ -415,6 +441,169 @@ def read_rng(path: Path) -> dict[str, Any]:
     return state
 
 
+# --- how the model and optimizer state is written and read -------------------------------------
+
+STATE_FORMAT = "state_format"  # trainer_state key naming a non-DCP format (absent: DCP)
+
+
+class StateIO(ABC):
+    """How the model and optimizer state goes into a checkpoint's ``state/`` and comes back.
+
+    The manager's guarantees (temporary name, digests, ``done`` last, quarantine, keep-N, data
+    position, RNG) sit around it and do not depend on it. ``DCPStateIO`` is the torch backend's,
+    ``NxDStateIO`` the nxd backend's."""
+
+    name = "dcp"
+    # Whether finishing a background save is a step every rank takes at the same point (NxD's
+    # completion rendezvous) instead of one rank 0 notices alone (DCP's coordinator future).
+    collective_completion = False
+
+    def attach(self, rank: int, world_size: int, group: Any) -> None:
+        """Called once by every rank's manager, with its gloo side group (None: one process).
+        Nothing to learn for DCP."""
+        return None
+
+    @abstractmethod
+    def save(
+        self,
+        state_dir: Path,
+        model_parts: Sequence[nn.Module],
+        optimizers: Sequence[torch.optim.Optimizer],
+        *,
+        background: bool,
+        group: Any,
+    ) -> Any:
+        """Write the state into ``state_dir``. In the background: returns a handle for
+        ``save_finished``/``complete`` (DCP: a future); otherwise returns once written."""
+
+    def save_finished(self, handle: Any) -> bool:
+        """Whether this rank's part of a background save is on disk (collective completion)."""
+        return bool(handle.done())
+
+    def complete(self, handle: Any) -> None:
+        """Finish a background save (collective completion: every rank); raises if it failed."""
+        handle.result()
+
+    @abstractmethod
+    def own_files(self, tmp: Path, rank: int) -> list[Path]:
+        """The files under ``tmp/state`` this rank hashes for the manifest; once a save is
+        complete, over all ranks, these are all of them (rank 0 adds any left over)."""
+
+    def describe(self) -> dict[str, Any]:
+        """What goes into trainer_state.json besides the manager's own keys."""
+        return {}
+
+    def refusal(self, trainer_state: dict[str, Any]) -> str | None:
+        """Why this run must not load a checkpoint with this trainer state (a user error, not
+        damage: nothing is quarantined), or None."""
+        fmt = trainer_state.get(STATE_FORMAT)
+        if fmt is None:
+            return None
+        name = fmt.get("name") if isinstance(fmt, dict) else fmt
+        return (
+            f"it holds {name!r} state (NxD's per-rank files, written by the nxd backend), which "
+            "torch.distributed.checkpoint cannot read: only the nxd backend, in the layout "
+            f"recorded in {TRAINER_STATE}, can load it; or use another checkpoint.dir"
+        )
+
+    def problems(self, files: set[str]) -> list[str]:
+        """What this rank would miss among a checkpoint's files (relative names) to load it."""
+        return []
+
+    @abstractmethod
+    def read(
+        self,
+        state_dir: Path,
+        model_parts: Sequence[nn.Module],
+        optimizers: Sequence[torch.optim.Optimizer],
+    ) -> Any:
+        """Read the state; any exception means a damaged checkpoint. Returns what ``apply``
+        takes once every rank has read its part."""
+
+    @abstractmethod
+    def apply(
+        self,
+        loaded: Any,
+        model_parts: Sequence[nn.Module],
+        optimizers: Sequence[torch.optim.Optimizer],
+    ) -> None:
+        """Put what ``read`` returned into the model parts and optimizers. The optimizers keep
+        this run's hyperparameters and take only their state from the checkpoint."""
+
+    def device_rng_state(self) -> dict[str, Any] | None:
+        """The training device's generator ({"type", "state"}) where ``parallel.device`` does
+        not know the device; None leaves it to ``capture_rng``."""
+        return None
+
+    def set_device_rng_state(self, saved: dict[str, Any]) -> bool:
+        """Restore ``device_rng_state``'s value; False when it is not this device's."""
+        return False
+
+
+def _settings(opt: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    return [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+
+
+def _keep_settings(opt: torch.optim.Optimizer, settings: list[dict[str, Any]]) -> None:
+    for group, own in zip(opt.param_groups, settings, strict=True):
+        group.update(own)
+
+
+class DCPStateIO(StateIO):
+    """torch.distributed.checkpoint: every rank writes its own shards (``__R_*.distcp``), rank 0
+    the ``.metadata``; DCP reshards on load, so any layout of the torch backend can resume."""
+
+    def save(
+        self,
+        state_dir: Path,
+        model_parts: Sequence[nn.Module],
+        optimizers: Sequence[torch.optim.Optimizer],
+        *,
+        background: bool,
+        group: Any,
+    ) -> Any:
+        state, _ = collect_state(model_parts, optimizers)
+        with _single_process_ok():
+            if background:
+                return dcp.async_save(
+                    state, checkpoint_id=str(state_dir), process_group=group,
+                    no_dist=not _is_dist(),
+                )
+            dcp.save(state, checkpoint_id=str(state_dir), no_dist=not _is_dist())
+        return None
+
+    def own_files(self, tmp: Path, rank: int) -> list[Path]:
+        return sorted((tmp / STATE_DIR).glob(f"__{rank}_*.distcp"))
+
+    def read(
+        self,
+        state_dir: Path,
+        model_parts: Sequence[nn.Module],
+        optimizers: Sequence[torch.optim.Optimizer],
+    ) -> Any:
+        state, keys = collect_state(model_parts, optimizers)
+        with _single_process_ok():
+            dcp.load(state, checkpoint_id=str(state_dir), no_dist=not _is_dist())
+        return state, keys
+
+    def apply(
+        self,
+        loaded: Any,
+        model_parts: Sequence[nn.Module],
+        optimizers: Sequence[torch.optim.Optimizer],
+    ) -> None:
+        state, keys = loaded
+        for part, opt, (model_keys, optim_keys) in zip(
+            model_parts, optimizers, keys, strict=True
+        ):
+            settings = _settings(opt)
+            set_model_state_dict(part, {k: state["model"][k] for k in model_keys}, options=_OPTIONS)
+            set_optimizer_state_dict(
+                part, opt, {k: state["optim"][k] for k in optim_keys}, options=_OPTIONS
+            )
+            _keep_settings(opt, settings)
+
+
 # --- the shell -------------------------------------------------------------------------------
 
 
@@ -429,11 +618,6 @@ def _single_process_ok() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         yield
-
-
-def _barrier() -> None:
-    if _is_dist():
-        dist.barrier()
 
 
 @dataclass
@@ -459,8 +643,10 @@ class CheckpointManager:
         checksums: bool = True,
         before_done: Callable[[int], None] | None = None,
         log: Callable[[str], None] = print,
+        state_io: StateIO | None = None,
     ) -> None:
         self.root = Path(root)
+        self.io = state_io if state_io is not None else DCPStateIO()
         self.keep = keep
         self.fingerprint = fingerprint
         self.rank = rank
@@ -476,6 +662,22 @@ class CheckpointManager:
             # check exchanges Python objects: a separate CPU (gloo) group keeps both off the
             # training communicator, whatever its device.
             self._side_group = dist.new_group(backend="gloo")
+        self.io.attach(rank, world_size, self._side_group)
+
+    def _barrier(self) -> None:
+        """Every rank waits for the others, on the gloo side group: the training group's
+        barrier returns at once on XLA (torch_xla/distributed/xla_backend.py at v2.9.0, lines
+        230-231), where the file operations it orders would race."""
+        if _is_dist():
+            dist.barrier(group=self._side_group)
+
+    def _all_ranks(self, flag: bool) -> bool:
+        """True on every rank when ``flag`` is True on every rank (a one-integer all-reduce)."""
+        if not _is_dist():
+            return flag
+        value = torch.tensor([int(flag)], dtype=torch.int32)
+        dist.all_reduce(value, op=dist.ReduceOp.MIN, group=self._side_group)
+        return bool(value.item())
 
     # -- start of a run -------------------------------------------------------------------
 
@@ -483,7 +685,7 @@ class CheckpointManager:
         """Rank 0 creates the directory. Nothing is removed before a checkpoint has loaded."""
         if self.rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
-        _barrier()
+        self._barrier()
 
     def resolve(self, mode: ResumeMode) -> int | None:
         """The newest step the mode allows (None: fresh start); read-only, so it may run before
@@ -515,7 +717,7 @@ class CheckpointManager:
         # between `prepare`'s barrier and this one.)
         entries, leftovers = scan(self.root)
         earlier = quarantined_steps(self.root)
-        _barrier()
+        self._barrier()
         resolve_resume(mode, entries, self.root)
         loaded: dict[str, Any] | None = None
         tried: list[str] = []
@@ -554,20 +756,20 @@ class CheckpointManager:
                 self.log(f"checkpoint: interrupted save {path.name} moved to {where}")
             problem = fresh_start_problem(mode, tried, incomplete, earlier, self.root)
             if problem:
-                _barrier()
+                self._barrier()
                 raise CheckpointCorruptError(problem)
         else:
             if isinstance(mode, int):
                 self._set_aside_later(scan(self.root)[0], mode)
             if self.rank == 0:
                 self._cleanup()
-        _barrier()
+        self._barrier()
         return loaded
 
     def set_aside_later(self, step: int) -> None:
         """After an explicit resume from `step`, move later checkpoints out of the way."""
         self._set_aside_later(scan(self.root)[0], step)
-        _barrier()
+        self._barrier()
 
     def _set_aside_later(self, entries: Sequence[CheckpointEntry], step: int) -> None:
         # Resuming from an explicit older step starts a new timeline; later checkpoints of the
@@ -608,7 +810,7 @@ class CheckpointManager:
                     + "\n".join(problems) + "\n"
                 )
             _fsync_path(self.root)
-        _barrier()
+        self._barrier()
         return target
 
     def _cleanup(self) -> None:
@@ -638,33 +840,25 @@ class CheckpointManager:
         started = time.perf_counter()
         tmp = self.root / f"{TMP_PREFIX}{step_dir_name(step)}"
         (tmp / RNG_DIR).mkdir(parents=True, exist_ok=True)
-        torch.save(capture_rng(), tmp / RNG_DIR / f"rank_{self.rank}.pt")
-        state, _ = collect_state(model_parts, optimizers)
+        torch.save(capture_rng(self.io.device_rng_state()), tmp / RNG_DIR / f"rank_{self.rank}.pt")
         extra = {**extra, "step": step}
+        handle = self.io.save(tmp / STATE_DIR, model_parts, optimizers,
+                              background=self.async_save, group=self._side_group)
         if self.async_save:
-            with _single_process_ok():
-                future = dcp.async_save(
-                    state,
-                    checkpoint_id=str(tmp / STATE_DIR),
-                    process_group=self._side_group,
-                    no_dist=not _is_dist(),
-                )
-            # Hash in the background thread too, once this rank's own shards are written.
-            future.add_done_callback(lambda f: self._write_own_records(tmp, f))
-            self._pending = _PendingSave(step, tmp, extra, future)
+            if not self.io.collective_completion:
+                # Hash in the background thread too, once this rank's own shards are written.
+                handle.add_done_callback(lambda f: self._write_own_records(tmp, f))
+            self._pending = _PendingSave(step, tmp, extra, handle)
             return time.perf_counter() - started
-        with _single_process_ok():
-            dcp.save(state, checkpoint_id=str(tmp / STATE_DIR), no_dist=not _is_dist())
         self._write_own_records(tmp)
-        _barrier()  # every rank's shards, RNG file and digests are on disk
+        self._barrier()  # every rank's shards, RNG file and digests are on disk
         if self.rank == 0:
             self._finalize(step, tmp, extra)
-        _barrier()
+        self._barrier()
         return time.perf_counter() - started
 
     def _own_files(self, tmp: Path) -> list[Path]:
-        shards = sorted((tmp / STATE_DIR).glob(f"__{self.rank}_*.distcp"))
-        return [*shards, tmp / RNG_DIR / f"rank_{self.rank}.pt"]
+        return [*self.io.own_files(tmp, self.rank), tmp / RNG_DIR / f"rank_{self.rank}.pt"]
 
     def _write_own_records(self, tmp: Path, future: Any = None) -> None:
         """This rank's files with their sizes and digests, for rank 0's manifest."""
@@ -688,7 +882,13 @@ class CheckpointManager:
     def poll(self) -> int | None:
         """Finalize a finished background save (rank 0); returns its step, else None."""
         pending = self._pending
-        if pending is None or not pending.future.done():
+        if pending is None:
+            return None
+        if self.io.collective_completion:
+            # Every rank calls poll at the same step, so they agree here, or all wait on.
+            if not self._all_ranks(self.io.save_finished(pending.future)):
+                return None
+        elif not pending.future.done():
             return None
         return self._complete_pending()
 
@@ -701,6 +901,15 @@ class CheckpointManager:
     def _complete_pending(self) -> int:
         pending = self._pending
         assert pending is not None
+        if self.io.collective_completion:
+            # Every rank at once: the format's own completion, then each rank hashes its share
+            # of the files (all written now) for rank 0, which finalizes when all have reported.
+            self.io.complete(pending.future)  # raises if the save failed
+            self._pending = None
+            self._write_own_records(pending.tmp)
+            if self.rank == 0:
+                self._finalize(pending.step, pending.tmp, pending.extra)
+            return pending.step
         result = pending.future.result()  # raises if the save failed
         del result
         self._pending = None
@@ -732,6 +941,7 @@ class CheckpointManager:
     def _finalize(self, step: int, tmp: Path, extra: dict[str, Any]) -> None:
         trainer_state = {
             **extra,
+            **self.io.describe(),
             "fingerprint": self.fingerprint,
             "world_size": self.world_size,
             "saved_at": time.time(),
@@ -790,6 +1000,8 @@ class CheckpointManager:
             problems += trainer_state_problems(state, step)
             if not problems and state.get("fingerprint") != self.fingerprint:
                 self.read_trainer_state(step)  # raises the user-facing error
+            if not problems and (refusal := self.io.refusal(state)):
+                raise CheckpointError(f"checkpoint {path} cannot be loaded by this run: {refusal}")
         try:
             manifest = parse_manifest(_read_json(path, MANIFEST))
         except (CheckpointCorruptError, ValueError) as exc:
@@ -797,6 +1009,7 @@ class CheckpointManager:
         else:
             problems += listing_problems(manifest, checkpoint_files(path))
             if not problems:
+                problems += self.io.problems(set(manifest))
                 # Each rank re-hashes a share of the files; sizes are checked on the way.
                 share = sorted(manifest.items())[self.rank :: max(self.world_size, 1)]
                 problems += [p for rel, rec in share if (p := file_problem(path, rel, rec))]
@@ -850,10 +1063,8 @@ class CheckpointManager:
         so a resumed job with an edited optimizer spec follows the edit.
         """
         trainer_state = _read_json(path, TRAINER_STATE)
-        state, keys = collect_state(model_parts, optimizers)
         try:
-            with _single_process_ok():
-                dcp.load(state, checkpoint_id=str(path / STATE_DIR), no_dist=not _is_dist())
+            loaded = self.io.read(path / STATE_DIR, model_parts, optimizers)
         except (Exception, dcp.CheckpointException) as exc:
             # DCP wraps per-rank failures in CheckpointException, a BaseException, on all ranks.
             raise CheckpointCorruptError(
@@ -870,18 +1081,9 @@ class CheckpointManager:
         problems = self._agree(problems)
         if problems:
             raise CheckpointCorruptError(f"checkpoint {path}: {problems[0]}")
-        for part, opt, (model_keys, optim_keys) in zip(
-            model_parts, optimizers, keys, strict=True
-        ):
-            settings = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
-            set_model_state_dict(part, {k: state["model"][k] for k in model_keys}, options=_OPTIONS)
-            set_optimizer_state_dict(
-                part, opt, {k: state["optim"][k] for k in optim_keys}, options=_OPTIONS
-            )
-            for group, own in zip(opt.param_groups, settings, strict=True):
-                group.update(own)
+        self.io.apply(loaded, model_parts, optimizers)
         if rng is not None:
-            restore_rng(rng)
+            restore_rng(rng, self.io.set_device_rng_state)
         return trainer_state
 
 

@@ -349,6 +349,7 @@ def _loop(
         async_save=cfg.checkpoint.async_save,
         before_done=chaos.before_checkpoint_done,
         log=log,
+        state_io=pm.state_io(),
     )
     ckpt.prepare()
     grad_accum = cfg.batch.global_batch_size // (cfg.batch.micro_batch_size * pm.dp_size)

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from .layout import Layout
+
+if TYPE_CHECKING:
+    from ..checkpoint import StateIO
 
 
 class ParallelModel(ABC):
@@ -85,6 +88,14 @@ class ParallelModel(ABC):
     def any_rank(self, flag: bool) -> bool:
         """True on every rank when ``flag`` is True on at least one (a one-element all-reduce),
         so that all ranks take the same branch at a step boundary."""
+
+    def state_io(self) -> StateIO:
+        """How checkpoints write and read this model's state: torch.distributed.checkpoint
+        (``checkpoint.DCPStateIO``), which reshards across layouts. The nxd backend uses NxD's
+        own format instead."""
+        from ..checkpoint import DCPStateIO
+
+        return DCPStateIO()
 
     def compile_report(self) -> str | None:
         """One line on ahead-of-time work done so far (torch.compile: graphs from the cache and

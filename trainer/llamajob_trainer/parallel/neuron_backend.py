@@ -37,7 +37,9 @@ It does not define a second model. It takes the one ``Llama`` and converts it:
 
 Differences from the torch backend: the step loss is the mean of micro-batch means (what NxD's
 pipeline returns), equal to the global token mean when no label is ignored (packed data);
-checkpoints use NxD's per-rank format; ranks build their tensor-parallel shards of every layer
+checkpoints are written and read by NxD's ``save_checkpoint``/``load_checkpoint`` in its per-rank
+format, inside the checkpoint manager's guarantees, and resume only in the layout that saved
+them (``checkpoint_nxd.NxDStateIO``); ranks build their tensor-parallel shards of every layer
 on the host before NxD's pipeline partitioning keeps their stage's.
 """
 
@@ -46,7 +48,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -67,6 +69,9 @@ from ..protocol import EXIT_DEPENDENCY
 from .base import ParallelModel
 from .dist import DistEnv
 from .layout import Layout, make_layout
+
+if TYPE_CHECKING:
+    from ..checkpoint import StateIO
 
 NEURON_MODULES = ("torch_xla", "torch_neuronx", "neuronx_distributed")
 INSTALL_HINT = (
@@ -404,6 +409,34 @@ class NeuronParallelModel(ParallelModel):
         self.dp_size = parallel_state.get_data_parallel_size()
         self.tp_size, self.pp_size = layout.tp, layout.pp
         self._dp_groups = parallel_state.get_data_parallel_replica_groups()
+
+    def state_io(self) -> StateIO:
+        """Checkpoints through NxD's own ``save_checkpoint``/``load_checkpoint``
+        (``checkpoint_nxd.NxDStateIO``). torch's DCP does not fit here: on the XLA process group a
+        barrier returns at once (torch_xla/distributed/xla_backend.py at v2.9.0, lines
+        230-231), and the ZeRO-1 optimizer's state dict holds this rank's slice of the flattened
+        parameters (``base_state``, torch_xla/distributed/zero_redundancy_optimizer.py, lines
+        496-510), not per-parameter state DCP could reshard."""
+        from neuronx_distributed.parallel_layers import parallel_state
+
+        from ..checkpoint_nxd import NxDLayout, NxDStateIO
+        from ..hf import rank_shards_of
+
+        shards = rank_shards_of(self.model)
+        layout = NxDLayout(
+            tp=self.tp_size,
+            pp=self.pp_size,
+            dp=self.dp_size,
+            zero1=bool(self.nxd_config["optimizer_config"]["zero_one_enabled"]),
+            kv_replicator=shards.plan.kv_replicator if shards is not None else 1,
+            virtual_pipeline=self.layout.virtual_pipeline,
+        )
+        coords = (
+            self.dp_rank,
+            parallel_state.get_tensor_model_parallel_rank(),
+            parallel_state.get_pipeline_model_parallel_rank(),
+        )
+        return NxDStateIO(layout, coords)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.layout.bf16:
