@@ -761,3 +761,20 @@ def test_each_backend_selects_its_state_io(monkeypatch: pytest.MonkeyPatch) -> N
                                   virtual_pipeline=2)
     assert io.coords == (1, 3, 1)
     assert type(object.__new__(TorchParallelModel).state_io()) is DCPStateIO
+
+
+def test_the_platform_is_recorded_and_a_kv_replicated_resume_on_the_other_is_refused() -> None:
+    """trn1 and trn2 place kv copies differently (nxd_shards): the state format records the
+    platform, export reads it, and a resume with kvReplicator > 1 on the other one is refused."""
+    layout = NxDLayout(tp=4, pp=1, dp=1, zero1=True, kv_replicator=2, virtual_pipeline=1)
+    trn1 = NxDStateIO(layout, (0, 0, 0), "trn1")
+    state = trn1.describe()
+    assert state[ckpt_module.STATE_FORMAT]["platform"] == "trn1"
+    assert trn1.refusal(state) is None
+    refusal = NxDStateIO(layout, (0, 0, 0), "trn2").refusal(state)
+    assert refusal is not None and "saved on trn1" in refusal and "kvReplicator" in refusal
+    # Without kv copies the platforms agree on every shard.
+    plain = NxDLayout(tp=4, pp=1, dp=1, zero1=True, kv_replicator=1, virtual_pipeline=1)
+    assert NxDStateIO(plain, (0, 0, 0), "trn2").refusal(
+        NxDStateIO(plain, (0, 0, 0), "trn1").describe()
+    ) is None

@@ -16,6 +16,7 @@ the nxd compile pods run records the marker only after the wrapped command exits
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.machinery
 import json
 import math
@@ -35,6 +36,7 @@ from llamajob_trainer.config import TrainerConfig
 from llamajob_trainer.parallel import neuron_backend as nb
 from llamajob_trainer.parallel.dist import DistEnv
 from llamajob_trainer.parallel.layout import make_layout
+from test_nxd_shards import SEVENTY_B, nxd_stand_ins  # noqa: F401  (a fixture)
 from torch import Tensor, nn
 from trainer_helpers import tiny_config
 
@@ -348,12 +350,20 @@ def _micro_batches(n: int) -> list[tuple[Tensor, Tensor]]:
     return [(r[:, :-1], r[:, 1:]) for r in rows]
 
 
-def test_every_micro_batch_is_its_own_graph_and_the_loss_is_read_in_a_closure(
+def test_every_micro_batch_is_its_own_graph_and_the_loss_is_read_with_the_optimizer_step(
     fake: Recorder, tmp_path: Path
 ) -> None:
     """One mark_step per micro-batch, as NxD's loader gives its TP/ZeRO-1 script
     (tp_zero1_llama_hf_pretrain.py at v2.28.0, lines 427-430), the last one cutting the loss
-    reduction too; the loss is read by a step closure that this cut runs (lines 331-336)."""
+    reduction too. The loss is read by a step closure at the optimizer step's cut, beside the
+    norm (lines 331-336): one host wait per step, not one per graph."""
+
+    class Wrapper:
+        grad_norm = torch.tensor(2.5)
+
+        def step(self) -> None:
+            fake.events.append(("step", None))
+
     model = _TinyLM(fake)
     pm = _pm(fake, tmp_path, model)
     batches = _micro_batches(4)
@@ -362,12 +372,28 @@ def test_every_micro_batch_is_its_own_graph_and_the_loss_is_read_in_a_closure(
     assert names.count("mark_step") == 4
     # A cut after each micro-batch: forward, mark_step, forward, mark_step, ...
     assert [n for n in names if n in ("forward", "mark_step")] == ["forward", "mark_step"] * 4
-    # The reduction and the closure belong to the last cut.
-    assert names[-3:] == ["all_reduce", "add_step_closure", "mark_step"]
-    assert isinstance(loss, float)
+    # The reduction belongs to the last cut; nothing is read yet.
+    assert names[-2:] == ["all_reduce", "mark_step"]
+    assert "add_step_closure" not in names
+    assert not isinstance(loss, float)
+    fake.events.clear()
+    norm = pm.optimizer_step(Wrapper(), 1.0)  # type: ignore[arg-type]
+    assert fake.names() == ["step", "add_step_closure", "add_step_closure", "mark_step"]
+    assert norm == 2.5
     with torch.no_grad():
         expected = sum(float(model(x, y)[0]) for x, y in batches) / 4
-    assert loss == pytest.approx(expected, rel=1e-6)
+    assert float(loss) == pytest.approx(expected, rel=1e-6)
+
+
+def test_a_loss_nobody_read_is_read_on_float(fake: Recorder, tmp_path: Path) -> None:
+    """float() of a loss whose step never reached the optimizer (the compile step's validation
+    pass) cuts and reads it itself."""
+    pm = _pm(fake, tmp_path, _TinyLM(fake))
+    loss = pm.forward_backward(_micro_batches(2))
+    fake.events.clear()
+    value = float(loss)
+    assert fake.names() == ["add_step_closure", "mark_step"]
+    assert value == float(loss) and value > 0  # read once
 
 
 def test_the_optimizer_step_is_its_own_graph_and_its_norm_is_read_in_a_closure(
@@ -518,3 +544,104 @@ def test_the_wrapper_refuses_a_command_line_without_its_node(
                  ["--node", "0", "--nodes", "1"]):
         assert compile_step.main(argv) == 2
     assert "usage" in capsys.readouterr().err
+
+
+# --- pipeline: meta-device build, only this rank's stage materialised ----------------------------
+
+
+def test_pipeline_layouts_build_on_meta_and_materialise_through_param_init_fn(
+    fake: Recorder, tmp_path: Path
+) -> None:
+    """NxD's 70B pipeline run (run_llama2_70B_tp_pp.sh at v2.28.0, line 131) initialises on the
+    meta device: model_init_config with meta_device_init and param_init_fn (run_llama_nxd.py,
+    lines 113-117), which initialize_parallel_model hands to NxDPPModel (trainer/trainer.py,
+    lines 172-175)."""
+    cfg = nxd_config(tmp_path, parallelism={"tensor": 1, "pipeline": 2})
+    nb.parallelize_neuron(cfg, cfg.model.architecture(), cpu_env(world_size=2))
+    (kwargs,) = fake.configs
+    init = kwargs["model_init_config"]
+    assert init["meta_device_init"] is True
+    assert isinstance(init["param_init_fn"], nb._StageInit)
+    assert init["sequential_move_factor"] == 11
+
+
+def test_unpipelined_layouts_keep_the_eager_build(fake: Recorder, tmp_path: Path) -> None:
+    cfg = nxd_config(tmp_path, parallelism={"tensor": 1, "pipeline": 1})
+    nb.parallelize_neuron(cfg, cfg.model.architecture(), cpu_env())
+    assert fake.configs[0]["model_init_config"] is None
+
+
+def _nxd_reinit(stage: nn.Module, param_init_fn: Callable[[nn.Module, torch.device], None]) -> None:
+    """NxD's reinit_model on one stage (utils/model_utils.py at v2.28.0, lines 205-229): each
+    module's own parameters become empty host tensors, then param_init_fn fills them."""
+    with torch.no_grad():
+        for module in stage.modules():
+            for key, param in module._parameters.items():
+                if param is not None:
+                    module._parameters[key] = nn.Parameter(
+                        torch.empty_like(param, device="cpu"), param.requires_grad
+                    )
+            param_init_fn(module, torch.device("cpu"))
+
+
+@pytest.mark.parametrize(("tp", "kv_rep", "tie"), [(8, 1, False), (32, 4, False), (32, 4, True)])
+def test_only_the_stages_layers_are_materialised_with_the_eager_values(
+    nxd_stand_ins: Callable[[int, str], None],  # noqa: F811  (the fixture imported above)
+    monkeypatch: pytest.MonkeyPatch,
+    tp: int,
+    kv_rep: int,
+    tie: bool,
+) -> None:
+    """Stage 1 of 2 (layer 1, the final norm and the output): its parameters get exactly the
+    values the eager build gives them; layer 0 and the embedding stay on the meta device and
+    their initial values are never computed."""
+    from llamajob_trainer.parallel.layout import Layout
+
+    rank, seed = 1, 7
+    nxd_stand_ins(tp, "trn2")
+    arch = dataclasses.replace(SEVENTY_B, num_layers=2, tie_embeddings=tie)
+    layout = Layout(
+        world_size=tp * 2, pp=2, dp=1, tp=tp, virtual_pipeline=1, schedule="1F1B", fsdp=False,
+        sequence_parallel=True, activation_checkpointing="none", bf16=False,
+        torch_compile=False, micro_batch_size=1, grad_accum=1, seq_length=8,
+    )  # fmt: skip
+
+    eager = nb.NeuronLlama(arch, max_seq_len=8).to("meta")
+    nb._Converter(arch, layout, seed, kv_rep, rank).apply(eager)
+
+    computed: list[str] = []
+
+    def counting_init_tensor(arch: Any, seed: int, fqn: str, shape: Any) -> Tensor:
+        computed.append(fqn)
+        return model_module.init_tensor(arch, seed, fqn, shape)
+
+    monkeypatch.setattr(nb, "init_tensor", counting_init_tensor)
+    # NxD builds under init_on_device(meta) (trainer/trainer.py at v2.28.0, line 165): the
+    # stand-in layers' torch.empty lands on meta too.
+    stage_init = nb._StageInit()
+    with torch.device("meta"):
+        deferred = nb.NeuronLlama(arch, max_seq_len=8)
+        converter = nb._Converter(arch, layout, seed, kv_rep, rank, deferred=True)
+        converter.apply(deferred)
+    stage_init.converter = converter
+    assert computed == []
+    assert all(p.is_meta for p in deferred.parameters())
+
+    stage = nn.ModuleDict(
+        {"layer": deferred.layers["1"], "norm": deferred.norm, "output": deferred.output}
+    )
+    _nxd_reinit(stage, stage_init)
+    # The tied output's rows are the embedding's: its value is computed, on the last stage.
+    outside = [f for f in computed if f.startswith(("layers.0.", "tok_embeddings."))]
+    assert computed and outside == (["tok_embeddings.weight"] if tie else [])
+    assert all(p.is_meta for p in deferred.layers["0"].parameters())
+    assert deferred.tok_embeddings.weight.is_meta
+    mine = dict(stage.named_parameters())
+    reference = {"layer." + n: p for n, p in eager.layers["1"].named_parameters()} | {
+        "norm.weight": eager.norm.weight,
+        "output.weight": eager.output.weight,
+    }
+    assert mine.keys() == reference.keys()
+    for name, value in mine.items():
+        assert not value.is_meta
+        torch.testing.assert_close(value, reference[name], rtol=0, atol=0)

@@ -88,8 +88,9 @@ def test_each_micro_batch_is_one_graph_and_steps_compile_nothing_after_warm_up(
             set_lr(optimizers, lrs[-1])
             batch = [to_batch(rows) for rows in source.next_micro_batches()]
             assert len(batch) == MICRO_BATCHES
-            losses.append(pm.forward_backward(batch))
+            loss = pm.forward_backward(batch)
             norm = optimizer_step(pm, optimizers, cfg.optimizer.grad_clip)
+            losses.append(float(loss))  # as train._loop: read with the optimizer's graph
             for opt in optimizers:
                 opt.zero_grad(set_to_none=True)
         steps.append(graphs)
@@ -117,7 +118,7 @@ def test_the_step_on_xla_is_the_unsharded_models_step_on_the_cpu(
     optimizers = build_optimizers(pm, cfg.optimizer)
     lr = lr_at(0, cfg.optimizer, cfg.total_steps())
     set_lr(optimizers, lr)
-    loss = pm.forward_backward(batch)
+    loss = float(pm.forward_backward(batch))
     model = pm.model_parts[0]
     grads = {name: p.grad.cpu() for name, p in model.named_parameters()}
 
@@ -199,7 +200,7 @@ def test_bf16_mixed_runs_the_matmuls_in_bf16_over_fp32_parameters(
     model.layers["0"].feed_forward.w1.register_forward_hook(
         lambda module, args, out: seen.append(out.dtype)
     )
-    loss = pm.forward_backward(batch)
+    loss = float(pm.forward_backward(batch))
     assert seen == [torch.bfloat16] * MICRO_BATCHES
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     assert {p.grad.dtype for p in model.parameters()} == {torch.float32}

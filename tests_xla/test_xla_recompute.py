@@ -119,7 +119,7 @@ def test_selective_recompute_on_the_nxd_path_is_torch_xlas_and_changes_nothing(
         source = BatchSource(dataset, seed=cfg.seed,
                              global_batch_size=cfg.batch.global_batch_size,
                              micro_batch_size=cfg.batch.micro_batch_size, dp_rank=0, dp_size=1)
-        loss = pm.forward_backward([to_batch(rows) for rows in source.next_micro_batches()])
+        loss = float(pm.forward_backward([to_batch(rows) for rows in source.next_micro_batches()]))
         named = pm.model_parts[0].named_parameters()
         results[mode] = (loss, {name: p.grad.cpu() for name, p in named})
     assert calls == [{"use_reentrant": True}] * (len(blocks) * MICRO_BATCHES)

@@ -22,9 +22,11 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch import Tensor, nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import _CHECKPOINT_PREFIX
 
 from .checkpoint import STATE_DIR, STATE_FORMAT, StateIO, _keep_settings, _settings
+from .errors import CheckpointError
 
 
 @dataclass(frozen=True)
@@ -153,9 +155,14 @@ class NxDStateIO(StateIO):
     collective_completion = True
     xser = True
 
-    def __init__(self, layout: NxDLayout, coords: tuple[int, int, int]) -> None:
+    def __init__(
+        self, layout: NxDLayout, coords: tuple[int, int, int], platform: str | None = None
+    ) -> None:
         self.layout = layout
         self.coords = coords  # this rank's (dp, tp, pp) in NxD's parallel_state
+        # trn1 or trn2: with kvReplicator > 1 it decides where NxD put each kv copy, so export
+        # and resume must know it (nxd_shards.ShardPlan).
+        self.platform = platform
         self._all_coords: list[tuple[int, int, int]] = [coords]
 
     def attach(self, rank: int, world_size: int, group: Any) -> None:
@@ -247,8 +254,11 @@ class NxDStateIO(StateIO):
         return [state / rel for rel in files if owners[rel] == rank]
 
     def describe(self) -> dict[str, Any]:
-        return {STATE_FORMAT: {"name": self.name, "xser": self.xser,
-                               "layout": asdict(self.layout)}}
+        fmt: dict[str, Any] = {"name": self.name, "xser": self.xser,
+                               "layout": asdict(self.layout)}
+        if self.platform is not None:
+            fmt["platform"] = self.platform
+        return {STATE_FORMAT: fmt}
 
     def refusal(self, trainer_state: dict[str, Any]) -> str | None:
         fmt = trainer_state.get(STATE_FORMAT)
@@ -257,6 +267,15 @@ class NxDStateIO(StateIO):
                 "it holds torch.distributed.checkpoint state (the torch backend's), which NxD's "
                 "load_checkpoint cannot read; resume it with backend torch, or use another "
                 "checkpoint.dir"
+            )
+        saved_platform = fmt.get("platform")
+        if (self.layout.kv_replicator > 1 and saved_platform is not None
+                and self.platform is not None and saved_platform != self.platform):
+            return (
+                f"it was saved on {saved_platform}, and this run is on {self.platform}: with "
+                "parallelism.kvReplicator > 1 the two place the kv copies differently, so the "
+                "files would load into the wrong heads. Resume on the recorded platform, or "
+                "start over in another checkpoint.dir"
             )
         changed = nxd_layout_changes(fmt.get("layout"), self.layout)
         if not changed:
@@ -327,3 +346,82 @@ class NxDStateIO(StateIO):
 
         xm.set_rng_state(int(saved["state"]))
         return True
+
+
+# --- reading the model files in one process (export-hf) --------------------------------------
+
+
+def nxd_layout_of(trainer_state: dict[str, Any]) -> NxDLayout:
+    """The NxD layout a checkpoint's trainer state records (``NxDStateIO.describe``)."""
+    fmt = trainer_state.get(STATE_FORMAT)
+    record = fmt.get("layout") if isinstance(fmt, dict) else None
+    try:
+        if isinstance(record, dict):
+            return NxDLayout(**record)
+    except TypeError:
+        pass
+    raise CheckpointError(
+        f"the checkpoint's {STATE_FORMAT} does not record an NxD layout this version reads: "
+        f"{record!r}"
+    )
+
+
+class NxDModelFiles(NxDStateIO):
+    """The model files of an NxD checkpoint, read in one process without NxD (``export-hf``).
+
+    As a ``StateIO`` it only checks: the manager's ``verify`` accepts the recorded layout (it is
+    this object's) and requires the model file of every (tp, pp) rank. Every data-parallel
+    replica of a (tp, pp) holds the same weights and NxD writes them once, as dp_rank_00
+    (``save_checkpoint``, trainer/checkpoint.py at v2.28.0, lines 794-812: the model path has no
+    dp part, ``_get_path`` lines 54-63). Nothing here writes."""
+
+    def __init__(self, layout: NxDLayout) -> None:
+        super().__init__(layout, (0, 0, 0))
+
+    def model_files(self) -> list[str]:
+        """Every (tp, pp) rank's model file, relative to the state directory."""
+        return [nxd_shard_file("model", 0, tp, pp)
+                for pp in range(self.layout.pp) for tp in range(self.layout.tp)]
+
+    def problems(self, files: set[str]) -> list[str]:
+        return [f"{STATE_DIR}/{rel} (NxD's model file of a rank) is missing"
+                for rel in self.model_files() if f"{STATE_DIR}/{rel}" not in files]
+
+    def save(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError("NxDModelFiles only reads")
+
+    @staticmethod
+    def load_model(state_dir: Path, tp: int, pp: int) -> dict[str, Tensor]:
+        """One rank's model state, on the CPU, under the names NxD saved it with.
+
+        NxD saves ``model.state_dict()``, or under pipeline parallelism
+        ``NxDPPModel.local_state_dict()``, which renames the stage's parameters back to the
+        original module's names (pipeline/model.py at v2.28.0, lines 1893-1923; trainer/model.py
+        lines 84-87): a file holds its stage's parameters under their full names, layer indices
+        included, as NxD's converter reads them (scripts/checkpoint_converter.py, lines 317-345,
+        513-552). The checkpoint wrapper's module prefix is dropped if a name keeps it.
+
+        An xser file (a directory ``<file>.tensors`` beside it, the test NxD itself uses:
+        ``is_checkpoint_xser``, trainer/checkpoint_storage.py lines 150-158) holds references
+        that torch_xla's ``serialization.load`` replaces with its per-tensor files (torch_xla
+        v2.9.0, torch_xla/utils/serialization.py lines 79-100: plain ``torch.load`` of each, on
+        the CPU). Otherwise the file is NxD's plain ``torch.save`` of CPU tensors
+        (trainer/checkpoint.py lines 578-585), memory-mapped so a rank's shards are read as they
+        are used."""
+        path = state_dir / nxd_shard_file("model", 0, tp, pp)
+        if path.with_name(path.name + ".tensors").is_dir():
+            try:
+                from torch_xla.utils import serialization as xser
+            except ImportError as exc:
+                raise CheckpointError(
+                    f"{path} is an xser file (NxD's one file per tensor); reading it needs the "
+                    f"torch-xla package (torch_xla), which is not importable here ({exc}). Run "
+                    "export-hf in the trainer image, or install torch-xla"
+                ) from None
+            loaded = xser.load(str(path))
+        else:
+            loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        if not isinstance(loaded, dict):
+            raise CheckpointError(f"{path} does not hold a model state dict")
+        return {str(k).replace(_CHECKPOINT_PREFIX, ""): v for k, v in loaded.items()
+                if isinstance(v, Tensor)}

@@ -303,6 +303,9 @@ def export_hf_main(argv: list[str]) -> int:
                         help="default: checkpoint.dir of the config")
         ap.add_argument("--step", type=int, metavar="N", help="default: the newest complete one")
         ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+        ap.add_argument("--platform", choices=["trn1", "trn2"],
+                        help="where an nxd-backend checkpoint with kvReplicator > 1 was written "
+                        "(NxD places the kv copies differently on each); default: as recorded")
         args = ap.parse_args(argv)
         cfg = load_config(args.config)
 
@@ -316,6 +319,7 @@ def export_hf_main(argv: list[str]) -> int:
             args.output,
             dtype=args.dtype,
             tokenizer=cfg.model.tokenizer,
+            platform=args.platform,
         )
         print(f"exported to {out}")
         return 0

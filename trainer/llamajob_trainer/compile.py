@@ -110,11 +110,12 @@ def run_compile(
 
     loss = float("nan")
     for i in range(steps):
-        loss = pm.forward_backward(random_batch())
+        step_loss = pm.forward_backward(random_batch())
         if nxd:
             optimizer_step(pm, optimizers, cfg.optimizer.grad_clip)
             for opt in optimizers:
                 opt.zero_grad(set_to_none=True)
+        loss = float(step_loss)  # nxd: read with the optimizer step's graph, as in training
         if env.rank == 0:
             log(f"compile step {i + 1}/{steps}: loss {loss:.4f}")
     if cfg.validation.sequences:

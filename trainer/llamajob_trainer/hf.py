@@ -15,18 +15,18 @@ our FQNs (`model.from_hf_state_dict`) and hands every model part the tensors it 
 Export turns a complete checkpoint into `model.safetensors` + `config.json` that
 `transformers.LlamaForCausalLM.from_pretrained` loads, in one process, without a process group.
 `hf_state_dict_from_nxd` reassembles the full tensors from every tensor-parallel rank's NxD
-state for it.
+state for it; an nxd-backend checkpoint is read and written one pipeline stage at a time.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from functools import partial
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -40,6 +40,9 @@ from torch.distributed.checkpoint.state_dict import (
 from .errors import CheckpointError, ConfigError
 from .parallel.nxd_shards import RankShards, ShardMismatch, ShardPlan
 from .presets import Architecture
+
+if TYPE_CHECKING:
+    from .checkpoint_nxd import NxDLayout, NxDModelFiles
 
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -301,12 +304,14 @@ def hf_state_dict_from_nxd(
     plan: ShardPlan,
     rank_states: Sequence[Mapping[str, Tensor]],
     dtype: torch.dtype = torch.float32,
+    fqns: Iterable[str] | None = None,
 ) -> dict[str, Tensor]:
     """HF-named full tensors from every tensor-parallel rank's model state.
 
     ``rank_states[r]`` holds rank r's parameters under the NxD layers' names (a rank's pipeline
-    stages merged); a lazily loading mapping keeps one parameter's shards in memory at a time.
-    Parts held by several ranks (kv copies, norms) must be equal.
+    stages merged, or one stage with ``fqns`` its parameters; default: the whole model); a
+    lazily loading mapping keeps one parameter's shards in memory at a time. Parts held by
+    several ranks (kv copies, norms) must be equal.
     """
     from .model import to_hf_state_dict
 
@@ -320,7 +325,7 @@ def hf_state_dict_from_nxd(
             yield state[local]
 
     full: dict[str, Tensor] = {}
-    for fqn in plan.fqns():
+    for fqn in plan.fqns() if fqns is None else fqns:
         try:
             full[fqn] = plan.assemble(fqn, shards_of(plan.local_name(fqn))).to(dtype)
         except ShardMismatch as exc:
@@ -340,13 +345,24 @@ def export_checkpoint(
     *,
     dtype: str = "float32",
     tokenizer: str | None = None,
+    platform: str | None = None,
 ) -> Path:
-    """Write step N (None = newest complete) of `checkpoint_dir` as HF safetensors into out_dir."""
-    import torch.distributed.checkpoint as dcp
-    from safetensors.torch import save_file
+    """Write step N (None = newest complete) of `checkpoint_dir` as HF safetensors into out_dir.
 
-    from .checkpoint import STATE_DIR, CheckpointManager, _single_process_ok, step_dir_name
-    from .model import Llama, to_hf_state_dict
+    The checkpoint is verified first (digests of every file; a damaged one is refused and left
+    in place). Either backend's checkpoint: the torch backend's DCP state is loaded whole; the
+    nxd backend's per-rank NxD files are reassembled one pipeline stage at a time
+    (`_export_nxd`). `platform` (trn1 or trn2) is where NxD put the kv copies, needed for an
+    NxD checkpoint with kvReplicator > 1 unless the checkpoint records it.
+    """
+    from .checkpoint import (
+        STATE_DIR,
+        STATE_FORMAT,
+        CheckpointManager,
+        _single_process_ok,
+        step_dir_name,
+    )
+    from .errors import CheckpointCorruptError
 
     manager = CheckpointManager(checkpoint_dir, keep=1 << 30, fingerprint=fingerprint)
     if step is None:
@@ -355,22 +371,138 @@ def export_checkpoint(
             raise CheckpointError(
                 f"no complete checkpoint in {checkpoint_dir}; train first or fix --checkpoint-dir"
             )
+    try:
+        fmt = manager.read_trainer_state(step).get(STATE_FORMAT)
+    except CheckpointCorruptError:
+        fmt = None  # missing or unreadable: verify says which, for either format
+    nxd = isinstance(fmt, dict) and fmt.get("name") == "nxd"
+    if nxd:
+        from .checkpoint_nxd import NxDModelFiles, nxd_layout_of
+
+        reader = NxDModelFiles(nxd_layout_of({STATE_FORMAT: fmt}))
+        manager = CheckpointManager(
+            checkpoint_dir, keep=1 << 30, fingerprint=fingerprint, state_io=reader
+        )
     manager.verify(step)
-    with torch.device("meta"):
-        model = Llama(arch)
-    model.to_empty(device="cpu")
-    sd = get_model_state_dict(model)
-    path = Path(checkpoint_dir) / step_dir_name(step) / STATE_DIR
-    with _single_process_ok():
-        dcp.load({"model": sd}, checkpoint_id=str(path), no_dist=True)
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-    hf_sd = {k: v.to(torch_dtype).contiguous() for k, v in to_hf_state_dict(sd, arch).items()}
+    state = Path(checkpoint_dir) / step_dir_name(step) / STATE_DIR
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_file(hf_sd, str(out / SAFETENSORS), metadata={"format": "pt"})
+    if nxd:
+        assert isinstance(fmt, dict)
+        plan = _recorded_plan(arch, reader.layout, fmt, platform)
+        _export_nxd(plan, reader, state, torch_dtype, out)
+    else:
+        import torch.distributed.checkpoint as dcp
+        from safetensors.torch import save_file
+
+        from .model import Llama, to_hf_state_dict
+
+        with torch.device("meta"):
+            model = Llama(arch)
+        model.to_empty(device="cpu")
+        sd = get_model_state_dict(model)
+        with _single_process_ok():
+            dcp.load({"model": sd}, checkpoint_id=str(state), no_dist=True)
+        hf_sd = {k: v.to(torch_dtype).contiguous() for k, v in to_hf_state_dict(sd, arch).items()}
+        _remove_stale_weights(out)
+        save_file(hf_sd, str(out / SAFETENSORS), metadata={"format": "pt"})
     (out / CONFIG).write_text(json.dumps(hf_config(arch, dtype), indent=2) + "\n")
     if tokenizer is not None:
         tok = Path(tokenizer)
         tok = tok / "tokenizer.json" if tok.is_dir() else tok
         shutil.copy(tok, out / "tokenizer.json")
     return out
+
+
+def _remove_stale_weights(out: Path) -> None:
+    """Weights of an earlier export into the same directory, in the other file layout: a loader
+    finding both a single file and an index would have to guess which one is current."""
+    for old in (out / SAFETENSORS, out / SAFETENSORS_INDEX, *out.glob("model-*-of-*.safetensors")):
+        old.unlink(missing_ok=True)
+
+
+def _recorded_plan(
+    arch: Architecture, layout: NxDLayout, fmt: Mapping[str, Any], platform: str | None
+) -> ShardPlan:
+    """The shard map the nxd backend trained with (``neuron_backend._Converter``): the recorded
+    tensor degree and kvReplicator, and with kv copies the platform that placed them."""
+    from .parallel.layout import LayoutError
+    from .parallel.nxd_shards import platform_named
+
+    recorded = fmt.get("platform")
+    if recorded is not None and platform is not None and recorded != platform:
+        raise CheckpointError(
+            f"--platform {platform} contradicts the checkpoint, written on {recorded}"
+        )
+    where = recorded if recorded is not None else platform
+    try:
+        if layout.kv_replicator > 1 and where is None:
+            raise CheckpointError(
+                f"the checkpoint has kvReplicator {layout.kv_replicator}: NxD places the kv "
+                "copies differently on trn1 and trn2 and the checkpoint does not say which it "
+                "was written on; pass --platform trn1 or --platform trn2"
+            )
+        chosen = platform_named(where) if layout.kv_replicator > 1 and where else None
+        return ShardPlan(arch, layout.tp, layout.kv_replicator, chosen)
+    except LayoutError as exc:
+        raise CheckpointError(f"cannot reassemble the checkpoint for this model: {exc}") from None
+
+
+class _TakeOnce(dict[str, Tensor]):
+    """A rank's loaded state that lets go of each shard once read: ``hf_state_dict_from_nxd``
+    reads every shard once, so a stage's shards shrink as its full tensors grow."""
+
+    def __getitem__(self, key: str) -> Tensor:
+        return self.pop(key)
+
+
+def _export_nxd(
+    plan: ShardPlan, reader: NxDModelFiles, state: Path, dtype: torch.dtype, out: Path
+) -> list[Path]:
+    """Reassemble an NxD checkpoint and write it as safetensors, one pipeline stage at a time.
+
+    For each stage the model file of every tensor-parallel rank is read, in turn
+    (``NxDModelFiles.load_model``), the full tensors of the stage's parameters put together by
+    ``hf_state_dict_from_nxd`` (kv copies and norms checked to agree) and written as one shard:
+    host memory holds one stage, not the model. One stage: ``model.safetensors``; several:
+    ``model-0000S-of-0000P.safetensors`` and ``model.safetensors.index.json``, the layout
+    ``transformers`` and ``model.pretrained`` read."""
+    from safetensors.torch import save_file
+
+    stages = reader.layout.pp
+    names = (
+        [SAFETENSORS] if stages == 1
+        else [f"model-{s + 1:05d}-of-{stages:05d}.safetensors" for s in range(stages)]
+    )
+    wanted = list(plan.fqns())
+    done: dict[str, int] = {}
+    weight_map: dict[str, str] = {}
+    total = 0
+    _remove_stale_weights(out)
+    for pp, name in enumerate(names):
+        rank_states = [_TakeOnce(reader.load_model(state, tp, pp)) for tp in range(plan.tp)]
+        # A stage's parameters are the ones its files hold; a tied head's output.weight on the
+        # last stage is the embedding's (plan.fqns() leaves it out).
+        mine = [fqn for fqn in wanted if plan.local_name(fqn) in rank_states[0]]
+        again = [fqn for fqn in mine if fqn in done]
+        if again:
+            raise CheckpointError(
+                f"pipeline stages {done[again[0]]} and {pp} both hold {again[0]}"
+            )
+        done.update(dict.fromkeys(mine, pp))
+        hf_sd = hf_state_dict_from_nxd(plan, rank_states, dtype, fqns=mine)
+        del rank_states
+        save_file(hf_sd, str(out / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(hf_sd, name))
+        total += sum(t.numel() * t.element_size() for t in hf_sd.values())
+        del hf_sd
+    missing = [fqn for fqn in wanted if fqn not in done]
+    if missing:
+        raise CheckpointError(
+            f"the checkpoint's model files lack {len(missing)} parameters, e.g. {missing[:3]}"
+        )
+    if stages > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (out / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    return [out / name for name in names]

@@ -460,6 +460,9 @@ def _loop(
         chaos.before_step(step + 1, pm.parameters())
         loss = pm.forward_backward(micro_batches)
         grad_norm = optimizer_step(pm, optimizers, spec.grad_clip)
+        # The nxd backend's loss is read with the optimizer step's graph (one host wait per
+        # step); float() is where it arrives. The torch backend's is a float already.
+        loss = float(loss)
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
         step += 1

@@ -54,7 +54,9 @@ class ParallelModel(ABC):
         ``(input_ids[mbs, seq], labels[mbs, seq])`` pairs), accumulating gradients.
 
         The loss is the mean token cross-entropy over the global batch, so the gradients equal
-        those of one process running the whole batch. Returns that loss, the same on all ranks.
+        those of one process running the whole batch. Returns that loss, the same on all ranks:
+        a float, or on the nxd backend a value that ``float()`` reads once the step's last graph
+        (the optimizer's) has run, so the host never waits for the backward graphs alone.
         """
 
     @abstractmethod

@@ -39,8 +39,9 @@ Differences from the torch backend: the step loss is the mean of micro-batch mea
 pipeline returns), equal to the global token mean when no label is ignored (packed data);
 checkpoints are written and read by NxD's ``save_checkpoint``/``load_checkpoint`` in its per-rank
 format, inside the checkpoint manager's guarantees, and resume only in the layout that saved
-them (``checkpoint_nxd.NxDStateIO``); ranks build their tensor-parallel shards of every layer
-on the host before NxD's pipeline partitioning keeps their stage's.
+them (``checkpoint_nxd.NxDStateIO``). With a pipeline the model is built on the meta device and
+NxD materialises only each rank's stages, filled through NxD's ``param_init_fn`` from the same
+per-FQN initial values; without one, every rank's shards are filled as the model is built.
 """
 
 from __future__ import annotations
@@ -150,6 +151,21 @@ def parallelize_neuron(cfg: TrainerConfig, arch: Architecture, env: DistEnv) -> 
             "use_zero1_optimizer": p.zero1,
             "broadcast_and_average_loss": True,
         }
+    # Pipeline: NxD's meta-device initialisation, as its 70B Llama pipeline runs
+    # (run_llama2_70B_tp_pp.sh at v2.28.0, line 131: --use_meta_device_init 1, which
+    # run_llama_nxd.py turns into this config at lines 113-117). The model is built on the meta
+    # device (trainer/trainer.py, lines 162-166), NxDPPModel partitions it, and only this rank's
+    # stages are materialised on the host through param_init_fn (lines 172-183; pipeline/
+    # model.py, lines 686-688 and 1954-1961); the other stages' layers are never allocated.
+    # Without it every rank would hold its shards of every layer until partitioning.
+    # sequential_move_factor is NxD's default (trainer/trainer.py, line 45), set to keep its
+    # "not set" warning (lines 103-108) quiet.
+    stage_init = _StageInit() if layout.pp > 1 else None
+    model_init_config = (
+        None
+        if stage_init is None
+        else {"meta_device_init": True, "param_init_fn": stage_init, "sequential_move_factor": 11}
+    )
     nxd_config = nxd.neuronx_distributed_config(
         tensor_parallel_size=layout.tp,
         pipeline_parallel_size=layout.pp,
@@ -171,9 +187,10 @@ def parallelize_neuron(cfg: TrainerConfig, arch: Architecture, env: DistEnv) -> 
             "use_fp32_grad_acc": False,
             "use_master_weights_in_ckpt": False,
         },
+        model_init_config=model_init_config,
     )
     model = nxd.initialize_parallel_model(
-        nxd_config, _build_model, False, arch, layout, cfg.seed, p.kv_replicator
+        nxd_config, _build_model, False, arch, layout, cfg.seed, p.kv_replicator, stage_init
     )
     return NeuronParallelModel(layout, env, nxd_config, model)
 
@@ -213,15 +230,46 @@ class _ReplicatedKVAttention(Attention):
         return q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
 
 
-def _build_model(arch: Architecture, layout: Layout, seed: int, kv_rep: int) -> NeuronLlama:
-    """Called by NxD after ``initialize_model_parallel``: the one Llama, NxD layers swapped in."""
+class _StageInit:
+    """NxD's ``param_init_fn`` for the pipeline, handed over before the model exists: it
+    forwards to the converter ``_build_model`` makes."""
+
+    def __init__(self) -> None:
+        self.converter: _Converter | None = None
+
+    def __call__(self, module: nn.Module, device: torch.device) -> None:
+        if self.converter is None:
+            raise RuntimeError("NxD asked for parameters before the model was built")
+        self.converter.init_module(module, device)
+
+
+def _build_model(
+    arch: Architecture,
+    layout: Layout,
+    seed: int,
+    kv_rep: int,
+    stage_init: _StageInit | None = None,
+) -> NeuronLlama:
+    """Called by NxD after ``initialize_model_parallel``: the one Llama, NxD layers swapped in.
+
+    With ``stage_init`` (the pipeline) the parameters stay on the meta device and are filled
+    later, by NxD, for this rank's stages only; without, every shard is filled now.
+    """
     from neuronx_distributed.parallel_layers import parallel_state
 
     with torch.device("meta"):
         model = NeuronLlama(arch, max_seq_len=layout.seq_length)
-    _Converter(arch, layout, seed, kv_rep, parallel_state.get_tensor_model_parallel_rank()).apply(
-        model
+    converter = _Converter(
+        arch,
+        layout,
+        seed,
+        kv_rep,
+        parallel_state.get_tensor_model_parallel_rank(),
+        stage_init is not None,
     )
+    converter.apply(model)
+    if stage_init is not None:
+        stage_init.converter = converter
     selective = layout.activation_checkpointing == "selective"
     for block in model.layers.values():
         block.attention.recompute_core = selective
@@ -252,7 +300,15 @@ class _Converter:
     and export use too, so a fresh start, an import and an export agree by construction.
     """
 
-    def __init__(self, arch: Architecture, layout: Layout, seed: int, kv_rep: int, tp_rank: int):
+    def __init__(
+        self,
+        arch: Architecture,
+        layout: Layout,
+        seed: int,
+        kv_rep: int,
+        tp_rank: int,
+        deferred: bool = False,
+    ) -> None:
         from neuronx_distributed.parallel_layers import layers
 
         from .nxd_shards import RankShards, ShardPlan, platform_named
@@ -265,6 +321,11 @@ class _Converter:
         self.seq_kwargs: dict[str, Any] = (
             {"sequence_parallel_enabled": True, "sequence_dimension": 1} if self.sp else {}
         )
+        # Deferred (the pipeline): parameters stay on the meta device and each is only named
+        # here, per owning module, with its FQN and whether it is a shard; NxD fills the ones of
+        # this rank's stage through ``init_module``.
+        self.deferred = deferred
+        self.pending: dict[nn.Module, dict[str, tuple[str, bool]]] = {}
 
     @staticmethod
     def _platform() -> str:
@@ -284,7 +345,7 @@ class _Converter:
         a = self.arch
         h = a.hidden_size
         emb = self.layers.ParallelEmbedding(a.vocab_size, h, **self.seq_kwargs)
-        self._fill(emb.weight, "tok_embeddings.weight")
+        self._fill(emb, "weight", "tok_embeddings.weight")
         model.tok_embeddings = emb
         for idx, block in model.layers.items():
             self._convert_block(f"layers.{idx}.", block)
@@ -294,6 +355,12 @@ class _Converter:
             # Output rows and embedding rows are both vocabulary shards: one parameter.
             out = self._column(h, a.vocab_size, None)
             out.weight = emb.weight
+            if self.deferred:
+                # The output sits on the last stage, the embedding on the first: each stage
+                # fills its copy with the same rows, which NxD then keeps in sync as a shared
+                # weight (pipeline/model.py at v2.28.0, register_shared_weights, lines 750-777;
+                # _sync_shared_weights, lines 818-832).
+                self._fill(out, "weight", "tok_embeddings.weight")
         else:
             out = self._column(h, a.vocab_size, "output.weight")
         model.output = out
@@ -334,9 +401,9 @@ class _Converter:
             kv_size_multiplier=self.shards.plan.kv_replicator,
             fuse_qkv=False,
         )
-        self._fill(proj.weight_q, prefix + "attention.wq.weight")
-        self._fill(proj.weight_k, prefix + "attention.wk.weight")
-        self._fill(proj.weight_v, prefix + "attention.wv.weight")
+        self._fill(proj, "weight_q", prefix + "attention.wq.weight")
+        self._fill(proj, "weight_k", prefix + "attention.wk.weight")
+        self._fill(proj, "weight_v", prefix + "attention.wv.weight")
         for name in ("wq", "wk", "wv"):
             delattr(att, name)
         att.qkv_proj = proj
@@ -347,28 +414,61 @@ class _Converter:
             fan_in, fan_out, bias=False, gather_output=False, **self.seq_kwargs
         )
         if fqn is not None:
-            self._fill(layer.weight, fqn)
+            self._fill(layer, "weight", fqn)
         return layer
 
     def _row(self, fan_in: int, fan_out: int, fqn: str) -> nn.Module:
         layer = self.layers.RowParallelLinear(
             fan_in, fan_out, bias=False, input_is_parallel=True, **self.seq_kwargs
         )
-        self._fill(layer.weight, fqn)
+        self._fill(layer, "weight", fqn)
         return layer
 
     def _norm(self, norm: RMSNorm, fqn: str) -> None:
-        norm.weight = nn.Parameter(self._full(fqn))
-        # NxD's optimizer all-reduces these over the tensor group under sequence parallel.
+        if self.deferred:
+            shape = self.shards.plan.full_shape(fqn)
+            norm.weight = nn.Parameter(torch.empty(shape, device="meta"))
+            self._fill(norm, "weight", fqn, sharded=False)
+        else:
+            norm.weight = nn.Parameter(self._full(fqn))
+        # NxD's optimizer all-reduces these over the tensor group under sequence parallel; NxD's
+        # re-initialisation keeps the flag (utils/model_utils.py at v2.28.0,
+        # preserve_parallel_attributes, lines 165-201).
         norm.weight.sequence_parallel_enabled = self.sp  # type: ignore[attr-defined]
 
     def _full(self, fqn: str) -> Tensor:
         return init_tensor(self.arch, self.seed, fqn, self.shards.plan.full_shape(fqn))
 
+    def _fill(self, module: nn.Module, name: str, fqn: str, sharded: bool = True) -> None:
+        """Give ``module``'s parameter ``name`` this rank's part of ``fqn``'s initial value: now,
+        or, deferred, when NxD materialises the module (``init_module``)."""
+        if self.deferred:
+            self.pending.setdefault(module, {})[name] = (fqn, sharded)
+        else:
+            self._copy(module._parameters[name], fqn, sharded)
+
+    def init_module(self, module: nn.Module, device: torch.device) -> None:
+        """NxD's ``param_init_fn``: fill ``module``'s own parameters, not its submodules'.
+
+        NxD calls it for every module of this rank's pipeline stages only, after partitioning,
+        each parameter already replaced by an empty one on ``device`` (the host): ``reinit_model``
+        (utils/model_utils.py at v2.28.0, lines 220-229) from ``maybe_materialize_local_module``
+        (pipeline/model.py, lines 1954-1961). The modules are the ones built here: the tracer
+        keeps NxD's parallel layers, ``TransformerBlock`` and ``RMSNorm`` as leaves
+        (pipeline/trace.py, lines 173-177; model.py, lines 585-586), and torch.fx's
+        ``split_module`` places leaf modules into the stages as the same objects.
+        """
+        for name, (fqn, sharded) in self.pending.get(module, {}).items():
+            self._copy(module._parameters[name], fqn, sharded)
+
     @torch.no_grad()
-    def _fill(self, param: Tensor, fqn: str) -> None:
-        """Copy this rank's shard of ``fqn``'s initial value into the NxD layer's parameter."""
-        value = self.shards.take(fqn, self._full(fqn))
+    def _copy(self, param: Tensor | None, fqn: str, sharded: bool) -> None:
+        """Copy this rank's shard of ``fqn``'s initial value (all of it for a replicated
+        parameter) into the NxD layer's parameter."""
+        if param is None:
+            raise RuntimeError(f"{fqn}: the NxD layer has no such parameter")
+        full = self._full(fqn)
+        value = self.shards.take(fqn, full) if sharded else full
         if tuple(param.shape) != tuple(value.shape):
             raise RuntimeError(
                 f"{fqn}: shard shape {tuple(value.shape)} != NxD layer {tuple(param.shape)}"
@@ -376,7 +476,7 @@ class _Converter:
         param.copy_(value)
 
 
-def sync_and_read(value: Tensor) -> float:
+def sync_and_read(value: Tensor, *pending: DeviceScalar) -> float:
     """Cut the pending graph (``xm.mark_step``) and read ``value`` in a step closure.
 
     torch-xla runs step closures at the end of ``mark_step``, after the graph that computes
@@ -392,8 +492,32 @@ def sync_and_read(value: Tensor) -> float:
 
     read: list[float] = []
     xm.add_step_closure(lambda t: read.append(float(t.item())), (value,))
+    for scalar in pending:
+        # Values of the step's earlier graphs, read in the same closure pass: one host wait per
+        # step, as in NxD's scripts, instead of one per value.
+        xm.add_step_closure(scalar.set_from, (scalar.tensor,))
     xm.mark_step()
     return read[0]
+
+
+class DeviceScalar:
+    """A scalar still on the XLA device, read when the step's last graph is cut.
+
+    ``forward_backward`` returns one for the loss, so that the host does not wait for the
+    backward graphs before it traces the optimizer's; ``optimizer_step`` reads it together with
+    the gradient norm, and ``float()`` gives the value (reading it at once if nothing did)."""
+
+    def __init__(self, tensor: Tensor) -> None:
+        self.tensor = tensor
+        self.value: float | None = None
+
+    def set_from(self, tensor: Tensor) -> None:
+        self.value = float(tensor.item())
+
+    def __float__(self) -> float:
+        if self.value is None:
+            self.value = sync_and_read(self.tensor)
+        return self.value
 
 
 class NeuronParallelModel(ParallelModel):
@@ -409,6 +533,7 @@ class NeuronParallelModel(ParallelModel):
         self.dp_size = parallel_state.get_data_parallel_size()
         self.tp_size, self.pp_size = layout.tp, layout.pp
         self._dp_groups = parallel_state.get_data_parallel_replica_groups()
+        self._pending_loss: DeviceScalar | None = None
 
     def state_io(self) -> StateIO:
         """Checkpoints through NxD's own ``save_checkpoint``/``load_checkpoint``
@@ -436,7 +561,8 @@ class NeuronParallelModel(ParallelModel):
             parallel_state.get_tensor_model_parallel_rank(),
             parallel_state.get_pipeline_model_parallel_rank(),
         )
-        return NxDStateIO(layout, coords)
+        platform = shards.plan.platform if shards is not None else None
+        return NxDStateIO(layout, coords, platform)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.layout.bf16:
@@ -474,9 +600,12 @@ class NeuronParallelModel(ParallelModel):
             total += loss.detach()
             if i < n:
                 xm.mark_step()
-        # The loss reduction joins the last micro-batch's graph, whose cut reads it.
+        # The loss reduction joins the last micro-batch's graph; the optimizer step's cut reads
+        # it (``DeviceScalar``), so the host goes on tracing while the device runs backward.
         mean = xm.all_reduce(xm.REDUCE_SUM, total / (n * self.dp_size), groups=self._dp_groups)
-        return sync_and_read(mean)
+        xm.mark_step()
+        self._pending_loss = DeviceScalar(mean)
+        return self._pending_loss  # type: ignore[return-value]  # float() gives the value
 
     @torch.no_grad()
     def evaluate(self, micro_batches: list[tuple[Tensor, Tensor]]) -> tuple[float, int]:
@@ -534,14 +663,14 @@ class NeuronParallelModel(ParallelModel):
         The step is a graph of its own, cut here as NxD's Llama scripts cut it after
         ``optimizer.step()`` (run_llama_nxd.py at v2.28.0, lines 292-311); otherwise it
         would join the next step's first micro-batch."""
-        import torch_xla.core.xla_model as xm
 
         optimizer.step()
+        pending = [self._pending_loss] if self._pending_loss is not None else []
+        self._pending_loss = None
         norm = getattr(optimizer, "grad_norm", None)
         if norm is None:
-            xm.mark_step()
-            return float("nan")
-        return sync_and_read(norm)
+            norm = torch.full((), float("nan"), device=self.env.device)
+        return sync_and_read(norm, *pending)
 
     def clip_grad_norm(self, max_norm: float) -> float:
         raise NotImplementedError(
