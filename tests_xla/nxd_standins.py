@@ -10,6 +10,14 @@ read at aws-neuron/neuronx-distributed v2.28.0:
 - ``ColumnParallelLinear``, ``RowParallelLinear`` and ``ParallelEmbedding`` hold the whole
   weight at tensor degree 1: a plain ``nn.Linear`` or ``nn.Embedding`` of the same shape.
 - ``parallel_cross_entropy`` is the per-token cross-entropy, unreduced, shaped like the labels.
+- ``trainer.save_checkpoint`` / ``load_checkpoint`` (``trainer/checkpoint.py``) write and read
+  one rank's files in NxD's layout under ``<dir>/<tag>/``: the ``checkpoint`` marker,
+  ``model/`` and ``optim/dp_rank_DD_tp_rank_TT_pp_rank_PP.pt`` through torch-xla's own xser
+  (``torch_xla.utils.serialization``: each XLA tensor moved to the host into its own file under
+  ``<file>.tensors/``), and ``done`` last (lines 148, 194, 230, 545-585, 672-681). NxD's
+  ``.info.pt`` beside each file (shapes and dtypes for its parallel loader) is left out: nothing
+  here reads it. Foreground saves only; loading the optimizer first when both are given, as
+  NxD does (lines 894-951).
 - ``initialize_parallel_optimizer`` with ZeRO-1 builds torch-xla's own
   ``ZeroRedundancyOptimizer`` (the base class of NxD's ``NeuronZero1Optimizer``) with the
   arguments NxD gives it (lines 250-301: clipping on, layout unpinned, the data-parallel
@@ -26,6 +34,7 @@ from __future__ import annotations
 import importlib.machinery
 import types
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -71,6 +80,14 @@ class NxDOptimizer:
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    # NxD's checkpoint calls go through the wrapper to the wrapped optimizer's state dict
+    # (trainer/optimizer.py): with ZeRO-1, this rank's slice of the flattened parameters.
+    def state_dict(self) -> dict[str, Any]:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state_dict)
 
     def step(self) -> None:
         config = self.nxd_config["optimizer_config"]
@@ -135,6 +152,66 @@ def parallel_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
     )
 
 
+def nxd_shard_file(kind: str, dp: int, tp: int, pp: int) -> str:
+    """NxD's name for one rank's model or optimizer file (``_get_path``, lines 54-63)."""
+    return f"{kind}/dp_rank_{dp:02d}_tp_rank_{tp:02d}_pp_rank_{pp:02d}.pt"
+
+
+def save_checkpoint(checkpoint_dir_str: str, tag: str, model: nn.Module | None = None,
+                    optimizer: Any = None, scheduler: Any = None, user_content: Any = None,
+                    num_workers: int = 8, use_xser: bool = False,
+                    num_kept_ckpts: int | None = None, async_save: bool = False,
+                    **kwargs: Any) -> None:
+    from torch_xla.utils import serialization as xser
+
+    # What the trainer never asks for stays out: a stand-in that quietly did something else
+    # would let a test pass on behaviour NxD does not have.
+    if async_save or not use_xser or scheduler is not None or user_content is not None:
+        raise NotImplementedError("the stand-in saves xser files in the foreground only, "
+                                  "without scheduler or user content")
+    root = Path(checkpoint_dir_str) / tag
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "checkpoint").write_text("1")
+    if model is not None:
+        path = root / nxd_shard_file("model", 0, 0, 0)
+        path.parent.mkdir(exist_ok=True)
+        xser.save(model.state_dict(), str(path), master_only=False)
+    if optimizer is not None:
+        path = root / nxd_shard_file("optim", 0, 0, 0)
+        path.parent.mkdir(exist_ok=True)
+        xser.save(optimizer.state_dict(), str(path), master_only=False)
+    # NxD marks the tag done once every rank's writes ended; one rank here, nothing to wait for.
+    # Its pruning of older tags is idle: the trainer passes num_kept_ckpts=None.
+    (root / "done").write_text("1")
+
+
+def load_checkpoint(path: str, tag: str | None = None, model: nn.Module | None = None,
+                    optimizer: Any = None, scheduler: Any = None, num_workers: int = 8,
+                    strict: bool = True, **kwargs: Any) -> None:
+    from torch_xla.utils import serialization as xser
+
+    assert tag is not None, "the trainer always names the tag"
+    root = Path(path) / tag
+    if optimizer is not None:
+        # One rank: its files are dp rank 0's, with ZeRO-1 or without.
+        optimizer.load_state_dict(xser.load(str(root / nxd_shard_file("optim", 0, 0, 0))))
+    if model is not None:
+        model.load_state_dict(xser.load(str(root / nxd_shard_file("model", 0, 0, 0))),
+                              strict=strict)
+
+
+class CheckpointIOState:
+    """NxD's background-save state; the manager only names its exit hook (``wait_all``)."""
+
+    def wait_all(self) -> None:
+        return None
+
+
+def finalize_checkpoint() -> None:
+    # Foreground saves are complete when save_checkpoint returns.
+    return None
+
+
 def modules() -> dict[str, types.ModuleType]:
     """The stand-in modules by name, each also set as an attribute of its parent."""
     mods = {
@@ -153,6 +230,7 @@ def modules() -> dict[str, types.ModuleType]:
             get_data_parallel_replica_groups=lambda: DP_GROUPS,
             get_tensor_model_parallel_rank=lambda: 0,
             get_tensor_model_parallel_replica_groups=lambda: TP_GROUPS,
+            get_pipeline_model_parallel_rank=lambda: 0,
         ),
         "neuronx_distributed.parallel_layers.layers": _module(
             "neuronx_distributed.parallel_layers.layers",
@@ -163,6 +241,19 @@ def modules() -> dict[str, types.ModuleType]:
         "neuronx_distributed.parallel_layers.loss_functions": _module(
             "neuronx_distributed.parallel_layers.loss_functions",
             parallel_cross_entropy=parallel_cross_entropy,
+        ),
+        "neuronx_distributed.trainer": _module(
+            "neuronx_distributed.trainer",
+            save_checkpoint=save_checkpoint,
+            load_checkpoint=load_checkpoint,
+        ),
+        "neuronx_distributed.trainer.checkpoint": _module(
+            "neuronx_distributed.trainer.checkpoint",
+            save_checkpoint=save_checkpoint,
+            load_checkpoint=load_checkpoint,
+            finalize_checkpoint=finalize_checkpoint,
+            CheckpointIOState=CheckpointIOState,
+            g_iostate=None,
         ),
     }
     for name, mod in mods.items():

@@ -30,7 +30,14 @@ from llamajob_trainer.train import (
     to_batch,
 )
 from torch import Tensor
-from xla_helpers import MICRO_BATCHES, SEQ, count_graphs, nxd_config, packed_dataset
+from xla_helpers import (
+    MICRO_BATCHES,
+    SEQ,
+    count_graphs,
+    free_port,
+    nxd_config,
+    packed_dataset,
+)
 
 Batch = list[tuple[Tensor, Tensor]]
 
@@ -242,10 +249,13 @@ def test_ranks_agree_through_an_xla_all_reduce(device: torch.device, tmp_path: P
 
 
 @pytest.mark.usefixtures("nxd")
-def test_the_nxd_backend_joins_torch_xlas_process_group() -> None:
+def test_the_nxd_backend_joins_torch_xlas_process_group(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """``init_distributed("nxd")``: the "xla" process group of torch-xla (a world of one here)
     on torch-xla's device, as the trn1 pods join it under torchrun."""
     assert not dist.is_initialized()
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
     try:
         env = init_distributed("nxd")
         assert (env.rank, env.world_size, env.backend) == (0, 1, "xla")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,14 @@ MODEL = {
     "intermediateSize": 192,
 }
 MICRO_BATCHES = 6
+
+
+def free_port() -> int:
+    """A free localhost port: torch-xla's rendezvous store listens on MASTER_PORT (12355 unless
+    set), which another run of this tier at the same time would hold."""
+    with socket.socket() as probe:
+        probe.bind(("localhost", 0))
+        return int(probe.getsockname()[1])
 
 
 def nxd_config(tmp_path: Path, /, **overrides: Any) -> TrainerConfig:
