@@ -80,7 +80,9 @@ done
 for b in "${BINARIES[@]}"; do
   t=$SECONDS
   log "building $b"
-  CGO_ENABLED=0 go build -trimpath -ldflags "$ldflags" -o "$dir/$b.partial" "./cmd/$b"
+  # -buildvcs=false: the binaries depend on the pinned versions only, not on
+  # this repository's commit.
+  CGO_ENABLED=0 go build -trimpath -buildvcs=false -ldflags "$ldflags" -o "$dir/$b.partial" "./cmd/$b"
   mv -f "$dir/$b.partial" "$dir/$b"
   log "built $b ($((SECONDS - t))s, $(du -h "$dir/$b" | cut -f1))"
 done
