@@ -52,7 +52,13 @@ run: $(STAMP)
 	rm -rf runs/tiny
 	$(BIN)/llamajob run examples/tiny.yaml --chaos-kill-at-step 60
 
-test: $(STAMP)
+# The Kubernetes control plane the real-API-server tests start (etcd, kube-apiserver,
+# kube-controller-manager, kube-scheduler), built from tools/k8s/go.mod into a cache directory
+# outside the repository: about 10 minutes the first time on 2 cores, then reused.
+k8s:
+	tools/k8s/build.sh >/dev/null
+
+test: $(STAMP) k8s
 	$(BIN)/ruff check operator trainer tests tests_xla benchmarks
 	$(BIN)/python -m pytest -q -ra
 	$(MAKE) --no-print-directory test-xla

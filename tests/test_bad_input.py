@@ -204,7 +204,7 @@ BOUNDS = {
     "validation__sequences": config.MAX_STEPS,
     "validation__everySteps": config.MAX_STEPS,
     "restartPolicy__hangTimeoutSeconds": 7 * 86400,
-    "seed": 2**63 - 1,
+    "seed": config.MAX_SEED,
 }
 CASES += [
     Case(f"max-{path}", tiny(**{f"spec__{path}": limit + 1}), "spec." + path.replace("__", "."))
@@ -412,7 +412,7 @@ def test_trainer_reads_the_config_the_operator_writes(tmp_path: Path) -> None:
     from llamajob_trainer.cli import load_config
 
     obj = yaml.safe_load((ROOT / "examples" / "llama3-70b.yaml").read_text())
-    obj["spec"]["seed"] = 2**63 - 1
+    obj["spec"]["seed"] = config.MAX_SEED
     obj["spec"]["model"]["ropeTheta"] = 1e6
     job = parse_job(obj)
     configmap = render.render_configmap(job, make_plan(job.spec))
@@ -420,4 +420,4 @@ def test_trainer_reads_the_config_the_operator_writes(tmp_path: Path) -> None:
     path.write_text(configmap["data"][render.CONFIG_KEY])
     expected = render.trainer_config(job, make_plan(job.spec))
     assert load_config(path) == expected
-    assert expected.seed == 2**63 - 1
+    assert expected.seed == config.MAX_SEED

@@ -11,7 +11,14 @@ import re
 from typing import Annotated, Any, Literal
 
 from llamajob_trainer import protocol
-from llamajob_trainer.config import FieldValueError, PathStr, PositiveInt, SpecModel, TrainingSpec
+from llamajob_trainer.config import (
+    MAX_EXACT_INT,
+    FieldValueError,
+    PathStr,
+    PositiveInt,
+    SpecModel,
+    TrainingSpec,
+)
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
@@ -241,7 +248,8 @@ class Toleration(SpecModel):
     operator: Literal["Exists", "Equal"] | None = None
     value: str | None = None
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
-    toleration_seconds: int | None = Field(None, le=2**63 - 1)  # an int64 in the pod spec
+    # An int64 in the pod spec; bounded where a CRD bound stays an exact JSON integer.
+    toleration_seconds: int | None = Field(None, le=MAX_EXACT_INT)
 
 
 class EnvVar(SpecModel):

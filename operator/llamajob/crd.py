@@ -66,6 +66,13 @@ def _structural(node: dict[str, Any]) -> dict[str, Any]:
     """Rewrite one resolved JSON Schema node into a structural OpenAPI v3 node."""
     node = {k: v for k, v in node.items() if k not in _DROP_KEYS}
     description = node.pop("description", None)
+    for key in ("minimum", "maximum"):
+        bound = node.get(key)
+        if isinstance(bound, int) and not isinstance(bound, bool) and abs(bound) > 2**53 - 1:
+            # The API server reads bounds as float64 and refuses one that is not an exact
+            # integer ("Maximum boundary value must be of type integer"): the CRD would not
+            # install. Bound the pydantic field by config.MAX_EXACT_INT instead.
+            raise ValueError(f"{key} {bound} is beyond 2**53 - 1, not exact as a JSON number")
 
     if "anyOf" in node:
         options = [o for o in node.pop("anyOf") if o.get("type") != "null"]
@@ -77,17 +84,26 @@ def _structural(node: dict[str, Any]) -> dict[str, Any]:
                 o["const"] for o in options if "const" in o
             ]
             if types <= {"integer"} and enums and all(isinstance(e, str) for e in enums):
-                # int-or-string is the only union the structural subset allows; its two
-                # branches may carry value validation but no other structure.
+                # int-or-string is the only union the structural subset allows, and only as
+                # bare `anyOf: [{type: integer}, {type: string}]`: the API server refuses any
+                # other keyword in those branches ("must be empty to be structural"). The
+                # bounds and the words become one CEL rule, which sees the value's own type.
                 integer = next((o for o in options if o.get("type") == "integer"), {})
-                branches = [
-                    {
-                        "type": "integer",
-                        **{k: v for k, v in integer.items() if k in {"minimum", "maximum"}},
-                    },
-                    {"type": "string", "enum": enums},
-                ]
-                node = {"x-kubernetes-int-or-string": True, "anyOf": branches, **node}
+                low, high = integer.get("minimum"), integer.get("maximum")
+                checks = [f"self >= {low}"] * (low is not None) + [f"self <= {high}"] * (
+                    high is not None
+                )
+                words = ", ".join(f"'{e}'" for e in enums)
+                rule = f"type(self) == int ? ({' && '.join(checks) or 'true'}) : self in [{words}]"
+                span = f"an integer from {low} to {high}" if checks else "an integer"
+                node = {
+                    "x-kubernetes-int-or-string": True,
+                    "anyOf": [{"type": "integer"}, {"type": "string"}],
+                    "x-kubernetes-validations": [
+                        {"rule": rule, "message": f"must be {span} or one of {', '.join(enums)}"}
+                    ],
+                    **node,
+                }
             else:
                 raise ValueError(f"cannot express union in a structural schema: {options}")
     # The isinstance guard: an Optional field is converted twice (its anyOf branch, then the

@@ -49,7 +49,10 @@ MAX_GLOBAL_BATCH = 1 << 20
 # Parallel degrees: real layouts keep tensor groups within a node (<= 128 ranks), pipeline stages
 # divide the layers, and kvReplicator never needs to exceed the tensor degree.
 MAX_PARALLEL = 1024
-MAX_SEED = 2**63 - 1  # torch.manual_seed takes a signed 64-bit integer
+# The largest integer a JSON number holds exactly: the API server reads a CRD's bounds as float64
+# and refuses an integer bound that is not exact (2**63 - 1 is not), so no bound goes above it.
+MAX_EXACT_INT = 2**53 - 1
+MAX_SEED = MAX_EXACT_INT  # torch.manual_seed takes up to 2**64 - 1; this is the JSON limit
 # Paths: Linux's PATH_MAX and NAME_MAX. Longer paths fail only when the trainer opens them.
 MAX_PATH = 4096
 MAX_PATH_COMPONENT = 255
