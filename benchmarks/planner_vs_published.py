@@ -1,9 +1,9 @@
 """The planner's predictions beside published figures: trn1 (NxD), trn2 and p5.
 
 For the trn1 examples (examples/llama3-8b.yaml, examples/llama3-70b.yaml) and the trn2 and p5
-ones (examples/llama3-8b-trn2.yaml, examples/llama3-70b-trn2.yaml, examples/llama3-8b-p5.yaml;
-built here from the same description when a file is missing) it prints what `make_plan` says:
-memory per device and whether it fits, step time, tokens/s and cost at the default MFU. Then,
+ones (examples/llama3-8b-trn2.yaml, examples/llama3-70b-trn2.yaml, examples/llama3-8b-p5.yaml)
+it prints what `make_plan` says: memory per device and whether it fits, step time, tokens/s and
+cost at the default MFU. Then,
 for every published trn1 Llama run whose layout our spec can express, the planner's step time at
 that run's settings beside the published one, with the difference and the MFU the publication
 implies; for trn2 and p5 the published throughput figures, and plainly where none was found. A
@@ -46,57 +46,6 @@ from llamajob.plan import Plan, flops_per_token, make_plan, mfu_family
 from llamajob_trainer.presets import PRESETS
 
 ROOT = Path(__file__).resolve().parent.parent
-
-# The examples as described, for when their files are not there: NxD on trn1, the torch backend
-# on trn2 (TP + SP inside a node, FSDP2 over the rest) and FSDP2 on four p5 nodes.
-FALLBACK_SPECS: dict[str, dict[str, Any]] = {
-    "llama3-8b": {
-        "model": {"preset": "llama3-8b"},
-        "data": {"seq_length": 8192},
-        "parallelism": {"tensor": 32, "zero1": True, "sequence_parallel": True,
-                        "kv_replicator": 4, "activation_checkpointing": "selective"},
-        "batch": {"micro_batch_size": 1, "global_batch_size": 1024},
-        "cluster": {"nodes": 1, "instance_type": "ml.trn1.32xlarge"},
-    },
-    "llama3-70b": {
-        "model": {"preset": "llama3-70b"},
-        "data": {"seq_length": 8192},
-        "parallelism": {"tensor": 32, "pipeline": 8, "zero1": True, "sequence_parallel": True,
-                        "kv_replicator": 4, "activation_checkpointing": "full"},
-        "batch": {"micro_batch_size": 1, "global_batch_size": 1024},
-        "cluster": {"nodes": 16, "instance_type": "ml.trn1.32xlarge"},
-    },
-    "llama3-8b-trn2": {
-        "backend": "torch",
-        "model": {"preset": "llama3-8b"},
-        "data": {"seq_length": 8192},
-        "parallelism": {"tensor": 4, "fsdp": True, "zero1": False, "sequence_parallel": True,
-                        "activation_checkpointing": "full"},
-        "batch": {"micro_batch_size": 1, "global_batch_size": 16},
-        "precision": "bf16-mixed",
-        "cluster": {"nodes": 1, "instance_type": "ml.trn2.48xlarge"},
-    },
-    "llama3-70b-trn2": {
-        "backend": "torch",
-        "model": {"preset": "llama3-70b"},
-        "data": {"seq_length": 8192},
-        "parallelism": {"tensor": 8, "fsdp": True, "zero1": False, "sequence_parallel": True,
-                        "activation_checkpointing": "full"},
-        "batch": {"micro_batch_size": 1, "global_batch_size": 64},
-        "precision": "bf16-mixed",
-        "cluster": {"nodes": 8, "instance_type": "ml.trn2.48xlarge"},
-    },
-    "llama3-8b-p5": {
-        "backend": "torch",
-        "model": {"preset": "llama3-8b"},
-        "data": {"seq_length": 8192},
-        "parallelism": {"fsdp": True, "zero1": False, "activation_checkpointing": "full"},
-        "batch": {"micro_batch_size": 1, "global_batch_size": 32},
-        "precision": "bf16-mixed",
-        "cluster": {"nodes": 4, "instance_type": "ml.p5.48xlarge"},
-    },
-}
-
 
 @dataclass(frozen=True)
 class Published:
@@ -220,10 +169,8 @@ def trn1_lines() -> list[str]:
 
 
 def load_spec(name: str) -> tuple[LlamaTrainingJobSpec, str]:
-    path = ROOT / "examples" / f"{name}.yaml"
-    if path.exists():
-        return load_job(path).spec, f"examples/{name}.yaml"
-    return LlamaTrainingJobSpec.model_validate(FALLBACK_SPECS[name]), "built here (no file)"
+    """The example's spec, from its file: the examples are the layouts this prints."""
+    return load_job(ROOT / "examples" / f"{name}.yaml").spec, f"examples/{name}.yaml"
 
 
 def describe(name: str, origin: str, plan: Plan) -> list[str]:

@@ -65,12 +65,6 @@ def requested() -> str:
     return choice
 
 
-def wanted(device: torch.device) -> bool:
-    """Whether fp32 linears on ``device`` may run on oneDNN in this process (the variable does not
-    pin ``aten``, the device is the CPU and torch has the kernel)."""
-    return requested() != "aten" and device.type == "cpu" and available()
-
-
 def pinned() -> str | None:
     """The library when no timing is needed: the one the variable pins, ``aten`` when torch has
     no oneDNN kernel; None under ``auto``."""
