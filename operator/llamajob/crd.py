@@ -25,6 +25,7 @@ from .api import (
     LlamaTrainingJobSpec,
     LlamaTrainingJobStatus,
 )
+from .cel import validations
 
 CRD_NAME = f"{PLURAL}.{GROUP}"
 _DROP_KEYS = {"title", "default", "examples"}
@@ -147,6 +148,11 @@ def openapi_schema(model: type) -> dict[str, Any]:
 
 def crd() -> dict[str, Any]:
     spec_schema = openapi_schema(LlamaTrainingJobSpec)
+    # The cross-field rules (cel.py): the API server refuses a job that breaks one at apply
+    # time, naming the field, instead of the operator failing it as InvalidSpec afterwards.
+    spec_schema["x-kubernetes-validations"] = [
+        *spec_schema.get("x-kubernetes-validations", []), *validations()
+    ]
     status_schema = openapi_schema(LlamaTrainingJobStatus)
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
