@@ -25,7 +25,7 @@ RELEASE = "llamajob"
 NAMESPACE = "llamajob-system"
 
 # Helm's install order (pkg/release/util/kind_sorter.go) for the kinds this chart renders, so
-# an emulated `kubectl apply` sees them in the order `helm install` would send them.
+# `kubectl apply` against the real API server sees them in `helm install`'s order.
 INSTALL_ORDER = [
     "Namespace", "ServiceAccount", "ConfigMap", "CustomResourceDefinition", "ClusterRole",
     "ClusterRoleBinding", "Role", "RoleBinding", "Service", "Deployment",

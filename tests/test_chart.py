@@ -4,15 +4,21 @@ Covered here: lint, schema and template checks on values, Kubernetes schema vali
 rendered object (kubernetes-validate --strict, 1.30 and 1.33), RBAC equal to
 `llamajob.permissions`, the monitoring objects and their gates, every metric named by an alert
 or a dashboard query existing in the operator's and the trainer's registries, and `kubectl
-apply` of the whole release against an API emulator. What is not covered: a real API server's
-admission (RBAC enforcement, defaulting, the Prometheus Operator's own webhooks), Grafana
-actually drawing the dashboard, and Prometheus evaluating the rules on real series.
+apply` of the whole release, with strict validation, against a real kube-apiserver
+(tests/k8s_control_plane.py) that has the Prometheus Operator's real CRDs: what the server
+stores, Pod Security and ServiceAccount admission of the operator's pods, and the RBAC
+authorizer's answers for its ServiceAccount. What is not covered: the Prometheus Operator's own
+admission webhooks, Grafana actually drawing the dashboard, and Prometheus evaluating the rules
+on real series.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import subprocess
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,9 +47,7 @@ from chart_helpers import (
     render_objects,
     selectors,
 )
-from kmock import KubernetesError
-from kube_cluster import Client, kubectl
-from kube_emulator import Emulator, EmulatorThread
+from k8s_control_plane import ControlPlane, wait_for
 from llamajob import permissions
 from llamajob.api import GROUP, PLURAL
 from llamajob.crd import crd_yaml
@@ -881,111 +885,200 @@ def test_notes_explain_the_install() -> None:
     assert "ServiceMonitor created, PodMonitor created, PrometheusRule created" in text
 
 
-# --- kubectl apply against the API emulator -----------------------------------------------------
+# --- kubectl apply against a real API server ----------------------------------------------------
+
+MONITORING_CRDS_SCRIPT = ROOT / "tools" / "k8s" / "monitoring-crds.sh"
+# The Prometheus Operator CRDs the chart's monitoring objects need (the script fetches them all).
+MONITORING_PLURALS = ("servicemonitors", "podmonitors", "prometheusrules")
+WATCHED = ("team-a", "team-b")  # namespaces-peering's watch list
 
 
-def _serve_builtin_kinds(emu: Emulator) -> None:
-    """Extend the operator tests' emulator to every built-in kind the chart creates.
+def prometheus_operator_crds() -> list[Path]:
+    """The real Prometheus Operator CRD files, at the version tools/k8s/monitoring-crds.sh pins.
 
-    That emulator registers only the resources the operator itself touches; the chart also
-    creates Deployments, ServiceAccounts and RBAC objects, which kmock's bundled discovery data
-    describes. kmock 0.8 also serves core/v1 discovery with groupVersion "/v1", where kubectl
-    needs "v1" to map ServiceAccount, Service and ConfigMap; the reaction below corrects it.
-    """
-    own = {res: emu.resources[res] for res in list(emu.resources)}
-    emu.resources.load_bundled()
-    for res, info in own.items():  # the realism layer's entries win over the bundle's
-        emu.resources[res] = info
-
-    async def core_v1(request: Any) -> Any:
-        served = await emu._serve_version(request)
-        served["groupVersion"] = "v1"
-        return served
-
-    emu["get /api/v1"] << core_v1
+    A failed fetch fails the test with the script's output rather than skipping it."""
+    proc = subprocess.run(["bash", str(MONITORING_CRDS_SCRIPT)], capture_output=True, text=True,
+                          check=False)
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        pytest.fail(f"{MONITORING_CRDS_SCRIPT} failed (exit {proc.returncode}):\n"
+                    f"--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-4000:]}",
+                    pytrace=False)
+    directory = Path(lines[-1])
+    return [directory / f"monitoring.coreos.com_{plural}.yaml" for plural in MONITORING_PLURALS]
 
 
-def _establish(emu: Emulator, crd: dict[str, Any]) -> None:
-    """What the API server does once a CRD that kubectl created is established: serve it.
-
-    The emulator's install_crd registers the resource and then stores the CRD object as an
-    admin would; here kubectl has stored it already, so that second step answers 409.
-    """
+@pytest.fixture(scope="module")
+def k8s(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
+    """One real control plane (tests/k8s_control_plane.py) for this module's scenarios, set up as
+    a cluster that runs the Prometheus Operator is before the chart comes: the operator's CRDs
+    installed and established, and the namespaces the release goes into and watches. The
+    release namespace enforces the `restricted` Pod Security Standard, so the operator's pods
+    pass the real PodSecurity admission or are refused."""
+    crds = prometheus_operator_crds()  # before the control plane starts: fail fast
+    plane = ControlPlane(tmp_path_factory.mktemp("k8s"))
+    plane.start()
     try:
-        emu.install_crd(crd)
-    except KubernetesError as err:
-        if err.status != 409:
-            raise
+        # Server-side, as upstream installs them: a client-side apply would copy each 75 kB
+        # schema into a last-applied annotation.
+        plane.kubectl("apply", "--server-side", "--validate=strict",
+                      *(f"--filename={path}" for path in crds))
+        plane.kubectl("wait", "--for=condition=Established", "--timeout=60s",
+                      *(f"crd/{plural}.monitoring.coreos.com" for plural in MONITORING_PLURALS))
+        # Not create_namespace(): no pod here runs as `default`, and waiting for the
+        # controller-manager to make that ServiceAccount would cost about 5 s up front.
+        for ns in (NAMESPACE, *WATCHED):
+            labels = {"pod-security.kubernetes.io/enforce": "restricted"} if ns == NAMESPACE else {}
+            plane.ok("POST", "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace",
+                                                    "metadata": {"name": ns, "labels": labels}})
+        yield plane
+    finally:
+        plane.stop()
 
 
-# The Prometheus Operator's CRDs, as far as discovery needs them (their schemas are not ours).
-PROMETHEUS_OPERATOR_CRDS = [
-    {"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
-     "metadata": {"name": f"{kind.lower()}s.monitoring.coreos.com"},
-     "spec": {"group": "monitoring.coreos.com", "scope": "Namespaced",
-              "names": {"kind": kind, "plural": kind.lower() + "s"},
-              "versions": [{"name": "v1", "served": True, "storage": True}]}}
-    for kind in ("ServiceMonitor", "PodMonitor", "PrometheusRule")
-]
+def _differences(rendered: Any, stored: Any, path: str) -> list[str]:
+    """Where `stored` does not hold `rendered`: every rendered field must come back with the
+    same value; fields the server adds (defaults) are allowed."""
+    if isinstance(rendered, dict):
+        if not isinstance(stored, dict):
+            return [f"{path}: rendered a mapping, stored {stored!r}"]
+        found: list[str] = []
+        for key, value in rendered.items():
+            if key not in stored:
+                found.append(f"{path}.{key}: rendered {value!r}, not stored")
+            else:
+                found += _differences(value, stored[key], f"{path}.{key}")
+        return found
+    if isinstance(rendered, list):
+        if not isinstance(stored, list) or len(stored) != len(rendered):
+            return [f"{path}: rendered {rendered!r}, stored {stored!r}"]
+        return [d for i, (r, s) in enumerate(zip(rendered, stored, strict=True))
+                for d in _differences(r, s, f"{path}[{i}]")]
+    return [] if rendered == stored else [f"{path}: rendered {rendered!r}, stored {stored!r}"]
+
+
+def _ident(obj: dict[str, Any]) -> tuple[str, str | None, str]:
+    meta = obj["metadata"]
+    return (obj["kind"], meta.get("namespace"), meta["name"])
+
+
+def _can_i(k8s: ControlPlane, user: str, verb: str, resource: str, *args: str) -> bool:
+    proc = k8s.kubectl("auth", "can-i", verb, resource, f"--as={user}", *args, check=False)
+    answer = proc.stdout.strip()
+    assert answer in ("yes", "no"), f"kubectl auth can-i {verb} {resource}: {proc}"
+    return answer == "yes"
 
 
 @pytest.mark.parametrize("scenario", ["namespaces-peering", "cluster-peering"])
-def test_release_applies_to_the_api_emulator(tmp_path: Path, scenario: str) -> None:
+def test_release_applies_to_a_real_api_server(
+    k8s: ControlPlane, tmp_path: Path, scenario: str
+) -> None:
     """`kubectl apply` of the chart's CRDs, then of every rendered object in `helm install`'s
-    order, against the emulator the operator tests use (tests/kube_emulator.py).
+    order, against a real kube-apiserver with the Prometheus Operator's real CRDs installed,
+    and with kubectl's strict validation: the server's OpenAPI for built-in kinds and the CRDs'
+    schemas for the custom ones refuse unknown or mistyped fields.
 
-    kubectl runs with --validate=false for the release because the emulator serves OpenAPI
-    documents only for custom resources; kubernetes-validate checks the built-in kinds above.
-    The example job is applied with kubectl's default (strict) validation, which the emulator
-    answers from the CRD's schema.
+    Then, from the server: every object is stored as rendered (defaults aside); a second apply
+    changes nothing; the operator Deployment's pods are created (ServiceAccount and PodSecurity
+    admission, `restricted`); each binding names a ServiceAccount and role that exist, and the
+    RBAC authorizer grants the operator's ServiceAccount what it needs and nothing it must not
+    have; a job applies under strict validation and `ltj` resolves. Each scenario deletes its
+    objects afterwards, so both share one control plane (the CRDs stay).
     """
+    begin = time.monotonic()
     objects = install_sorted(scenario_objects(scenario))
-    with EmulatorThread() as emu:
-        emu.call(_serve_builtin_kinds, emu.emulator)
-        for crd in PROMETHEUS_OPERATOR_CRDS:
-            emu.call(emu.emulator.install_crd, crd)
-        kubeconfig = emu.write_kubeconfig(tmp_path / "kubeconfig")
-        client = Client(emu.url)
-        for ns in sorted({NAMESPACE, "team-a", "team-b"}):
-            client.create("namespaces", {"apiVersion": "v1", "kind": "Namespace",
-                                         "metadata": {"name": ns}})
+    release = tmp_path / "release.yaml"
+    release.write_text(yaml.safe_dump_all(objects, sort_keys=False))
+    job = ROOT / "examples" / "tiny.yaml"
+    cluster_scope = scenario.startswith("cluster")
+    try:
+        crd_names = [crd["metadata"]["name"] for crd in chart_crds()]
+        out = k8s.kubectl("apply", "--validate=strict", "-f", str(CHART_DIR / "crds")).stdout
+        for name in crd_names:
+            assert f"customresourcedefinition.apiextensions.k8s.io/{name} " in out, out
+        k8s.kubectl("wait", "--for=condition=Established", "--timeout=60s",
+                    *(f"crd/{name}" for name in crd_names))
 
-        out = kubectl(kubeconfig, "apply", "--validate=false", "-f", str(CHART_DIR / "crds"))
-        assert out.count("customresourcedefinition.apiextensions.k8s.io/") == 3, out
-        for crd in chart_crds():
-            emu.call(_establish, emu.emulator, crd)
+        applied = k8s.kubectl("apply", "--validate=strict", "-f", str(release))
+        assert applied.stdout.count(" created\n") == len(objects), applied.stdout
+        assert "Warning" not in applied.stderr, applied.stderr
 
-        release = tmp_path / "release.yaml"
-        release.write_text(yaml.safe_dump_all(objects, sort_keys=False))
-        out = kubectl(kubeconfig, "apply", "--validate=false", "-f", str(release))
-        assert out.count(" created") == len(objects), out
-
-        def stored() -> dict[tuple[str, str | None, str], dict[str, Any]]:
-            return {
-                (obj["kind"], obj["metadata"].get("namespace"), obj["metadata"]["name"]): obj
-                for key, item in list(emu.emulator.objects.items())
-                if not item.deleted
-                for obj in [item.last.raw]
-                if "kind" in obj
-            }
-
-        in_cluster = emu.call(stored)
+        listed = json.loads(k8s.kubectl("get", "-f", str(release), "-o", "json").stdout)
+        stored = {_ident(item): item for item in listed["items"]}
+        assert sorted(stored) == sorted(_ident(obj) for obj in objects)
         for obj in objects:
-            meta = obj["metadata"]
-            found = in_cluster[(obj["kind"], meta.get("namespace"), meta["name"])]
-            for key in ("spec", "rules", "data", "subjects", "roleRef"):
+            found = stored[_ident(obj)]
+            for key in ("rules", "data", "subjects", "roleRef"):
                 if key in obj:
-                    assert found[key] == obj[key], f"{obj['kind']} {meta['name']}: {key}"
+                    assert found[key] == obj[key], f"{_ident(obj)}: {key}"
+            if "spec" in obj:
+                assert not _differences(obj["spec"], found["spec"], "spec"), (
+                    _ident(obj), _differences(obj["spec"], found["spec"], "spec"))
 
         # Applying the same release again changes nothing.
-        out = kubectl(kubeconfig, "apply", "--validate=false", "-f", str(release))
-        assert out.count(" unchanged") == len(objects), out
+        out = k8s.kubectl("apply", "--validate=strict", "-f", str(release)).stdout
+        assert out.count(" unchanged\n") == len(objects), out
+
+        # The Deployment is admitted, and so are its pods: the ReplicaSet creates every replica
+        # (the ServiceAccount they run as exists; they meet the `restricted` standard). They stay
+        # Pending: no kubelet runs.
+        deployment = one(objects, "Deployment")
+        path = f"/apis/apps/v1/namespaces/{NAMESPACE}/deployments/{deployment['metadata']['name']}"
+        want = deployment["spec"]["replicas"]
+
+        def created() -> bool:
+            status = k8s.ok("GET", path).get("status", {})
+            failures = [c for c in status.get("conditions", [])
+                        if c["type"] == "ReplicaFailure" and c["status"] == "True"]
+            assert not failures, failures
+            return bool(status.get("replicas") == want)
+
+        wait_for(f"{want} operator pods", created, 30,
+                 on_timeout=lambda: f"; {k8s.ok('GET', path).get('status')}")
+        service_account = one(objects, "ServiceAccount")["metadata"]["name"]
+        pods = k8s.ok("GET", f"/api/v1/namespaces/{NAMESPACE}/pods")["items"]
+        assert len(pods) == want
+        assert {p["spec"]["serviceAccountName"] for p in pods} == {service_account}
+
+        # The bindings and the ServiceAccount reference each other, on the server.
+        for binding in of_kind(objects, "RoleBinding") + of_kind(objects, "ClusterRoleBinding"):
+            ref = binding["roleRef"]
+            role_path = (f"/apis/rbac.authorization.k8s.io/v1/clusterroles/{ref['name']}"
+                         if ref["kind"] == "ClusterRole" else
+                         f"/apis/rbac.authorization.k8s.io/v1/namespaces/"
+                         f"{binding['metadata']['namespace']}/roles/{ref['name']}")
+            assert k8s.request("GET", role_path).status == 200, binding
+            for subject in binding["subjects"]:
+                assert subject["kind"] == "ServiceAccount", binding
+                assert k8s.request("GET", f"/api/v1/namespaces/{subject['namespace']}/"
+                                   f"serviceaccounts/{subject['name']}").status == 200, binding
+
+        # The RBAC authorizer's answer for the operator's ServiceAccount.
+        user = f"system:serviceaccount:{NAMESPACE}:{service_account}"
+        jobs = f"{PLURAL}.{GROUP}"
+        assert _can_i(k8s, user, "patch", jobs, "--subresource=status", "-n", "team-a")
+        assert _can_i(k8s, user, "create", "pods", "-n", "team-b")
+        if cluster_scope:
+            assert _can_i(k8s, user, "patch", "clusterkopfpeerings.kopf.dev")
+        else:
+            assert _can_i(k8s, user, "patch", "kopfpeerings.kopf.dev", "-n", "team-a")
+        # Outside the watched namespaces only a cluster-wide operator may write jobs.
+        assert _can_i(k8s, user, "patch", jobs, "--subresource=status", "-n",
+                      "default") == cluster_scope
+        assert not _can_i(k8s, user, "get", "secrets", "-n", "kube-system")
 
         # The CRD is served: a job applies (validated against its schema) and `ltj` resolves.
-        job = ROOT / "examples" / "tiny.yaml"
-        kubectl(kubeconfig, "apply", "-n", "team-a", "-f", str(job))
-        out = kubectl(kubeconfig, "get", "ltj", "-n", "team-a", "-o", "name")
+        k8s.kubectl("apply", "--validate=strict", "-n", "team-a", "-f", str(job))
+        out = k8s.kubectl("get", "ltj", "-n", "team-a", "-o", "name").stdout
         assert out.strip() == "llamatrainingjob.llamajob.dev/tiny"
+    finally:
+        k8s.kubectl("delete", "--ignore-not-found", "--wait", "-n", "team-a", "-f", str(job),
+                    check=False)
+        # Foreground: kubectl returns once the Deployment's ReplicaSet and pods are gone too,
+        # so the next scenario counts only its own.
+        k8s.kubectl("delete", "--ignore-not-found", "--wait", "--cascade=foreground",
+                    "-f", str(release), check=False)
+        print(f"{scenario}: {time.monotonic() - begin:.1f}s against the control plane")
 
 
 # --- docs ---------------------------------------------------------------------------------------
