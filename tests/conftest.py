@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
+from k8s_control_plane import ControlPlane
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
@@ -49,3 +54,34 @@ def avoided_nodes(pod: dict[str, Any]) -> list[str]:
         if field["key"] == "metadata.name" and field["operator"] == "NotIn"
         for name in field["values"]
     ]
+
+
+# --- the real control plane, one per session --------------------------------------------------
+CRD_FILE = ROOT / "crds" / "llamatrainingjobs.llamajob.dev.yaml"
+
+
+@pytest.fixture(scope="session")
+def k8s(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
+    """etcd, kube-apiserver, kube-controller-manager and kube-scheduler (k8s_control_plane),
+    shared by every test that needs them; each test works in namespaces of its own."""
+    plane = ControlPlane(tmp_path_factory.mktemp("k8s"))
+    plane.start()
+    timings = {k: round(v, 2) for k, v in plane.start_seconds.items()}
+    print(f"control plane started: {json.dumps(timings)}")
+    try:
+        yield plane
+    finally:
+        begin = time.monotonic()
+        plane.stop()
+        print(f"control plane stopped in {time.monotonic() - begin:.1f}s")
+
+
+@pytest.fixture(scope="session")
+def crd(k8s: ControlPlane) -> dict[str, Any]:
+    """The CRD, installed with kubectl apply exactly as a user installs it, and Established."""
+    name = yaml.safe_load(CRD_FILE.read_text())["metadata"]["name"]
+    k8s.kubectl("apply", "-f", str(CRD_FILE))
+    k8s.kubectl("wait", "--for=condition=Established", "--timeout=30s", f"crd/{name}")
+    installed: dict[str, Any] = k8s.ok(
+        "GET", f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{name}")
+    return installed

@@ -14,6 +14,7 @@ The flags are the ones recorded in ``tools/k8s/flags.md``.
 
 from __future__ import annotations
 
+import calendar
 import json
 import os
 import signal
@@ -24,6 +25,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -105,6 +107,46 @@ class ApiResponse:
         return f"ApiResponse({self.status}, {self.body!r})"
 
 
+@dataclass(frozen=True)
+class AuditRecord:
+    """One request as the API server's audit log has it."""
+
+    user: str
+    user_agent: str
+    verb: str  # the RBAC verb: get, list, watch, create, update, patch, delete, ...
+    group: str  # "" for the core group
+    resource: str | None  # None for non-resource URLs (discovery, /healthz)
+    subresource: str | None
+    namespace: str | None
+    name: str | None
+    code: int
+    uri: str
+    received: float  # seconds since the epoch
+
+    @classmethod
+    def of(cls, event: Mapping[str, Any]) -> AuditRecord:
+        ref = event.get("objectRef") or {}
+        stamp = event["requestReceivedTimestamp"]  # 2026-12-06T03:14:15.123456Z
+        whole, _, fraction = stamp.rstrip("Z").partition(".")
+        received = calendar.timegm(time.strptime(whole, "%Y-%m-%dT%H:%M:%S")) + float(
+            f"0.{fraction or 0}")
+        return cls(user=event["user"].get("username", ""), user_agent=event.get("userAgent", ""),
+                   verb=event["verb"], group=ref.get("apiGroup", ""),
+                   resource=ref.get("resource"), subresource=ref.get("subresource"),
+                   namespace=ref.get("namespace"), name=ref.get("name"),
+                   code=int((event.get("responseStatus") or {}).get("code", 0)),
+                   uri=event["requestURI"], received=received)
+
+    @property
+    def rbac(self) -> tuple[str, str, str] | None:
+        """(group, resource[/subresource], verb) as an RBAC rule names it; None for
+        non-resource URLs."""
+        if self.resource is None:
+            return None
+        resource = f"{self.resource}/{self.subresource}" if self.subresource else self.resource
+        return (self.group, resource, self.verb)
+
+
 class ControlPlane:
     """Start with :meth:`start`, stop with :meth:`stop`; everything lives under ``workdir``."""
 
@@ -119,6 +161,7 @@ class ControlPlane:
                        "kube-scheduler")}
         self.server = f"https://127.0.0.1:{self.ports['kube-apiserver']}"
         self.kubeconfig = workdir / "admin.kubeconfig"
+        self.audit_log = self.logs / "audit.jsonl"
         self.start_seconds: dict[str, float] = {}
         self._ssl: ssl.SSLContext | None = None
 
@@ -206,7 +249,7 @@ class ControlPlane:
     # --- components -----------------------------------------------------------------------
     def _launch(self, name: str, args: Sequence[str]) -> None:
         assert self.bin_dir is not None
-        log = (self.logs / f"{name}.log").open("wb")
+        log = (self.logs / f"{name}.log").open("ab")  # a restart appends
         self.procs[name] = subprocess.Popen([str(self.bin_dir / name), *args], cwd=self.workdir,
                                             stdout=log, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL)
@@ -257,6 +300,18 @@ class ControlPlane:
         self._wait_healthy("etcd", lambda: '"health":"true"' in (
             self._get_text(f"{client}/health") or ""), timeout=30)
 
+    def restart_apiserver(self) -> float:
+        """Kill the API server and start it again on the same port and etcd, as a crash
+        would; returns how long it was away. Every watch breaks, and the new server's watch
+        cache starts at etcd's current revision, so a client resuming from an older
+        resourceVersion may be told 410 Gone (too old) and must list again. (SIGKILL: with
+        watches open, a SIGTERMed server drains them for about 30 s.)"""
+        begin = time.monotonic()
+        self._signal("kube-apiserver", signal.SIGKILL)
+        self._reap("kube-apiserver", 30)
+        self._start_apiserver()
+        return time.monotonic() - begin
+
     def _start_apiserver(self) -> None:
         pki = self.pki
         self._launch("kube-apiserver", [
@@ -273,9 +328,46 @@ class ControlPlane:
             # Without a node-lifecycle controller nothing would lift the not-ready taint this
             # plugin puts on every new Node; off, a Node has exactly the taints a test gives it.
             "--disable-admission-plugins=TaintNodesByCondition",
+            # Every request, at metadata level, as the record tests and the benchmark count and
+            # check (who asked what, and the answer): see :meth:`audit`.
+            f"--audit-policy-file={self._audit_policy()}", f"--audit-log-path={self.audit_log}",
+            "--audit-log-mode=blocking", "--audit-log-maxsize=0",
         ])
         self._wait_healthy("kube-apiserver", lambda: self._get_text(
             f"{self.server}/readyz", token=ADMIN_TOKEN) == "ok", timeout=90)
+
+    def _audit_policy(self) -> Path:
+        # RequestReceived is left out: a watch is then recorded when its stream starts
+        # (ResponseStarted) and every other request when it completes, each with its status.
+        path = self.workdir / "audit-policy.json"
+        path.write_text(json.dumps({
+            "apiVersion": "audit.k8s.io/v1", "kind": "Policy",
+            "omitStages": ["RequestReceived"], "rules": [{"level": "Metadata"}]}))
+        return path
+
+    def audit(self, *, user: str | None = None, since: float = 0.0,
+              settle: float = 0.3) -> list[AuditRecord]:
+        """The requests the API server has answered (one record each, in order), optionally
+        only ``user``'s and only those received after ``since`` (a ``time.time()``).
+
+        ``settle``: the log is written as each response completes, so a request answered a
+        moment ago may not be in it yet; reading waits this long first."""
+        if settle:
+            time.sleep(settle)
+        seen: set[str] = set()
+        records = []
+        if not self.audit_log.exists():
+            return []
+        with self.audit_log.open() as log:
+            for line in log:
+                event = json.loads(line)
+                if event["auditID"] in seen:
+                    continue  # a watch's ResponseComplete after its ResponseStarted
+                seen.add(event["auditID"])
+                record = AuditRecord.of(event)
+                if (user is None or record.user == user) and record.received >= since:
+                    records.append(record)
+        return records
 
     def _start_controllers(self) -> None:
         kcm = self.workdir / "kcm.kubeconfig"
@@ -297,6 +389,12 @@ class ControlPlane:
             port = self.ports[name]
             self._wait_healthy(name, lambda port=port: self._get_text(  # type: ignore[misc]
                 f"https://127.0.0.1:{port}/healthz", verify=False) == "ok", timeout=60)
+
+    @property
+    def ssl_context(self) -> ssl.SSLContext:
+        """Trusts this control plane's CA (for clients other than :meth:`request`)."""
+        assert self._ssl is not None, "start() first"
+        return self._ssl
 
     # --- clients --------------------------------------------------------------------------
     def kubectl(self, *args: str, kubeconfig: Path | None = None, check: bool = True,

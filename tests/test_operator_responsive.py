@@ -1,6 +1,6 @@
 """One bad job never stalls the operator for the others.
 
-kopf runs in-process (``kopf.testing.KopfRunner``) against the emulated API server, with kopf's
+kopf runs in-process (``kopf.testing.KopfRunner``) against the real API server, with kopf's
 liveness endpoint on; the operator's event loop also serves the watches, every job's worker and
 ``/healthz``. A job whose numbers are absurd (numHeads 999999937, a billion layers, a hang
 timeout of 10**15 s) is created together with a healthy one: the healthy job's pods must appear
@@ -24,10 +24,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
+from k8s_control_plane import ControlPlane
 from kopf.testing import KopfRunner
-from kube_cluster import Client, Cluster, Kubelet, condition, example, pods, status, wait_for
-from kube_emulator import CRD_FILE, EmulatorThread
+from kube_cluster import (
+    Cluster,
+    condition,
+    example,
+    make_cluster,
+    older_crd,
+    pods,
+    status,
+    wait_for,
+)
 from llamajob import handlers
 from llamajob import worker as worker_module
 
@@ -39,27 +47,16 @@ PODS_WITHIN = 1.0
 PRIME = 999_999_937
 
 
-def _without_maxima(schema: Any) -> Any:
-    if isinstance(schema, dict):
-        return {k: _without_maxima(v) for k, v in schema.items() if k != "maximum"}
-    if isinstance(schema, list):
-        return [_without_maxima(v) for v in schema]
-    return schema
-
-
 @pytest.fixture(name="cluster")
-def relaxed_cluster(tmp_path: Path) -> Iterator[Cluster]:
-    """An emulated cluster whose CRD has no maxima."""
-    crd = _without_maxima(yaml.safe_load(CRD_FILE.read_text()))
-    path = tmp_path / "crd.yaml"
-    path.write_text(yaml.safe_dump(crd))
-    with EmulatorThread() as emu:
-        emu.install_crd(path)
-        client = Client(emu.url)
-        client.create("namespaces", {"apiVersion": "v1", "kind": "Namespace",
-                                     "metadata": {"name": "default"}})
-        kubeconfig = emu.write_kubeconfig(tmp_path / "kubeconfig")
-        yield Cluster(emu=emu, client=client, kubelet=Kubelet(client), kubeconfig=kubeconfig)
+def relaxed_cluster(k8s: ControlPlane, crd: dict[str, Any], tmp_path: Path
+                    ) -> Iterator[Cluster]:
+    """A namespace of the test's own, under a CRD without maxima or CEL rules."""
+    cluster = make_cluster(k8s, tmp_path)
+    try:
+        with older_crd(k8s):
+            yield cluster
+    finally:
+        cluster.clean_up()
 
 
 def free_port() -> int:
@@ -71,7 +68,7 @@ def free_port() -> int:
 @contextlib.contextmanager
 def run_operator(cluster: Cluster, monkeypatch: pytest.MonkeyPatch, healthz: str
                  ) -> Iterator[KopfRunner]:
-    monkeypatch.setenv("KUBECONFIG", str(cluster.kubeconfig))
+    monkeypatch.setenv("KUBECONFIG", str(cluster.operator().kubeconfig))
     monkeypatch.setattr(handlers, "CONFIG", handlers.OperatorConfig(progress_interval=0.3))
     args = ["run", "--standalone", "--all-namespaces", "--liveness", healthz,
             "-m", "llamajob.handlers"]

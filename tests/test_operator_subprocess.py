@@ -1,4 +1,5 @@
-"""`llamajob operator` as a real process against the emulated cluster, with a kubeconfig.
+"""`llamajob operator` as a real process against the real control plane, with a kubeconfig
+holding the chart's ServiceAccount token.
 
 Covers what only a process shows: the console script and its flags, the metrics and liveness
 endpoints, peering, and being killed (SIGKILL, no clean-up) and started again mid-run.
@@ -17,12 +18,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-import yaml
 from kube_cluster import (
     ROOT,
     Cluster,
+    Identity,
     TrainerMetrics,
     cluster_fixture,  # noqa: F401  (the `cluster` fixture)
+    operator_identity,
+    uses_of,
     wait_for,
 )
 from llamajob import operator_cli
@@ -52,7 +55,7 @@ def free_port() -> int:
 
 
 class OperatorProcess:
-    def __init__(self, cluster: Cluster, log: Path, *args: str) -> None:
+    def __init__(self, identity: Identity, log: Path, *args: str) -> None:
         self.metrics_port, self.liveness_port = free_port(), free_port()
         self.argv = [
             str(BIN), "operator", "--verbose",
@@ -61,7 +64,7 @@ class OperatorProcess:
             "--progress-interval", "0.3",
             *args,
         ]
-        self.env = dict(os.environ, KUBECONFIG=str(cluster.kubeconfig))
+        self.env = dict(os.environ, KUBECONFIG=str(identity.kubeconfig))
         self.log = log
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -114,8 +117,9 @@ Starter = Callable[..., OperatorProcess]
 def start_operator(cluster: Cluster, tmp_path: Path) -> Iterator[Starter]:
     started: list[OperatorProcess] = []
 
-    def start(*args: str) -> OperatorProcess:
-        proc = OperatorProcess(cluster, tmp_path / "operator.log", *args).start()
+    def start(*args: str, identity: Identity | None = None) -> OperatorProcess:
+        proc = OperatorProcess(identity or cluster.operator(), tmp_path / "operator.log",
+                               *args).start()
         started.append(proc)
         return proc
 
@@ -128,13 +132,13 @@ def start_operator(cluster: Cluster, tmp_path: Path) -> Iterator[Starter]:
 def test_killed_and_restarted_mid_run_converges_without_duplicates(
     cluster: Cluster, start_operator: Starter, tmp_path: Path
 ) -> None:
-    nodes = cluster.add_nodes(4)
-    with TrainerMetrics(JOB) as trainer:
+    cluster.add_nodes(4)
+    with TrainerMetrics(JOB, cluster.namespace) as trainer:
         args = ("--trainer-metrics-port", str(trainer.port))
         first = start_operator(*args)
         apply(cluster, example("llama3-8b.yaml", nodes=4), tmp_path)
         compile_pods = gang(cluster, "compile", 1, 4)
-        run_all(cluster, compile_pods, nodes)
+        run_all(cluster, compile_pods)
         finish_all(cluster, compile_pods[:2], 0, {"compileCached": False})
         first.kill()  # SIGKILL: no clean-up, no goodbye
 
@@ -143,21 +147,20 @@ def test_killed_and_restarted_mid_run_converges_without_duplicates(
         second = start_operator(*args)
         train = gang(cluster, "train", 1, 4)
         trainer.set(step=3, loss=4.0)
-        run_all(cluster, train, nodes)
+        run_all(cluster, train)
         wait_for(lambda: status(cluster).get("step") == 3, what="progress from rank 0")
         second.kill()
         third = start_operator(*args)
         finish_all(cluster, train, 0)
         st = wait_phase(cluster, "Succeeded")
         text = third.scrape()
-        assert 'llamajob_jobs{namespace="default",phase="Succeeded"} 1.0' in text
+        assert f'llamajob_jobs{{namespace="{cluster.namespace}",phase="Succeeded"}} 1.0' in text
     assert st["restarts"] == 0 and st["attempt"] == 1
     assert condition(st, "Compiled")["reason"] == "CompileFinished"
-    creates = [r for r in cluster.emu.requests()
-               if r.method == "POST" and r.plural == "pods"]
+    creates = uses_of(operator_requests(cluster), "create", "pods")
     # Three processes, eight pods, each created exactly once: nothing re-created, and the
     # restarted processes did not even try (their indices were complete before deciding).
-    assert len(creates) == 8, [r.path for r in creates]
+    assert len(creates) == 8, [r.uri for r in creates]
     assert [p["metadata"]["name"] for p in pods(cluster)] == [
         f"{JOB}-train-a1-{r}" for r in range(4)
     ]
@@ -168,8 +171,8 @@ def test_metrics_and_liveness_endpoints(cluster: Cluster, start_operator: Starte
                                         tmp_path: Path) -> None:
     proc = start_operator()
     start_training(cluster, tmp_path)
-    wait_for(lambda: 'llamajob_jobs{namespace="default",phase="Training"} 1.0' in proc.scrape(),
-             what="the jobs gauge")
+    gauge = f'llamajob_jobs{{namespace="{cluster.namespace}",phase="Training"}} 1.0'
+    wait_for(lambda: gauge in proc.scrape(), what="the jobs gauge")
     text = proc.scrape()
     for name in ("llamajob_job_restarts_total", "llamajob_reconcile_duration_seconds_bucket",
                  "llamajob_fault_detection_seconds_count", "llamajob_restart_latency_seconds",
@@ -179,41 +182,56 @@ def test_metrics_and_liveness_endpoints(cluster: Cluster, start_operator: Starte
 
 
 def test_namespace_flag_confines_the_operator(cluster: Cluster, start_operator: Starter) -> None:
-    client = cluster.client
-    client.create("namespaces", {"metadata": {"name": "team-a"}})
+    """--namespace with the chart's namespace-scope RBAC: a Role in that namespace only."""
+    client, team, other = cluster.client, cluster.namespace, f"{cluster.namespace}-other"
+    cluster.k8s.create_namespace(other)
+    identity = operator_identity(cluster.k8s, f"ops-{team}", {"operator": {"watch": {
+        "scope": "namespace", "namespaces": [team]}}}, namespace=team)
     cluster.add_nodes(1)
-    start_operator("--namespace", "team-a")
-    for ns in ("default", "team-a"):
-        doc = example("llama3-8b.yaml")
-        doc["metadata"]["namespace"] = ns
-        client.create("llamatrainingjobs", doc, ns)
-    wait_for(lambda: client.list("pods", "team-a"), what="a pod in team-a")
-    time.sleep(0.5)
-    assert client.list("pods", "default") == []
-    assert "status" not in client.get("llamatrainingjobs", JOB, "default")
+    try:
+        start_operator("--namespace", team, identity=identity)
+        for ns in (other, team):
+            doc = example("llama3-8b.yaml")
+            doc["metadata"]["namespace"] = ns
+            client.create("llamatrainingjobs", doc, ns)
+        wait_for(lambda: client.list("pods", team), what="a pod in the team's namespace")
+        time.sleep(0.5)
+        assert client.list("pods", other) == []
+        assert "status" not in client.get("llamatrainingjobs", JOB, other)
+        assert_permitted(cluster.requests(identity.user), scope="namespace", namespaces={team})
+    finally:
+        client.delete("llamatrainingjobs", JOB, other)
+        client.delete("namespaces", other)
+
+
+PEERING = {"operator": {"watch": {"scope": "cluster"}, "peering": {"enabled": True}}}
 
 
 def test_peering_mode(cluster: Cluster, start_operator: Starter) -> None:
-    crd = yaml.safe_load((ROOT / "charts/llamajob/crds/clusterkopfpeerings.kopf.dev.yaml")
-                         .read_text())
-    cluster.emu.call(cluster.emu.emulator.install_crd, crd)
-    from kube_cluster import API_PATHS, CLUSTER_SCOPED
-
-    API_PATHS["clusterkopfpeerings"] = "apis/kopf.dev/v1"
-    CLUSTER_SCOPED.add("clusterkopfpeerings")
+    """--peering with the chart's peering CRD and RBAC: the operator keeps its heartbeat in
+    the peering object and works the jobs."""
+    crd = ROOT / "charts/llamajob/crds/clusterkopfpeerings.kopf.dev.yaml"
+    cluster.k8s.kubectl("apply", "-f", str(crd))
+    cluster.k8s.kubectl("wait", "--for=condition=Established", "--timeout=30s",
+                        "crd/clusterkopfpeerings.kopf.dev")
+    peering = f"llamajob-{cluster.namespace}"
     cluster.client.create("clusterkopfpeerings", {
         "apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering",
-        "metadata": {"name": "llamajob"},
+        "metadata": {"name": peering},
     })
+    identity = operator_identity(cluster.k8s, "ops-peering", PEERING)
     cluster.add_nodes(1)
-    start_operator("--peering", "llamajob")
-    peering = wait_for(
-        lambda: (cluster.client.get("clusterkopfpeerings", "llamajob").get("status") or None),
-        what="the operator's heartbeat in the peering object")
-    assert len(peering) == 1
-    cluster.client.create("llamatrainingjobs", example("llama3-8b.yaml"))
-    wait_for(lambda: pods(cluster), what="pods created by the peered operator")
-    assert_permitted(operator_requests(cluster), scope="cluster", peering=True)
+    try:
+        start_operator("--peering", peering, identity=identity)
+        seen = wait_for(
+            lambda: (cluster.client.get("clusterkopfpeerings", peering).get("status") or None),
+            what="the operator's heartbeat in the peering object")
+        assert len(seen) == 1
+        cluster.client.create("llamatrainingjobs", example("llama3-8b.yaml"))
+        wait_for(lambda: pods(cluster), what="pods created by the peered operator")
+        assert_permitted(cluster.requests(identity.user), scope="cluster", peering=True)
+    finally:
+        cluster.client.delete("clusterkopfpeerings", peering)
 
 
 @pytest.mark.parametrize(

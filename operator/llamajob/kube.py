@@ -167,11 +167,18 @@ class KubeClient:
             options["gracePeriodSeconds"] = grace_seconds
         await self.request("DELETE", object_path(kind, namespace, name), options)
 
-    async def patch_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> Any:
+    async def patch_status(self, namespace: str, name: str, status: Mapping[str, Any],
+                           resource_version: str | None = None) -> Any:
+        """A merge patch of the status subresource. With `resource_version` it is a
+        conditional write: the API server answers 409 Conflict if the object changed since
+        that version, rather than merging a decision made from a stale status."""
+        body: dict[str, Any] = {"status": status}
+        if resource_version:
+            body["metadata"] = {"resourceVersion": resource_version}
         return await self.request(
             "PATCH",
             object_path(KIND, namespace, name, "status"),
-            {"status": status},
+            body,
             content_type="application/merge-patch+json",
         )
 

@@ -50,6 +50,12 @@ PODS_CREATED = Counter(
     "Pods the operator created (compile and training).",
     registry=REGISTRY,
 )
+STATUS_CONFLICTS = Counter(
+    "llamajob_status_conflicts_total",
+    "Status writes answered 409 Conflict because the job changed after the version the "
+    "decision read; each is decided again from the newer object.",
+    registry=REGISTRY,
+)
 API_ERRORS = Counter(
     "llamajob_api_errors_total",
     "Kubernetes API calls that failed unexpectedly (AlreadyExists on create and NotFound on "

@@ -55,6 +55,7 @@ class OperatorConfig:
     trainer_metrics_port: int = protocol.DEFAULT_METRICS_PORT
     scrape_timeout: float = 5.0
     debounce: float = 0.01  # after a wake-up, let a burst of events land before deciding
+    conflict_retry: float = 0.1  # after a 409 on a status write, when to decide again
     unseen_write_grace: float = 30.0  # how long our own writes count as seen without an echo
     api_concurrency: int = 32
     max_error_backoff: float = 60.0
@@ -126,6 +127,7 @@ class JobWorker:
         self.uid: str | None = None
         self.generation: int | None = None
         self.written: dict[str, Any] | None = None  # status from our last PATCH response
+        self.resource_version: str | None = None  # of the newest body or PATCH response
         self.progress: Progress | None = None
         self.progress_pod: str | None = None
         self.next_scrape = 0.0
@@ -170,6 +172,7 @@ class JobWorker:
         first = not self.body
         new_object = uid != self.uid
         self.body = copy.deepcopy(dict(body))
+        self.resource_version = meta.get("resourceVersion")
         if new_object:
             # Recreated under the same name: nothing of the old object applies.
             self.uid, self.written, self.progress, self.progress_pod = uid, None, None, None
@@ -215,6 +218,11 @@ class JobWorker:
 
     def _timeout(self) -> float | None:
         now = time.monotonic()
+        if self.errors and self.requeue_at is not None:
+            # Backing off after a failure (the API server away, say): the progress timer
+            # waits too, or a training job would retry, and log, every progress interval.
+            # A watch event still wakes the worker at once.
+            return max(self.requeue_at - now, 0.0)
         times = []
         if self.requeue_at is not None:
             times.append(self.requeue_at - now)
@@ -301,6 +309,8 @@ class JobWorker:
         started = time.perf_counter()
         observed, records = self.observe()
         prior = self.written if self.written is not None else dict(self.body.get("status") or {})
+        # The version this decision reads: the watch may bring a newer body while it runs.
+        read_version = self.resource_version
         await self.maybe_scrape(observed, prior)
         observed = replace(observed, progress=self.progress)
         # The core is pure but not always quick (a spec of absurd numbers costs the planner
@@ -316,13 +326,27 @@ class JobWorker:
         patch = merge_diff(prior, new)
         if patch:
             try:
-                response = await self.op.client().patch_status(self.namespace, self.name, patch)
+                response = await self.op.client().patch_status(
+                    self.namespace, self.name, patch, read_version)
             except ApiError as exc:
                 if exc.status == 404:
                     return  # deleted meanwhile; the DELETED event stops this worker
+                if exc.status == 409:
+                    # Someone else wrote the job (a user's edit, another replica) after the
+                    # version this decision read. Nothing was acted on yet (status goes
+                    # first): decide again from the stored object, which the watch brings;
+                    # the requeue covers an event that arrived before this write.
+                    log.info("%s/%s: the job changed while deciding; deciding again",
+                             self.namespace, self.name)
+                    metrics.STATUS_CONFLICTS.inc()
+                    self.written = None
+                    self.requeue_at = time.monotonic() + self.op.config.conflict_retry
+                    return
                 metrics.API_ERRORS.inc()
                 raise
             self.written = dict((response or {}).get("status") or new)
+            self.resource_version = ((response or {}).get("metadata") or {}).get(
+                "resourceVersion", self.resource_version)
             dropped = merge_diff(self.written, new)
             if dropped and not self.warned_pruned:
                 # The API server pruned fields its CRD schema does not know: an operator newer
