@@ -32,6 +32,18 @@ INSTALL_ORDER = [
 ]
 
 
+# The chart publishes no image and refuses to render without `image.repository`, so every render
+# here passes this one unless the test sets its own (or asks for none: `operator_image=False`).
+OPERATOR_REPOSITORY = "registry.example/llamajob-operator"
+
+
+def with_operator_image(values: Mapping[str, Any] | None) -> dict[str, Any]:
+    """`values` with `image.repository` set to OPERATOR_REPOSITORY where it is not given."""
+    merged = dict(values or {})
+    merged["image"] = {"repository": OPERATOR_REPOSITORY, **dict(merged.get("image") or {})}
+    return merged
+
+
 def load_chart() -> helm.Chart:
     return helm.Chart.load(CHART_DIR)
 
@@ -43,8 +55,12 @@ def render(
     kube_version: str | None = None,
     namespace: str = NAMESPACE,
     release: str = RELEASE,
+    operator_image: bool = True,
 ) -> dict[str, str]:
-    """Template path -> rendered text, as `helm template` would print it."""
+    """Template path -> rendered text, as `helm template` would print it (with `--set
+    image.repository=OPERATOR_REPOSITORY` unless `operator_image` is false)."""
+    if operator_image:
+        values = with_operator_image(values)
     opts: dict[str, Any] = {"name": release, "namespace": namespace, "is_install": True}
     if api_versions:
         opts["api_versions"] = list(api_versions)

@@ -15,7 +15,10 @@ import yaml
 from k8s_control_plane import ControlPlane
 
 ROOT = Path(__file__).resolve().parent.parent
-EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
+# The example job files (examples/ also holds other manifests, such as prepare-data-job.yaml).
+EXAMPLES = sorted(
+    p for p in (ROOT / "examples").glob("*.yaml") if "\nkind: LlamaTrainingJob\n" in p.read_text()
+)
 BIN = Path(sys.executable).parent
 
 

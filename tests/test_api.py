@@ -187,3 +187,107 @@ def test_every_subpackage_ships_in_the_wheel() -> None:
             rel = init.parent.relative_to(ROOT / root)
             found.add(".".join([name, *rel.parts]))
     assert found == listed
+
+
+# --- the trainer image: the job's, or the operator's default for its family -------------------
+
+
+def _job_body(name: str) -> dict[str, Any]:
+    body: dict[str, Any] = yaml.safe_load((ROOT / "examples" / f"{name}.yaml").read_text())
+    body["metadata"].update(namespace="ml", uid="uid-1", generation=1)
+    return body
+
+
+def test_image_is_optional_and_has_no_made_up_default() -> None:
+    spec = LlamaTrainingJobSpec()
+    assert spec.cluster.image is None
+    image = crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"][
+        "properties"]["cluster"]["properties"]["image"]
+    assert "default" not in image and image["minLength"] == 1
+    for path in EXAMPLES:  # no image that does not exist: the operator's default applies
+        assert "ghcr.io" not in path.read_text(), path
+        assert parse_job(yaml.safe_load(path.read_text())).spec.cluster.image is None, path
+
+
+@pytest.mark.parametrize(
+    ("name", "family"),
+    [("llama3-8b", "trn1"), ("llama3-70b", "trn1"), ("llama3-8b-trn2", "neuron"),
+     ("llama3-70b-trn2", "neuron"), ("llama3-8b-p5", "cuda"), ("tiny", "cuda")],
+)
+def test_each_example_has_a_trainer_family(name: str, family: str) -> None:
+    from llamajob.images import job_family
+
+    assert job_family(parse_job(_job_body(name))) == family
+
+
+def test_nxd_on_trn2_uses_the_trn1_image() -> None:
+    from llamajob.images import job_family
+
+    body = _job_body("llama3-8b-trn2")
+    body["spec"]["backend"] = "nxd"
+    assert job_family(parse_job(body)) == "trn1"
+
+
+def test_trainer_image_flags_parse() -> None:
+    from llamajob.images import parse_trainer_images
+
+    assert parse_trainer_images([]) == {}
+    assert parse_trainer_images(["r/t:1"]) == {"neuron": "r/t:1", "trn1": "r/t:1", "cuda": "r/t:1"}
+    # A family's own image wins over the one for every family, in any order.
+    assert parse_trainer_images(["cuda=r/gpu:2", "r/t:1"]) == {
+        "neuron": "r/t:1", "trn1": "r/t:1", "cuda": "r/gpu:2"}
+    assert parse_trainer_images(["trn1=r/x@sha256:" + "a" * 64]) == {
+        "trn1": "r/x@sha256:" + "a" * 64}
+    for bad in (["gpu=r/t:1"], ["cuda="], ["r/a:1", "r/b:1"], ["cuda=a:1", "cuda=b:1"], [" "]):
+        with pytest.raises(ValueError):
+            parse_trainer_images(bad)
+
+
+def test_operator_fills_the_image_before_planning_and_keys_the_compile_with_it() -> None:
+    """decide() (the worker's core call) gives a job without an image the operator's image of
+    its family: the pods, the spec revision and the compile key all use it."""
+    from datetime import UTC, datetime
+
+    from llamajob.observed import Observed
+    from llamajob.plan import make_plan
+    from llamajob.worker import decide
+
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    images = {"neuron": "r.example/t:1-neuron", "trn1": "r.example/t:1-trn1",
+              "cuda": "r.example/t:1-cuda"}
+    body = _job_body("llama3-8b")
+    d = decide(body, Observed(), {}, now, "llama3-8b", "ml", images)
+    assert d.status.phase == "Compiling"
+    pods = [c.manifest for c in d.creates if c.manifest["kind"] == "Pod"]
+    assert pods and {p["spec"]["containers"][0]["image"] for p in pods} == {images["trn1"]}
+    job = parse_job(body)
+    plan = make_plan(job.spec)
+    assert d.status.compile_key == job.spec.compile_key(plan.backend, images["trn1"], plan.device)
+    assert d.status.compile_key != job.spec.compile_key(plan.backend, None, plan.device)
+    # The job's own image wins.
+    body["spec"]["cluster"]["image"] = "r.example/mine:2"
+    d = decide(body, Observed(), {}, now, "llama3-8b", "ml", images)
+    pods = [c.manifest for c in d.creates if c.manifest["kind"] == "Pod"]
+    assert {p["spec"]["containers"][0]["image"] for p in pods} == {"r.example/mine:2"}
+
+
+def test_a_job_without_image_and_no_operator_default_fails_naming_the_field() -> None:
+    from datetime import UTC, datetime
+
+    from llamajob.observed import Observed
+    from llamajob.worker import decide
+
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    for images in ({}, {"cuda": "r.example/t:1-cuda"}):  # none, or none for trn1
+        d = decide(_job_body("llama3-8b"), Observed(), {}, now, "llama3-8b", "ml", images)
+        assert d.status.phase == "Failed" and d.creates == []
+        failed = next(c for c in d.status.conditions if c.type == "Failed")
+        assert failed.reason == "InvalidSpec"
+        assert d.status.message.startswith("spec.cluster.image: no trainer image")
+        assert "docker build --target trainer-trn1" in d.status.message
+        assert "trainerImage" in d.status.message
+    # Other problems are reported with it.
+    body = _job_body("llama3-8b")
+    body["spec"]["parallelism"]["tensor"] = 8  # does not fit
+    d = decide(body, Observed(), {}, now, "llama3-8b", "ml", {})
+    assert "spec.parallelism" in d.status.message and "spec.cluster.image" in d.status.message

@@ -288,6 +288,8 @@ def test_bad_plan_flags_give_one_line(llamajob_bin: str, args: list[str], flag: 
 def test_closed_pipe_ends_quietly(llamajob_bin: str, command: str) -> None:
     """`llamajob render job.yaml | head`: the reader is gone before the output is written."""
     args = [] if command == "crd" else [str(ROOT / "examples" / "tiny.yaml")]
+    if command == "render":  # the examples set no image (none is published)
+        args += ["--trainer-image", "registry.example/llamajob-trainer:0.1.0-cuda"]
     read, write = os.pipe()
     os.close(read)
     try:
@@ -421,3 +423,34 @@ def test_trainer_reads_the_config_the_operator_writes(tmp_path: Path) -> None:
     expected = render.trainer_config(job, make_plan(job.spec))
     assert load_config(path) == expected
     assert expected.seed == config.MAX_SEED
+
+
+# --- --config of the trainer commands: a job file or a trainer config, nothing else ----------
+
+
+@pytest.mark.parametrize("command", ["export-hf", "prepare-data"])
+def test_trainer_commands_refuse_other_files_naming_what_they_take(
+    llamajob_bin: str, tmp_path: Path, command: str
+) -> None:
+    other = tmp_path / "deployment.yaml"
+    other.write_text("apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: web\n")
+    extra = ["--output", str(tmp_path / "out")]
+    res = llamajob(llamajob_bin, command, "--config", str(other), *extra)
+    out = res.stdout + res.stderr
+    assert res.returncode == protocol.EXIT_CONFIG, out
+    assert "Traceback" not in out and "Extra inputs" not in out, out
+    (line,) = res.stderr.splitlines()
+    assert line.startswith(f"llamajob {command}: error: config file {other} is a Deployment")
+    assert "LlamaTrainingJob file" in line and "trainer config" in line, line
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_hf_takes_the_job_file(llamajob_bin: str, tmp_path: Path) -> None:
+    """The job file is read (no "Extra inputs are not permitted"); what is missing is the
+    checkpoint, which the error names."""
+    res = llamajob(llamajob_bin, "export-hf", "--config", str(ROOT / "examples" / "tiny.yaml"),
+                   "--output", str(tmp_path / "hf"), cwd=tmp_path)
+    out = res.stdout + res.stderr
+    assert "Traceback" not in out and "Extra inputs" not in out, out
+    (line,) = res.stderr.splitlines()
+    assert "no complete checkpoint in runs/tiny/checkpoints" in line, line

@@ -31,6 +31,7 @@ from chart_helpers import (
     CHART_DIR,
     MONITORING_API,
     NAMESPACE,
+    OPERATOR_REPOSITORY,
     RELEASE,
     ROOT,
     chart_crds,
@@ -46,6 +47,7 @@ from chart_helpers import (
     render,
     render_objects,
     selectors,
+    with_operator_image,
 )
 from k8s_control_plane import ControlPlane, wait_for
 from llamajob import permissions
@@ -54,13 +56,16 @@ from llamajob.crd import crd_yaml
 
 KUBE_VERSIONS = ["1.30.0", "1.33.0"]
 PEERING_2 = {"replicas": 2, "peering": {"enabled": True}}
+IN_NAMESPACES = {"scope": "namespace"}
 
 # name -> (values, API versions the cluster serves)
 SCENARIOS: dict[str, tuple[dict[str, Any], list[str]]] = {
     "defaults": ({}, []),
     "defaults-with-prometheus-operator": ({}, [MONITORING_API]),
+    "namespace": ({"operator": {"watch": IN_NAMESPACES}}, []),
     "namespaces-peering": (
-        {"operator": {"watch": {"namespaces": ["team-a", "team-b"]}, **PEERING_2}},
+        {"operator": {"watch": {**IN_NAMESPACES, "namespaces": ["team-a", "team-b"]},
+                      **PEERING_2}},
         [MONITORING_API],
     ),
     "cluster": ({"operator": {"watch": {"scope": "cluster"}}}, [MONITORING_API]),
@@ -72,13 +77,15 @@ SCENARIOS: dict[str, tuple[dict[str, Any], list[str]]] = {
 }
 
 NAMESPACE_RBAC = ["ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"]
+CLUSTER_RBAC = ["ClusterRole", "ClusterRoleBinding"]
 USER_ROLES = ["ClusterRole", "ClusterRole"]  # edit and view, aggregated into the default roles
 # ConfigMap = the dashboard
 CORE = ["ConfigMap", "Deployment", "Service", "ServiceAccount", *USER_ROLES]
 MONITORS = ["PodMonitor", "PrometheusRule", "ServiceMonitor"]
 EXPECTED_KINDS: dict[str, list[str]] = {
-    "defaults": sorted(CORE + NAMESPACE_RBAC),
-    "defaults-with-prometheus-operator": sorted(CORE + NAMESPACE_RBAC + MONITORS),
+    "defaults": sorted(CORE + CLUSTER_RBAC),
+    "defaults-with-prometheus-operator": sorted(CORE + CLUSTER_RBAC + MONITORS),
+    "namespace": sorted(CORE + NAMESPACE_RBAC),
     "namespaces-peering": sorted(
         CORE + ["ClusterRole", "ClusterRoleBinding"] + ["Role", "RoleBinding"] * 2
         + ["KopfPeering"] * 2 + MONITORS
@@ -88,7 +95,7 @@ EXPECTED_KINDS: dict[str, list[str]] = {
         [*CORE, "ClusterRole", "ClusterRoleBinding", "ClusterKopfPeering", *MONITORS]
     ),
     "monitoring-off": sorted(
-        ["Deployment", "Service", "ServiceAccount", *USER_ROLES, *NAMESPACE_RBAC]
+        ["Deployment", "Service", "ServiceAccount", *USER_ROLES, *CLUSTER_RBAC]
     ),
 }
 
@@ -136,7 +143,8 @@ def test_chart_ships_the_crds_helm_installs() -> None:
 def test_helm_lint_strict_is_clean(scenario: str, kube_version: str) -> None:
     values, _ = SCENARIOS[scenario]
     report = helm.lint(
-        CHART_DIR, values, strict=True, namespace=NAMESPACE, kube_version=f"v{kube_version}"
+        CHART_DIR, with_operator_image(values), strict=True, namespace=NAMESPACE,
+        kube_version=f"v{kube_version}",
     )
     assert report["errors"] == []
     # Severity 1 is informational ("icon is recommended"); 2 = warning, 3 = error.
@@ -330,7 +338,7 @@ def test_deployment_is_hardened() -> None:
     assert sc["runAsNonRoot"] is True
     assert c["resources"]["requests"]["cpu"] and c["resources"]["requests"]["memory"]
     assert c["resources"]["limits"]["memory"]
-    assert c["image"] == "ghcr.io/llamajob/operator:0.1.0"  # the chart's appVersion
+    assert c["image"] == f"{OPERATOR_REPOSITORY}:0.1.0"  # the chart's appVersion
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
     assert ports == {"health": 8080, "metrics": 9090}
     assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
@@ -363,7 +371,8 @@ def test_image_tag_digest_and_ports_follow_values() -> None:
 @pytest.mark.parametrize(
     ("scenario", "watch_args", "peering_arg", "strategy"),
     [
-        ("defaults", [f"--namespace={NAMESPACE}"], "--standalone", "Recreate"),
+        ("defaults", ["--all-namespaces"], "--standalone", "Recreate"),
+        ("namespace", [f"--namespace={NAMESPACE}"], "--standalone", "Recreate"),
         ("namespaces-peering", ["--namespace=team-a", "--namespace=team-b"],
          f"--peering={RELEASE}", "RollingUpdate"),
         ("cluster", ["--all-namespaces"], "--standalone", "Recreate"),
@@ -392,7 +401,7 @@ def test_operator_cli_accepts_the_rendered_arguments(scenario: str) -> None:
     operator = values.get("operator", {})
     args = build_parser().parse_args(container(scenario_objects(scenario))["args"])
     assert (args.liveness_port, args.metrics_port) == (8080, 9090)
-    if operator.get("watch", {}).get("scope") == "cluster":
+    if operator.get("watch", {}).get("scope", "cluster") == "cluster":  # the default
         assert args.all_namespaces and not args.namespaces
     else:
         assert args.namespaces == operator.get("watch", {}).get("namespaces", [NAMESPACE])
@@ -536,7 +545,6 @@ BAD_VALUES: list[tuple[str, dict[str, Any], str]] = [
     ("typo in a key", {"operator": {"replica": 2}}, "additional properties 'replica'"),
     ("unknown scope", {"operator": {"watch": {"scope": "everywhere"}}},
      "/operator/watch/scope"),
-    ("replicas without peering", {"operator": {"replicas": 2}}, "/operator/peering/enabled"),
     ("zero replicas", {"operator": {"replicas": 0}}, "/operator/replicas"),
     ("replicas as text", {"operator": {"replicas": "two"}}, "/operator/replicas"),
     ("namespace not a DNS label", {"operator": {"watch": {"namespaces": ["Team_A"]}}},
@@ -582,6 +590,10 @@ def test_values_schema_accepts_the_defaults_and_every_scenario() -> None:
 
 
 TEMPLATE_CHECKS: list[tuple[str, dict[str, Any], str]] = [
+    # What `helm install --set operator.replicas=2` prints: one message naming both values.
+    ("replicas without peering", {"operator": {"replicas": 2}},
+     "operator.replicas 2 needs operator.peering.enabled=true: without peering every replica "
+     "would act on every job. Add --set operator.peering.enabled=true"),
     ("latest tag", {"image": {"tag": "latest"}}, "image.tag: `latest` is not allowed"),
     ("port clash", {"operator": {"livenessPort": 9090}},
      "operator.livenessPort and operator.metricsPort are both 9090"),
@@ -599,6 +611,89 @@ def test_templates_reject_inconsistent_values(
     with pytest.raises(helm.HelmError) as err:
         render(values)
     assert message in str(err.value)
+
+
+def test_replicas_without_peering_passes_the_schema_to_reach_the_clear_message() -> None:
+    """The schema does not judge the pair (its message would be "at '/operator/peering/enabled':
+    value must be true"), so the template's message is the one Helm prints."""
+    with load_chart() as chart:
+        values = with_operator_image({"operator": {"replicas": 2}})
+        chart.validate_schema(chart.merge_values(values))
+    with pytest.raises(helm.HelmError) as err:
+        render({"operator": {"replicas": 3}})
+    assert "operator.replicas 3 needs operator.peering.enabled=true" in str(err.value)
+    assert not isinstance(err.value, helm.HelmValuesError)
+    render({"operator": PEERING_2})  # with peering it renders
+
+
+def test_without_an_operator_image_the_chart_says_how_to_build_one() -> None:
+    """No image is published: the chart's defaults refuse to render, telling the user what to
+    build (a real Dockerfile target) and which value to set, rather than a Deployment whose pods
+    can never pull."""
+    with load_chart() as chart:
+        assert chart.merge_values({})["image"]["repository"] == ""
+        chart.validate_schema(chart.merge_values({}))  # the template speaks, not the schema
+    for values in (None, {"image": {"repository": ""}}, {"image": {"tag": "0.1.0"}}):
+        with pytest.raises(helm.HelmError) as err:
+            render(values, operator_image=False)
+        message = str(err.value)
+        assert "image.repository is not set" in message
+        assert "docker build --target operator -t <registry>/llamajob-operator:0.1.0 ." in message
+        assert "--set image.repository=<registry>/llamajob-operator" in message
+        assert "trainerImage.repository" in message
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert " AS operator\n" in dockerfile
+    # `helm lint` runs templates in lint mode, where `fail` only logs: the bare chart lints.
+    assert helm.lint(CHART_DIR, {}, strict=True, namespace=NAMESPACE)["errors"] == []
+
+
+def trainer_image_args(values: dict[str, Any]) -> list[str]:
+    args = container(render_objects(values))["args"]
+    return [a for a in args if a.startswith("--trainer-image")]
+
+
+def test_trainer_images_become_operator_flags() -> None:
+    from llamajob.images import TRAINER_FAMILIES
+    from llamajob.operator_cli import build_parser, trainer_images
+
+    assert trainer_image_args({}) == []  # no default: every job must set spec.cluster.image
+    repo = "123456789012.dkr.ecr.us-west-2.amazonaws.com/llamajob-trainer"
+    args = trainer_image_args({"trainerImage": {"repository": repo}})
+    assert args == [f"--trainer-image={f}={repo}:0.1.0-{f}" for f in ("neuron", "trn1", "cuda")]
+    # The families are the operator's, and each is a trainer target of the Dockerfile, whose
+    # tags docs/install.md builds as <tag>-<family>.
+    assert set(TRAINER_FAMILIES) == {"neuron", "trn1", "cuda"}
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    install = (ROOT / "docs" / "install.md").read_text()
+    for family in TRAINER_FAMILIES:
+        assert f" AS trainer-{family}\n" in dockerfile
+        assert f"--target trainer-{family} " in install and f":0.1.0-{family} ." in install
+    args = trainer_image_args({"trainerImage": {"repository": repo, "tag": "0.2.0",
+                                                "cuda": "registry.example/gpu:7"}})
+    assert args == [f"--trainer-image=neuron={repo}:0.2.0-neuron",
+                    f"--trainer-image=trn1={repo}:0.2.0-trn1",
+                    "--trainer-image=cuda=registry.example/gpu:7"]
+    only = trainer_image_args({"trainerImage": {"neuron": "registry.example/trn2:1"}})
+    assert only == ["--trainer-image=neuron=registry.example/trn2:1"]
+    parsed = build_parser().parse_args(args)
+    assert trainer_images(parsed.trainer_images) == {
+        "neuron": f"{repo}:0.2.0-neuron", "trn1": f"{repo}:0.2.0-trn1",
+        "cuda": "registry.example/gpu:7",
+    }
+    with load_chart() as chart, pytest.raises(helm.HelmValuesError) as err:
+        chart.validate_schema(chart.merge_values({"trainerImage": {
+            "repository": "r.example/t:0.1.0"}}))
+    assert "/trainerImage/repository" in str(err.value)
+
+
+def test_notes_say_what_is_missing() -> None:
+    text = notes(render({}))
+    assert "Watching LlamaTrainingJobs in every namespace" in text
+    assert "No trainer image" in text and "spec.cluster.image" in text
+    text = notes(render({"trainerImage": {"repository": "r.example/t"}}))
+    assert "No trainer image" not in text
+    assert ("Trainer images (for jobs without spec.cluster.image): "
+            "neuron=r.example/t:0.1.0-neuron") in text
 
 
 # --- monitoring ---------------------------------------------------------------------------------
@@ -643,7 +738,7 @@ def test_service_monitor_scrapes_the_operator_metrics_service() -> None:
 @pytest.mark.parametrize(
     ("scenario", "namespace_selector"),
     [
-        ("defaults-with-prometheus-operator", {"matchNames": [NAMESPACE]}),
+        ("defaults-with-prometheus-operator", {"any": True}),
         ("namespaces-peering", {"matchNames": ["team-a", "team-b"]}),
         ("cluster", {"any": True}),
     ],
@@ -773,6 +868,45 @@ def test_dashboard_config_map() -> None:
     assert one(moved, "ConfigMap")["metadata"]["namespace"] == "grafana"
 
 
+def test_dashboard_lists_every_job_the_operator_works() -> None:
+    """The Namespace and Job lists come from an operator series that exists for every job from
+    its first decision, not from a trainer series: a job that never trained (Pending, or Failed
+    by its spec) still shows in "Jobs by phase" and "Restarts"."""
+    from llamajob import metrics
+
+    _, board = dashboard(scenario_objects("defaults"))
+    variables = {v["name"]: v for v in board["templating"]["list"]}
+    operator_families = {f.name for f in metrics.REGISTRY.collect()}
+    for name in ("namespace", "job"):
+        [(metric, _)] = selectors(dashboard_queries({"panels": [], "templating": {
+            "list": [variables[name]]}})[0][1])
+        assert metric == "llamajob_job_info", name
+        assert metric in operator_families
+    assert set(metrics.JOB_INFO._labelnames) == {"namespace", "job", "phase"}
+
+
+def test_job_info_follows_the_operators_jobs() -> None:
+    from llamajob import handlers, metrics
+
+    def info(job: str) -> dict[str, float]:
+        return {s.labels["phase"]: s.value for f in metrics.REGISTRY.collect()
+                if f.name == "llamajob_job_info" for s in f.samples
+                if s.labels["job"] == job and s.labels["namespace"] == "dash-ns"}
+
+    op = handlers.Operator()
+    op.set_phase("dash-ns", "never-trained", "Failed")  # InvalidSpec on its first decision
+    op.set_phase("dash-ns", "runs", "Pending")
+    assert info("never-trained") == {"Failed": 1.0}
+    op.set_phase("dash-ns", "runs", "Compiling")
+    op.set_phase("dash-ns", "runs", "Training")
+    assert info("runs") == {"Training": 1.0}  # one series per job: the current phase
+    import asyncio
+
+    asyncio.run(op.forget("dash-ns", "runs"))
+    asyncio.run(op.forget("dash-ns", "never-trained"))
+    assert info("runs") == {} and info("never-trained") == {}
+
+
 def test_dashboard_file_is_what_the_config_map_ships() -> None:
     _, board = dashboard(scenario_objects("defaults"))
     on_disk = json.loads((CHART_DIR / "dashboards" / "llamajob-training.json").read_text())
@@ -875,8 +1009,10 @@ def test_exposed_series_follow_the_exposition_format() -> None:
 
 
 def test_notes_explain_the_install() -> None:
-    text = notes(render({"operator": {"watch": {"namespaces": ["team-a", "team-b"]}}}))
+    text = notes(render({"operator": {"watch": {**IN_NAMESPACES,
+                                                 "namespaces": ["team-a", "team-b"]}}}))
     assert "Watching LlamaTrainingJobs in: team-a, team-b" in text
+    assert "IGNORED" in text
     assert "standalone" in text
     assert 'grafana_dashboard="1"' in text
     text = notes(render({"operator": {"watch": {"scope": "cluster"}, **PEERING_2}},

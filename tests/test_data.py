@@ -254,3 +254,149 @@ def _row_ids(ds: PackedDataset, rows: np.ndarray) -> list[int]:
     ids = [np.flatnonzero((every == row).all(axis=1)) for row in rows]
     assert all(len(i) == 1 for i in ids)
     return [int(i[0]) for i in ids]
+
+
+# --- --config: a job file or a trainer config; the Hub tokenizer ------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_config_takes_a_job_file_converted_as_the_operator_does(tmp_path: Path) -> None:
+    from llamajob.jobfile import load_job
+    from llamajob.plan import make_plan
+    from llamajob.render import render_configmap, trainer_config
+    from llamajob_trainer.cli import load_config
+
+    for name in ("tiny", "llama3-8b", "llama3-70b"):
+        job = load_job(ROOT / "examples" / f"{name}.yaml")
+        expected = trainer_config(job, make_plan(job.spec))
+        assert load_config(ROOT / "examples" / f"{name}.yaml") == expected
+        # The trainer config the operator renders (what pods read) keeps working.
+        rendered = tmp_path / f"{name}-config.yaml"
+        rendered.write_text(render_configmap(job, make_plan(job.spec))["data"]["config.yaml"])
+        assert load_config(rendered) == expected
+
+
+def test_config_refuses_other_files_naming_both_kinds(tmp_path: Path) -> None:
+    from llamajob_trainer.cli import load_config
+
+    cases = {
+        "deployment.yaml": "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: x}\n",
+        "other.yaml": "foo: 1\n",
+        "list.yaml": "- 1\n- 2\n",
+    }
+    for name, text in cases.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ConfigError) as err:
+            load_config(tmp_path / name)
+        assert "LlamaTrainingJob" in str(err.value) and "trainer config" in str(err.value), name
+    bad_job = (ROOT / "examples" / "tiny.yaml").read_text().replace("tensor: 1", "tensor: 3")
+    (tmp_path / "bad-job.yaml").write_text(bad_job)
+    with pytest.raises(ConfigError, match=r"job file .*spec\.parallelism\.tensor"):
+        load_config(tmp_path / "bad-job.yaml")
+    typo = (ROOT / "examples" / "tiny.yaml").read_text().replace("seqLength", "seqLenght")
+    (tmp_path / "typo-job.yaml").write_text(typo)
+    with pytest.raises(ConfigError, match=r"job file .*spec\.data\.seqLenght: unknown field"):
+        load_config(tmp_path / "typo-job.yaml")
+
+
+def test_prepare_data_takes_the_job_files_values(tmp_path: Path) -> None:
+    job = (ROOT / "examples" / "tiny.yaml").read_text()
+    job = job.replace("seqLength: 128", "seqLength: 16").replace("data/pydoc", str(tmp_path / "ds"))
+    (tmp_path / "job.yaml").write_text(job)
+    (tmp_path / "in.txt").write_text("Some text, long enough for a few rows of 17 tokens. " * 4)
+    argv = ["--config", str(tmp_path / "job.yaml"), "--input", str(tmp_path / "in.txt"),
+            "--no-progress"]
+    assert prepare_data_main(argv) == 0
+    meta = read_metadata(tmp_path / "ds")
+    assert meta["seq_length"] == 16 and meta["tokenizer"]["identity"] == BYTE.identity
+
+
+def test_hub_repo_ids_are_told_from_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from llamajob_trainer.tokenizer import is_hub_repo_id
+
+    monkeypatch.chdir(tmp_path)
+    assert is_hub_repo_id("meta-llama/Meta-Llama-3-8B")
+    assert is_hub_repo_id("org/name.v2")
+    for spec in (None, "", "byte", "/fsx/llama3/tokenizer.json", "llama3/tokenizer.json",
+                 "./org/name", "a/b/c", "org/", "../x", "org/-x"):
+        assert not is_hub_repo_id(spec), spec
+    (tmp_path / "org" / "name").mkdir(parents=True)
+    assert not is_hub_repo_id("org/name")  # an existing local directory wins
+
+
+def _toy_hub(root: Path) -> Path:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["[UNK]", "<|end_of_text|>", "the", "cat", "sat", "on", "mat"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    root.mkdir(parents=True)
+    tok.save(str(root / "tokenizer.json"))
+    return root
+
+
+def test_hub_tokenizer_download_is_mocked_and_saved(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from llamajob_trainer import tokenizer as tok_module
+
+    hub = _toy_hub(tmp_path / "hub")
+    seen: list[tuple[str, str, str | None]] = []
+
+    class EntryNotFoundError(Exception):  # what huggingface_hub raises for a missing file
+        pass
+
+    def fake(repo_id: str, filename: str, token: str | None) -> str:
+        seen.append((repo_id, filename, token))
+        if not (hub / filename).exists():
+            raise EntryNotFoundError(filename)
+        return str(hub / filename)
+
+    monkeypatch.setattr(tok_module, "_hub_download", fake)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    (tmp_path / "in.txt").write_text("the cat sat on the mat " * 10)
+    saved = tmp_path / "fsx" / "tok"
+    argv = ["--tokenizer", "org/model", "--save-tokenizer", str(saved), "--seq-length", "8",
+            "--input", str(tmp_path / "in.txt"), "--output", str(tmp_path / "ds"),
+            "--no-progress"]
+    assert prepare_data_main(argv) == 0
+    assert seen == [("org/model", "tokenizer.json", None), ("org/model", "tokenizer_config.json",
+                                                              None)]
+    assert (saved / "tokenizer.json").read_bytes() == (hub / "tokenizer.json").read_bytes()
+    meta = read_metadata(tmp_path / "ds")
+    assert meta["tokenizer"]["identity"] == load_tokenizer(str(saved)).identity
+    assert meta["tokenizer"]["eos_id"] == 1
+    # The same file again is fine; a different one at that path is refused, not overwritten.
+    assert prepare_data_main(argv) == 0
+    (saved / "tokenizer.json").write_text("{}")
+    assert prepare_data_main(argv) == 78
+    assert (saved / "tokenizer.json").read_text() == "{}"
+
+
+def test_hub_refusals_say_what_to_do(tmp_path: Path) -> None:
+    from llamajob_trainer.tokenizer import download_hub_tokenizer
+
+    class GatedRepoError(Exception):
+        pass
+
+    class RepositoryNotFoundError(Exception):
+        pass
+
+    def gated(repo_id: str, filename: str, token: str | None) -> str:
+        raise GatedRepoError("403")
+
+    def missing(repo_id: str, filename: str, token: str | None) -> str:
+        raise RepositoryNotFoundError("404")
+
+    def offline(repo_id: str, filename: str, token: str | None) -> str:
+        raise ConnectionError("no route to host")
+
+    with pytest.raises(ConfigError, match=r"accept its license on https://huggingface.co/m/x"):
+        download_hub_tokenizer("m/x", token="hf_x", download=gated)
+    with pytest.raises(ConfigError, match="HF_TOKEN is not set"):
+        download_hub_tokenizer("m/x", token="", download=gated)
+    with pytest.raises(ConfigError, match="no such model repository"):
+        download_hub_tokenizer("m/x", token="hf_x", download=missing)
+    with pytest.raises(ConnectionError):  # transient: the Job's retry may work
+        download_hub_tokenizer("m/x", token="hf_x", download=offline)

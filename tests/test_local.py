@@ -425,3 +425,118 @@ def test_console_prints_log_text_with_brackets_literally(
                        "max_steps": 2, "final_loss": None, "restarts": 0,
                        "wall_seconds": 1.0, "checkpoints": [], "checkpoint_dir": "c"})
     assert capsys.readouterr().out.count(quoted) == 4
+
+
+# --- data.path: the built-in corpus only where documented --------------------------------------
+
+
+def _tiny_with(tmp: Path, data_path: str, **spec: Any) -> Path:
+    obj = yaml.safe_load((ROOT / "examples" / "tiny.yaml").read_text())
+    obj["spec"]["data"]["path"] = data_path
+    obj["spec"]["model"].update(spec.pop("model", {}))
+    obj["spec"].update(spec)
+    path = tmp / "job.yaml"
+    path.write_text(yaml.safe_dump(obj))
+    return path
+
+
+def _assert_refused(res: subprocess.CompletedProcess[str], *fragments: str) -> None:
+    out = res.stdout + res.stderr
+    assert res.returncode == 2, out
+    assert "Traceback" not in out and res.stdout == "", out
+    (line,) = res.stderr.splitlines()
+    assert line.startswith("error: spec.data."), line
+    for fragment in fragments:
+        assert fragment in line, line
+
+
+def test_mistyped_data_path_is_refused_before_anything_starts(tmp_path: Path) -> None:
+    job = _tiny_with(tmp_path, "data/pydocs")
+    res = _run_cli(tmp_path, str(job), "--no-progress")
+    _assert_refused(res, "spec.data.path: data/pydocs does not exist",
+                    "llamajob prepare-data", "--output data/pydocs", "data/pydoc")
+    assert not (tmp_path / "data").exists() and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("content", [None, "notes.txt"])
+def test_directory_without_a_dataset_is_refused(tmp_path: Path, content: str | None) -> None:
+    data = tmp_path / "corpus"
+    data.mkdir()
+    if content:
+        (data / content).write_text("raw text, not a prepared dataset")
+    job = _tiny_with(tmp_path, str(data))
+    res = _run_cli(tmp_path, str(job), "--no-progress")
+    what = "is empty" if content is None else "holds no prepared dataset"
+    _assert_refused(res, f"spec.data.path: {data} {what}", "llamajob prepare-data",
+                    "--builtin-corpus")
+    assert not (tmp_path / "runs").exists()
+    assert sorted(p.name for p in data.iterdir()) == ([content] if content else [])
+
+
+def test_dataset_of_another_sequence_length_is_refused(tmp_path: Path) -> None:
+    data = tmp_path / "ds"
+    data.mkdir()
+    (data / "metadata.json").write_text(json.dumps({"seq_length": 64}))
+    res = _run_cli(tmp_path, str(_tiny_with(tmp_path, str(data))), "--no-progress")
+    _assert_refused(res, "spec.data.seqLength: 128", "--seq-length 64", "seqLength: 64")
+
+
+def test_dataset_smaller_than_a_batch_is_refused(tmp_path: Path) -> None:
+    data = tmp_path / "ds"
+    data.mkdir()
+    (data / "metadata.json").write_text(json.dumps({"seq_length": 128, "num_sequences": 40}))
+    res = _run_cli(tmp_path, str(_tiny_with(tmp_path, str(data))), "--no-progress")
+    _assert_refused(res, f"spec.data.path: {data} holds 40 sequences, fewer than one global "
+                    "batch (16) plus validation.sequences (64)", "llamajob prepare-data")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_builtin_corpus_rule(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Prepared automatically for data/pydoc (any spelling of it), elsewhere only when asked,
+    never over someone's files, never for a job with its own tokenizer."""
+    from llamajob.local_cli import DataProblem, check_dataset
+
+    monkeypatch.chdir(tmp_path)
+
+    def job(path: str, **spec: Any) -> Any:
+        return load_job(_tiny_with(tmp_path, path, **spec))
+
+    assert check_dataset(job("data/pydoc")) is True
+    assert check_dataset(job("./data//pydoc")) is True
+    with pytest.raises(DataProblem, match="does not exist"):
+        check_dataset(job("elsewhere"))
+    assert check_dataset(job("elsewhere"), builtin=True) is True
+    with pytest.raises(DataProblem, match=r"byte-level tokenizer, not model\.tokenizer"):
+        check_dataset(job("data/pydoc", model={"tokenizer": "tok/tokenizer.json"}))
+    # What an interrupted prepare-data leaves is prepared again; other files are not touched.
+    (tmp_path / "data" / "pydoc").mkdir(parents=True)
+    (tmp_path / "data" / "pydoc" / "tokens.bin.tmp").write_bytes(b"\0")
+    assert check_dataset(job("data/pydoc")) is True
+    (tmp_path / "data" / "pydoc" / "mine.txt").write_text("x")
+    with pytest.raises(DataProblem, match="holds no prepared dataset"):
+        check_dataset(job("data/pydoc"))
+    (tmp_path / "data" / "pydoc" / "metadata.json").write_text(json.dumps({"seq_length": 128}))
+    assert check_dataset(job("data/pydoc")) is False  # ready: nothing to prepare
+
+
+def test_summary_says_when_no_step_ran() -> None:
+    from llamajob.local_console import steps_line
+
+    assert steps_line({"final_step": 12, "max_steps": 200}) == "12/200"
+    line = steps_line({"final_step": None, "max_steps": 2, "phase": "Failed"})
+    assert "None" not in line and line.startswith("0/2 (no training step ran") and "Failed" in line
+
+
+def test_builtin_corpus_is_prepared_at_the_default_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from llamajob.local_cli import check_dataset, prepare_builtin_corpus
+    from llamajob.local_console import ConsoleUI
+
+    monkeypatch.chdir(tmp_path)
+    job = load_job(_tiny_with(tmp_path, "data/pydoc"))
+    assert check_dataset(job) is True
+    assert prepare_builtin_corpus(job, ConsoleUI(enabled=False)) == 0
+    assert check_dataset(job) is False
+    meta = json.loads((tmp_path / "data" / "pydoc" / "metadata.json").read_text())
+    assert meta["sources"] == ["builtin:pydoc"] and meta["seq_length"] == 128

@@ -48,6 +48,10 @@ from kube_cluster import (
     wait_phase,
 )
 from llamajob import handlers, metrics, worker
+from llamajob.images import TRAINER_FAMILIES
+
+# The examples set no spec.cluster.image: like the chart's trainerImage, the operator gives one.
+TRAINER_IMAGES = {f: f"registry.example/llamajob-trainer:0.1.0-{f}" for f in TRAINER_FAMILIES}
 
 
 @contextlib.contextmanager
@@ -56,7 +60,8 @@ def run_operator(cluster: Cluster, monkeypatch: pytest.MonkeyPatch, *args: str,
     """kopf in this process, with the chart's cluster-scope credentials unless `identity`."""
     monkeypatch.setenv("KUBECONFIG", str((identity or cluster.operator()).kubeconfig))
     saved = handlers.CONFIG
-    handlers.CONFIG = handlers.OperatorConfig(**{"progress_interval": 0.3, **config})
+    handlers.CONFIG = handlers.OperatorConfig(**{"progress_interval": 0.3,
+                                                 "trainer_images": TRAINER_IMAGES, **config})
     scope = list(args) or ["--all-namespaces"]
     try:
         with KopfRunner(["run", "--standalone", *scope, "-m", "llamajob.handlers"],
@@ -509,27 +514,36 @@ def test_hang_detected_from_metrics_restarts_gang(
 
 
 @pytest.mark.parametrize(
-    ("mutate", "field"),
+    ("mutate", "field", "admitted"),
     [
-        # Passes the CRD schema, fails the models (a cross-field check): the shell's parse.
-        (lambda d: d["spec"]["optimizer"].update(lr=0.0001, minLr=0.01), "spec.optimizer"),
-        # Valid object, impossible layout: the planner.
-        (lambda d: d["spec"]["parallelism"].update(tensor=7), "spec.parallelism"),
+        # The models' own cross-field check (minLr <= lr): a CEL rule of the current CRD.
+        (lambda d: d["spec"]["optimizer"].update(lr=0.0001, minLr=0.01), "spec.optimizer",
+         False),
+        # An impossible layout: a CEL rule too, and the planner's.
+        (lambda d: d["spec"]["parallelism"].update(tensor=7), "spec.parallelism", False),
+        # A layout that does not fit in memory: only the planner knows, so the API server
+        # admits it and the operator must refuse it.
+        (lambda d: d["spec"]["parallelism"].update(tensor=8, kvReplicator=1),
+         "spec.parallelism: needs 19.5 GiB per core", True),
     ],
-    ids=["model-validation", "planner"],
+    ids=["model-validation", "planner-layout", "memory"],
 )
 def test_invalid_spec_fails_with_event_and_no_pods(
-    cluster: Cluster, operator: KopfRunner, tmp_path: Path, mutate: Any, field: str
+    cluster: Cluster, operator: KopfRunner, tmp_path: Path, mutate: Any, field: str,
+    admitted: bool
 ) -> None:
-    """The current CRD refuses both jobs at `kubectl apply` (its CEL rules); a cluster that
-    still has an older CRD admits them, and the operator must refuse them itself."""
+    """What the current CRD's CEL rules refuse at `kubectl apply` a cluster with an older CRD
+    (Helm never upgrades CRDs) admits; what CEL cannot check (memory) any CRD admits. Either
+    way the operator fails the job itself: InvalidSpec, an Event, no pod."""
     doc = example("llama3-8b.yaml")
     mutate(doc)
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(doc))
-    out = cluster.kubectl("apply", "-f", str(path), check=False)
-    assert "is invalid" in out and field in out, out
-    with older_crd(cluster.k8s):
+    with contextlib.ExitStack() as stack:
+        if not admitted:
+            out = cluster.kubectl("apply", "-f", str(path), check=False)
+            assert "is invalid" in out and field in out, out
+            stack.enter_context(older_crd(cluster.k8s))
         apply(cluster, doc, tmp_path)
         st = wait_phase(cluster, "Failed")
         failed = condition(st, "Failed")

@@ -38,6 +38,7 @@ from kube_cluster import (
 )
 from llamajob import handlers
 from llamajob import worker as worker_module
+from test_operator_http import TRAINER_IMAGES
 
 # The loop may be busy for a moment with the watches and writes of two jobs; a blocked loop
 # (what this guards against) leaves a probe unanswered for the whole decision, seconds to
@@ -69,7 +70,8 @@ def free_port() -> int:
 def run_operator(cluster: Cluster, monkeypatch: pytest.MonkeyPatch, healthz: str
                  ) -> Iterator[KopfRunner]:
     monkeypatch.setenv("KUBECONFIG", str(cluster.operator().kubeconfig))
-    monkeypatch.setattr(handlers, "CONFIG", handlers.OperatorConfig(progress_interval=0.3))
+    monkeypatch.setattr(handlers, "CONFIG", handlers.OperatorConfig(
+        progress_interval=0.3, trainer_images=TRAINER_IMAGES))
     args = ["run", "--standalone", "--all-namespaces", "--liveness", healthz,
             "-m", "llamajob.handlers"]
     with KopfRunner(args, timeout=120) as runner:

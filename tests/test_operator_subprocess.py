@@ -31,6 +31,7 @@ from kube_cluster import (
 from llamajob import operator_cli
 from test_operator_http import (
     JOB,
+    TRAINER_IMAGES,
     apply,
     assert_permitted,
     condition,
@@ -62,6 +63,8 @@ class OperatorProcess:
             "--metrics-port", str(self.metrics_port),
             "--liveness-port", str(self.liveness_port),
             "--progress-interval", "0.3",
+            # As the chart passes trainerImage: the examples set no spec.cluster.image.
+            *(f"--trainer-image={family}={image}" for family, image in TRAINER_IMAGES.items()),
             *args,
         ]
         self.env = dict(os.environ, KUBECONFIG=str(identity.kubeconfig))
@@ -241,6 +244,8 @@ def test_peering_mode(cluster: Cluster, start_operator: Starter) -> None:
         (["--peering", "p", "--standalone"], "not allowed with argument"),
         (["--metrics-port", "70000"], "--metrics-port must be a port number"),
         (["--progress-interval", "0"], "--progress-interval must be positive"),
+        (["--trainer-image", "gpu=registry.example/t:1"], "unknown trainer family 'gpu'"),
+        (["--trainer-image", "a:1", "--trainer-image", "b:1"], "two images for every family"),
     ],
 )
 def test_bad_flags_are_usage_errors(argv: list[str], message: str,
@@ -256,5 +261,43 @@ def test_help_lists_the_flags(llamajob_bin: str) -> None:
                          timeout=60, cwd=ROOT)
     assert out.returncode == 0
     for flag in ("--namespace", "--all-namespaces", "--peering", "--standalone",
-                 "--metrics-port", "--liveness-port", "--verbose"):
+                 "--metrics-port", "--liveness-port", "--trainer-image", "--verbose"):
         assert flag in out.stdout
+
+
+@pytest.mark.parametrize("kubeconfig", ["missing", None],
+                         ids=["KUBECONFIG-missing", "no-KUBECONFIG"])
+def test_without_credentials_one_line_and_exit_1(tmp_path: Path, kubeconfig: str | None) -> None:
+    """Outside a cluster and without a kubeconfig: one line saying so, not kopf's retries and
+    tracebacks ending in "Consider installing an API client library"."""
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("KUBECONFIG", "KUBERNETES_SERVICE_HOST", "KUBERNETES_SERVICE_PORT")}
+    env["HOME"] = str(home)
+    if kubeconfig is not None:
+        env["KUBECONFIG"] = str(tmp_path / kubeconfig)
+    proc = subprocess.run([str(BIN), "operator", "--metrics-port", "0", "--liveness-port", "0"],
+                          env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert proc.returncode == operator_cli.EXIT_NO_CREDENTIALS == 1
+    assert proc.stdout == ""
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("llamajob operator: no Kubernetes credentials: not in a cluster")
+    if kubeconfig is None:
+        assert f"no kubeconfig at {home}/.kube/config (set KUBECONFIG)" in lines[0]
+    else:
+        assert str(tmp_path / kubeconfig) in lines[0] and "KUBECONFIG" in lines[0]
+    assert "Traceback" not in proc.stderr
+
+
+def test_an_unreadable_kubeconfig_is_one_line(tmp_path: Path) -> None:
+    config = tmp_path / "config"
+    config.write_text("apiVersion: v1\nkind: Config\n")  # no context
+    env = {k: v for k, v in os.environ.items() if k != "KUBERNETES_SERVICE_HOST"}
+    env.update(HOME=str(tmp_path), KUBECONFIG=str(config))
+    proc = subprocess.run([str(BIN), "operator"], env=env, capture_output=True, text=True,
+                          timeout=60, cwd=tmp_path)
+    assert proc.returncode == 1
+    assert len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert proc.stderr.startswith("llamajob operator: ") and "context" in proc.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -13,10 +14,13 @@ from llamajob.jobfile import load_job
 from llamajob.plan import (
     DEFAULT_MFU,
     DEFAULT_MFU_BY_FAMILY,
+    HOST_MEMORY_PER_RANK_GIB,
     RUNTIME_RESERVE_GIB,
     estimate_memory,
     flops_per_token,
     make_plan,
+    pod_cpu_memory,
+    quantity,
     validate_layout,
 )
 from llamajob_trainer.presets import PRESETS
@@ -414,3 +418,38 @@ def test_a_type_hyperpod_does_not_offer_needs_hyperpod_false() -> None:
     })
     (problem,) = make_plan(spec).problems()
     assert problem.field == "spec.cluster.hyperpod" and "hyperpod: false" in problem.message
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("64Gi", 64 * 2**30), ("460Gi", 460 * 2**30), ("4096Mi", 4 * 2**30), ("1Ti", 2**40),
+     ("120", 120), ("500m", Decimal("0.5")), ("1.5", Decimal("1.5")), (".5", Decimal("0.5")),
+     ("1e3", 1000), ("+2Ki", 2048), ("2G", 2 * 10**9), ("3k", 3000)],
+)
+def test_quantities_are_read_as_kubernetes_does(text: str, value: Decimal) -> None:
+    assert quantity(text) == value
+
+
+def test_cpu_and_memory_default_to_the_instance_type_and_yield_to_the_user() -> None:
+    spec = example("llama3-70b")  # ml.trn1.32xlarge: 128 vCPUs, 512 GiB
+    assert pod_cpu_memory(spec) == {"cpu": "115", "memory": "460Gi"}
+    spec = changed(spec, cluster={"cpu": "100", "memory": "400Gi"})
+    assert pod_cpu_memory(spec) == {"cpu": "100", "memory": "400Gi"}
+    # The cpu type is any machine: no default, the user's if given.
+    assert pod_cpu_memory(example("tiny")) == {}
+    assert pod_cpu_memory(changed(example("tiny"), cluster={"memory": "16Gi"})) == {
+        "memory": "16Gi"
+    }
+
+
+def test_shm_must_leave_the_ranks_room_in_the_memory_limit() -> None:
+    tiny = example("tiny")  # 2 ranks, shmSize 64Gi by default
+    ppn = tiny.cluster.processes_per_node or INSTANCE_TYPES["cpu"].cores_per_node
+    kept = ppn * HOST_MEMORY_PER_RANK_GIB
+    fits = changed(tiny, cluster={"memory": f"{64 + kept}Gi"})
+    assert not [e for e in validate_layout(fits) if e.field == "spec.cluster.shmSize"]
+    small = changed(tiny, cluster={"memory": "16Gi"})
+    (err,) = [e for e in validate_layout(small) if e.field == "spec.cluster.shmSize"]
+    assert f"at most {16 - kept}Gi" in err.message
+    assert f"spec.cluster.memory to at least {64 + kept}Gi" in err.message
+    assert make_plan(changed(small, cluster={"shm_size": f"{16 - kept}Gi"})).valid

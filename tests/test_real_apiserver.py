@@ -18,6 +18,7 @@ from chart_helpers import render_objects
 from k8s_control_plane import ControlPlane, wait_for
 from llamajob import render
 from llamajob.api import GROUP, PLURAL
+from llamajob.images import with_trainer_image
 from llamajob.jobfile import parse_job
 from llamajob.plan import make_plan
 
@@ -210,6 +211,9 @@ def test_scheduler_binds_the_70b_gang_one_pod_per_healthy_node(
     k8s.create_namespace(ns)
     created = create_job(k8s, ns, example("llama3-70b"))
     job = parse_job({**example("llama3-70b"), "metadata": created["metadata"]})
+    # The example takes the operator's trainer image for its family, as a chart install gives.
+    job, missing = with_trainer_image(job, {"trn1": "registry.example/llamajob-trainer:trn1"})
+    assert missing is None
     gang = render.render_gang(job, make_plan(job.spec), render.ROLE_TRAIN, 1)
     assert len(gang) == 16
     pod_spec = gang[0]["spec"]

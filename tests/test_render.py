@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import subprocess
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +16,10 @@ import yaml
 from conftest import ROOT
 from llamajob import api, render
 from llamajob.api import LlamaTrainingJob
-from llamajob.catalogue import INSTANCE_TYPES
+from llamajob.catalogue import GIB, INSTANCE_TYPES
+from llamajob.images import TRAINER_FAMILIES, with_trainer_image
 from llamajob.jobfile import JobFileError, load_job, parse_job
-from llamajob.plan import make_plan
+from llamajob.plan import HOST_MEMORY_PER_RANK_GIB, make_plan, quantity
 from llamajob.render_cli import main as render_main
 from llamajob_trainer import protocol
 from llamajob_trainer.config import TrainerConfig
@@ -26,13 +28,21 @@ K8S_VERSION = "1.31.0"
 UID = "0b9f4d1e-7d4e-4b43-9d4f-5a1d2c3b4a5f"
 
 
+# The examples set no spec.cluster.image; the operator gives them its --trainer-image.
+TRAINER_IMAGES = {f: f"registry.example/llamajob-trainer:0.1.0-{f}" for f in TRAINER_FAMILIES}
+TRAINER_IMAGE_ARGS = [f"--trainer-image={f}={image}" for f, image in TRAINER_IMAGES.items()]
+
+
 def example(name: str, uid: str | None = UID, **cluster: Any) -> LlamaTrainingJob:
+    """An example job as the operator sees it: with its trainer image filled in."""
     obj = yaml.safe_load((ROOT / "examples" / f"{name}.yaml").read_text())
     obj["spec"].setdefault("cluster", {}).update(cluster)
     if uid:
         obj["metadata"]["uid"] = uid
         obj["metadata"]["namespace"] = "training"
-    return parse_job(obj)
+    job, missing = with_trainer_image(parse_job(obj), TRAINER_IMAGES)
+    assert missing is None
+    return job
 
 
 def env_of(pod: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -80,8 +90,11 @@ def test_70b_training_pod_resources_requests_equal_limits(gang70: list[dict[str,
             == {
                 "aws.amazon.com/neuron": 16,
                 "vpc.amazonaws.com/efa": 8,
+                "cpu": "115",  # 90% of the trn1.32xlarge's 128 vCPUs
+                "memory": "460Gi",  # and of its 512 GiB
             }
         )
+        assert qos_class(pod) == "Guaranteed"
 
 
 @pytest.mark.parametrize(
@@ -95,7 +108,8 @@ def test_device_and_efa_counts_follow_the_catalogue(instance: str, neuron: int, 
     plan = make_plan(job.spec)
     assert plan.valid, plan.problems()
     res = container(render.render_pod(job, plan, "train", 1, 0))["resources"]
-    assert res["limits"] == {"aws.amazon.com/neuron": neuron, "vpc.amazonaws.com/efa": efa}
+    devices = {k: v for k, v in res["limits"].items() if k not in ("cpu", "memory")}
+    assert devices == {"aws.amazon.com/neuron": neuron, "vpc.amazonaws.com/efa": efa}
     assert res["requests"] == res["limits"]
 
 
@@ -115,6 +129,170 @@ def test_resource_names_overridable_and_cpu_memory_added() -> None:
         "memory": "480Gi",
     }
     assert res["requests"] == res["limits"] == expected
+
+
+# --- cpu and memory: Guaranteed QoS ------------------------------------------------------------
+def qos_class(pod: dict[str, Any]) -> str:
+    """The QoS class Kubernetes gives the pod (pkg/apis/core/helper/qos, GetPodQOS): only cpu and
+    memory count. No container with a cpu or memory request or limit: BestEffort. Every
+    container with cpu and memory limits, and requests (defaulted from limits when unset) equal
+    to them: Guaranteed. Anything else: Burstable."""
+    spec = pod["spec"]
+    containers = spec.get("initContainers", []) + spec["containers"]
+    any_set, guaranteed = False, True
+    for c in containers:
+        res = c.get("resources", {})
+        limits = {k: quantity(v) for k, v in res.get("limits", {}).items() if k in CPU_MEMORY}
+        requests = {k: quantity(v) for k, v in res.get("requests", {}).items() if k in CPU_MEMORY}
+        requests = {**limits, **requests}  # the API server defaults requests to limits
+        limits = {k: v for k, v in limits.items() if v}
+        requests = {k: v for k, v in requests.items() if v}
+        any_set = any_set or bool(limits or requests)
+        if set(limits) != CPU_MEMORY or requests != limits:
+            guaranteed = False
+    if not any_set:
+        return "BestEffort"
+    return "Guaranteed" if guaranteed else "Burstable"
+
+
+CPU_MEMORY = {"cpu", "memory"}
+
+
+def test_qos_class_follows_kubernetes() -> None:
+    def pod(*resources: dict[str, Any]) -> dict[str, Any]:
+        return {"spec": {"containers": [{"resources": r} for r in resources]}}
+
+    devices = {"aws.amazon.com/neuron": 16, "vpc.amazonaws.com/efa": 8}
+    both = {"cpu": "2", "memory": "4Gi"}
+    assert qos_class(pod({})) == "BestEffort"
+    # Extended resources alone do not count: the pods this operator rendered until now.
+    assert qos_class(pod({"requests": devices, "limits": devices})) == "BestEffort"
+    assert qos_class(pod({"requests": both, "limits": both})) == "Guaranteed"
+    assert qos_class(pod({"limits": both})) == "Guaranteed"  # requests default to limits
+    assert qos_class(pod({"requests": {"cpu": "2", "memory": "4096Mi"},
+                          "limits": both})) == "Guaranteed"  # equal as quantities
+    assert qos_class(pod({"requests": both})) == "Burstable"  # no limits
+    assert qos_class(pod({"requests": {"cpu": "1", "memory": "4Gi"},
+                          "limits": both})) == "Burstable"
+    assert qos_class(pod({"requests": {"memory": "4Gi"}, "limits": {"memory": "4Gi"}})) == (
+        "Burstable"
+    )
+    assert qos_class(pod({"requests": both, "limits": both}, {})) == "Burstable"
+
+
+# The default requests (= limits) per instance type: 90% of the node's vCPUs and memory, rounded
+# down (catalogue.POD_SHARE_PERCENT); the host figures are the catalogue's [host] sources.
+# None: no default (cpu is any machine; trn3's host figures are not published).
+DEFAULT_CPU_MEMORY: dict[str, tuple[str, str] | None] = {
+    "ml.trn1.32xlarge": ("115", "460Gi"),  # 128 vCPUs, 512 GiB
+    "ml.trn1n.32xlarge": ("115", "460Gi"),  # 128, 512
+    "ml.trn2.48xlarge": ("172", "1843Gi"),  # 192, 2,048
+    "trn3.48xlarge": None,
+    "ml.g5.8xlarge": ("28", "115Gi"),  # 32, 128
+    "ml.g5.12xlarge": ("43", "172Gi"),  # 48, 192
+    "ml.g5.24xlarge": ("86", "345Gi"),  # 96, 384
+    "ml.g5.48xlarge": ("172", "691Gi"),  # 192, 768
+    "ml.g6e.8xlarge": ("28", "230Gi"),  # 32, 256
+    "ml.g6e.12xlarge": ("43", "345Gi"),  # 48, 384
+    "ml.g6e.24xlarge": ("86", "691Gi"),  # 96, 768
+    "ml.g6e.48xlarge": ("172", "1382Gi"),  # 192, 1,536
+    "ml.p4d.24xlarge": ("86", "1036Gi"),  # 96, 1,152
+    "ml.p4de.24xlarge": ("86", "1036Gi"),  # 96, 1,152
+    "ml.p5.48xlarge": ("172", "1843Gi"),  # 192, 2,048
+    "ml.p5e.48xlarge": ("172", "1843Gi"),
+    "ml.p5en.48xlarge": ("172", "1843Gi"),
+    "ml.p6-b200.48xlarge": ("172", "1843Gi"),
+    "cpu": None,
+}
+
+
+def test_the_default_table_covers_the_catalogue() -> None:
+    assert sorted(DEFAULT_CPU_MEMORY) == sorted(INSTANCE_TYPES)
+
+
+@pytest.mark.parametrize("instance", sorted(DEFAULT_CPU_MEMORY))
+def test_default_cpu_and_memory_make_pods_guaranteed(instance: str) -> None:
+    job = _family_job(instance)
+    plan = make_plan(job.spec)
+    assert plan.valid, plan.problems()
+    inst = INSTANCE_TYPES[instance]
+    for role in render.ROLES:  # compile pods are sized as the training pods
+        pod = render.render_pod(job, plan, role, 1, 0)
+        res = container(pod).get("resources", {})
+        default = DEFAULT_CPU_MEMORY[instance]
+        if default is None:
+            assert not {"cpu", "memory"} & set(res.get("limits", {}))
+            assert qos_class(pod) == "BestEffort"
+            continue
+        cpu, memory = default
+        assert res["requests"] == res["limits"]
+        assert (res["limits"]["cpu"], res["limits"]["memory"]) == (cpu, memory)
+        assert qos_class(pod) == "Guaranteed"
+        # The node keeps at least 10% of each (kubelet reservations, daemonsets).
+        assert inst.vcpus is not None and inst.host_memory_gib is not None
+        assert quantity(cpu) <= inst.vcpus * Decimal("0.9")
+        assert quantity(memory) <= inst.host_memory_gib * GIB * Decimal("0.9")
+        # /dev/shm is memory-backed and charged to the limit: the default fits with room for
+        # the ranks.
+        (shm,) = [v for v in pod["spec"]["volumes"] if v["name"] == render.SHM_VOLUME]
+        ranks = plan.processes_per_node
+        room = quantity(memory) - ranks * HOST_MEMORY_PER_RANK_GIB * GIB
+        assert quantity(shm["emptyDir"]["sizeLimit"]) <= room
+
+
+@pytest.mark.parametrize("instance", ["cpu", "ml.trn1.32xlarge", "ml.p5.48xlarge", "trn3.48xlarge"])
+def test_user_cpu_and_memory_override_the_defaults(instance: str) -> None:
+    if instance not in INSTANCE_TYPES:
+        pytest.skip(f"no {instance} in the catalogue")
+    job = _family_job(instance)
+    job.spec.cluster.cpu = "7500m"
+    job.spec.cluster.memory = "300Gi"
+    job.spec.cluster.shm_size = "8Gi"
+    plan = make_plan(job.spec)
+    assert plan.valid, plan.problems()
+    for role in render.ROLES:
+        pod = render.render_pod(job, plan, role, 1, 0)
+        res = container(pod)["resources"]
+        assert res["requests"] == res["limits"]
+        assert (res["limits"]["cpu"], res["limits"]["memory"]) == ("7500m", "300Gi")
+        assert qos_class(pod) == "Guaranteed"
+    # One of the two: the other keeps its default (or none, where there is no default).
+    job.spec.cluster.cpu = None
+    res = container(render.render_pod(job, plan, "train", 1, 0))["resources"]
+    assert res["limits"]["memory"] == "300Gi"
+    default = DEFAULT_CPU_MEMORY[instance]
+    assert res["limits"].get("cpu") == (default[0] if default else None)
+
+
+def test_an_oversized_shm_is_an_invalid_spec_naming_the_fix() -> None:
+    # The default limit on trn1 is 460Gi; 32 ranks keep 4 GiB each: 332Gi is left for /dev/shm.
+    job = example("llama3-70b", shmSize="400Gi")
+    with pytest.raises(JobFileError) as err:
+        render.render_all(job)
+    (problem,) = err.value.errors
+    assert problem.field == "spec.cluster.shmSize"
+    assert "460Gi" in problem.message and "at most 332Gi" in problem.message
+    # At the limit it fits.
+    assert make_plan(example("llama3-70b", shmSize="332Gi").spec).valid
+    # A user's memory limit: the message offers both fixes.
+    (problem,) = make_plan(example("llama3-70b", memory="150Gi").spec).problems()
+    assert problem.field == "spec.cluster.shmSize"
+    assert "150Gi (spec.cluster.memory)" in problem.message
+    assert "at most 22Gi" in problem.message and "at least 192Gi" in problem.message
+    # Without a memory limit (cpu, by default) /dev/shm is bounded by its sizeLimit alone.
+    assert make_plan(example("tiny", shmSize="1Ti").spec).valid
+
+
+def test_default_requests_fit_the_test_clusters_nodes() -> None:
+    # tests/kube_cluster.py gives its fake Nodes the allocatable of each instance type it
+    # schedules rendered pods on; the default requests must fit those.
+    kube_cluster = pytest.importorskip("kube_cluster")
+    for instance, allocatable in kube_cluster.ALLOCATABLE.items():
+        job = _family_job(instance)
+        requests = container(render.render_pod(job, make_plan(job.spec), "train", 1, 0))[
+            "resources"]["requests"]
+        for name, amount in requests.items():
+            assert quantity(str(amount)) <= quantity(allocatable[name]), (instance, name)
 
 
 def test_70b_command_is_torchrun_with_rendezvous_at_pod_0(gang70: list[dict[str, Any]]) -> None:
@@ -411,7 +589,7 @@ def test_container_contract(gang70: list[dict[str, Any]]) -> None:
     assert c["terminationMessagePath"] == protocol.DEFAULT_TERMINATION_LOG
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
     assert ports == {"metrics": 9400, "rendezvous": 29500}
-    assert c["image"] == "ghcr.io/llamajob/trainer:0.1.0"
+    assert c["image"] == TRAINER_IMAGES["trn1"]  # the nxd backend's image
 
 
 def test_labels_and_owner_references(
@@ -481,7 +659,7 @@ def test_configmap_holds_the_trainer_config(job70: LlamaTrainingJob) -> None:
     assert cfg.job_name == "llama3-70b" and cfg.namespace == "training"
     assert cfg.resolved_backend == "nxd"
     assert cfg.peak_tflops_per_core == pytest.approx(3040 / 32)
-    assert cfg.image == "ghcr.io/llamajob/trainer:0.1.0"
+    assert cfg.image == TRAINER_IMAGES["trn1"]
     assert cfg.metrics_port == 9400
     assert cfg.parallelism.tensor == 32 and cfg.parallelism.pipeline == 8
     assert cfg.max_steps == 1000 and cfg.checkpoint.dir == "/fsx/checkpoints/llama3-70b"
@@ -659,7 +837,8 @@ def test_node_health_from_hyperpod_label_and_ready_condition() -> None:
 
 # --- llamajob render --------------------------------------------------------------------------
 def test_render_cli_prints_a_yaml_stream(capsys: pytest.CaptureFixture[str]) -> None:
-    assert render_main([str(ROOT / "examples" / "llama3-70b.yaml"), "--role", "train"]) == 0
+    assert render_main([str(ROOT / "examples" / "llama3-70b.yaml"), "--role", "train",
+                        *TRAINER_IMAGE_ARGS]) == 0
     docs = list(yaml.safe_load_all(capsys.readouterr().out))
     assert [d["kind"] for d in docs] == ["Service", "ConfigMap"] + ["Pod"] * 16
     cfg = yaml.safe_load(docs[1]["data"]["config.yaml"])
@@ -673,10 +852,52 @@ def test_render_cli_invalid_job_exits_2_with_the_planner_message(
     obj["spec"]["parallelism"]["tensor"] = 8  # does not fit in 16 GiB per core
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(obj))
-    assert render_main([str(bad)]) == 2
+    assert render_main([str(bad), *TRAINER_IMAGE_ARGS]) == 2
     out = capsys.readouterr()
     assert out.out == ""
     assert "error: spec.parallelism:" in out.err and "GiB" in out.err
+
+
+@pytest.mark.parametrize(("name", "family"), [("llama3-8b", "trn1"), ("llama3-8b-trn2", "neuron"),
+                                              ("llama3-8b-p5", "cuda"), ("tiny", "cuda")])
+def test_render_cli_refuses_a_job_without_an_image(
+    name: str, family: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No image is published, so there is no default: the job's own, or --trainer-image, which
+    follows the operator's rule (an image per Dockerfile trainer target)."""
+    path = str(ROOT / "examples" / f"{name}.yaml")
+    assert render_main([path]) == 2
+    out = capsys.readouterr()
+    assert out.out == ""
+    [line] = out.err.splitlines()
+    assert line.startswith("error: spec.cluster.image: no trainer image")
+    build = (f"docker build --target trainer-{family} "
+             f"-t <registry>/llamajob-trainer:0.1.0-{family} .")
+    assert build in line
+    assert "trainerImage.repository" in line and f"--trainer-image {family}=IMAGE" in line
+    # The family's image, or one for every family; the job's own image wins over both.
+    for args, image in [(["--trainer-image", f"{family}=r.example/a:1"], "r.example/a:1"),
+                        (["--trainer-image", "r.example/b:2"], "r.example/b:2")]:
+        assert render_main([path, "--role", "train", *args]) == 0
+        pods = [d for d in yaml.safe_load_all(capsys.readouterr().out) if d["kind"] == "Pod"]
+        assert {container(p)["image"] for p in pods} == {image}
+    other = next(f for f in TRAINER_FAMILIES if f != family)
+    assert render_main([path, "--trainer-image", f"{other}=r.example/c:3"]) == 2
+    assert "spec.cluster.image" in capsys.readouterr().err
+
+
+def test_an_image_in_the_job_is_kept_and_keys_the_compile() -> None:
+    job = example("llama3-8b", image="registry.example/mine:7")
+    assert job.spec.cluster.image == "registry.example/mine:7"
+    plan = make_plan(job.spec)
+    pod = render.render_pod(job, plan, "train", 1, 0)
+    assert container(pod)["image"] == "registry.example/mine:7"
+    # The compile key is the resolved image's: another default image is another key.
+    other, _ = with_trainer_image(
+        parse_job(yaml.safe_load((ROOT / "examples" / "llama3-8b.yaml").read_text())),
+        {"trn1": "registry.example/other:1"})
+    assert job.spec.compile_key(plan.backend, job.spec.cluster.image, plan.device) != (
+        other.spec.compile_key(plan.backend, other.spec.cluster.image, plan.device))
 
 
 def test_render_cli_unreadable_file(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
@@ -686,7 +907,7 @@ def test_render_cli_unreadable_file(capsys: pytest.CaptureFixture[str], tmp_path
 
 def test_llamajob_render_console_script(llamajob_bin: str) -> None:
     res = subprocess.run(
-        [llamajob_bin, "render", str(ROOT / "examples" / "tiny.yaml")],
+        [llamajob_bin, "render", str(ROOT / "examples" / "tiny.yaml"), *TRAINER_IMAGE_ARGS],
         capture_output=True,
         text=True,
         timeout=60,
@@ -870,9 +1091,13 @@ def test_pods_per_instance_family(
             expected[name] = inst.devices_per_node if count is None else count
         if efa:
             expected["vpc.amazonaws.com/efa"] = efa
+        default = DEFAULT_CPU_MEMORY[instance]
+        if default is not None:
+            expected.update(cpu=default[0], memory=default[1])
         assert limits == expected
         if expected:
             assert c["resources"]["requests"] == limits
+        assert qos_class(pod) == ("Guaranteed" if default else "BestEffort")
 
         cmd = c["command"]
         assert cmd[cmd.index("--nproc_per_node") + 1] == str(nproc)

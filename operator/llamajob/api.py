@@ -281,8 +281,13 @@ class ClusterSpec(SpecModel):
         le=128,
         description="Ranks per node; defaults to the instance type's NeuronCores (cpu: 2).",
     )
-    image: str = Field(
-        "ghcr.io/llamajob/trainer:0.1.0", description="Trainer image (has torchrun, llamajob)."
+    image: str | None = Field(
+        None,
+        min_length=1,
+        description="Trainer image (has torchrun, llamajob): a trainer target of the "
+        "repository's Dockerfile, built and pushed by you. Default: the operator's trainer image "
+        "for the job's device family (Helm value trainerImage); with neither, the job fails "
+        "with InvalidSpec.",
     )
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
     service_account_name: str | None = Field(None, description="Service account for the pods.")

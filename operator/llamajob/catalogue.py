@@ -61,6 +61,21 @@ Other sources:
   https://www.nvidia.com/en-us/data-center/h200/
   [b200] NVIDIA HGX B200, per GPU: 4.5 PFLOPS FP16/BF16 with sparsity, so 2,250 TFLOPS dense,
   https://www.nvidia.com/en-us/data-center/hgx/
+- [host] Host vCPUs and memory per node (what the default cpu and memory requests are taken
+  from): the Neuron architecture pages above for Trainium (trn1/trn1n.32xlarge: 128 vCPUs and
+  512 GiB; trn2.48xlarge: 192 vCPUs and 2,048 GiB "Host Memory"), and the SageMaker HyperPod
+  CLI's ``INSTANCE_RESOURCES`` [hyperpod] ("cpu", "memory" in GiB) for the GPU types, which
+  agree with EC2's figures (e.g. the g5 sizes in the AWS Batch "GPU jobs" table,
+  https://docs.aws.amazon.com/batch/latest/userguide/gpu-jobs.html). No public source gives
+  the host vCPUs or memory of a Trn3 server, so trn3.48xlarge has none (and so no default
+  requests: set spec.cluster.cpu and memory).
+- [reserved] What a node keeps back from pods: the EKS AMIs' kube-reserved is 255 MiB + 11 MiB
+  per pod the node may run (11 x max-pods + 255) and 6% of the first core, 1% of the second,
+  0.5% of the next two and 0.25% of the rest
+  (https://github.com/awslabs/amazon-eks-ami, nodeadm's kubelet defaults and the former
+  bootstrap.sh), plus a 100Mi hard-eviction threshold; the SageMaker HyperPod CLI caps a
+  pod's memory at 93% of the instance's (``MAX_MEMORY_PROPORTION`` in
+  src/sagemaker/hyperpod/training/quota_allocation_util.py of the repository above).
 - Device-plugin resources: the Neuron device plugin advertises ``aws.amazon.com/neuron``
   (chips) and ``aws.amazon.com/neuroncore``; the NVIDIA one ``nvidia.com/gpu``; the EFA device
   plugin ``vpc.amazonaws.com/efa``.
@@ -89,6 +104,10 @@ class InstanceType:
     backends: tuple[str, ...]  # trainer backends that can run here, the default first
     device: str  # the torch device of the torch backend here ("neuron", "cuda", "cpu")
     lnc: int | None = None  # logical NeuronCore size (physical cores per rank) on trn2/trn3
+    # The node's vCPUs and memory [host]; None where unknown (trn3) or where "the node" is any
+    # machine (cpu). They size the pods' default cpu and memory requests: see pod_cpu.
+    vcpus: int | None = None
+    host_memory_gib: int | None = None
 
     @property
     def backend(self) -> str:
@@ -103,6 +122,32 @@ class InstanceType:
     def trainium(self) -> bool:
         return self.accelerator.startswith("trainium")
 
+    @property
+    def pod_cpu(self) -> int | None:
+        """Default cpu request (= limit) of a pod on this type, in whole cores: POD_SHARE_PERCENT of
+        the vCPUs, rounded down. None without host figures."""
+        return None if self.vcpus is None else self.vcpus * POD_SHARE_PERCENT // 100
+
+    @property
+    def pod_memory_gib(self) -> int | None:
+        """Default memory request (= limit) of a pod on this type, in whole GiB: POD_SHARE_PERCENT
+        of the memory, rounded down. None without host figures."""
+        if self.host_memory_gib is None:
+            return None
+        return self.host_memory_gib * POD_SHARE_PERCENT // 100
+
+
+# A training pod takes its whole node (all its chips or GPUs and all its EFA devices, so no
+# other such pod fits beside it) and by default requests this share of the node's vCPUs and
+# memory, requests equal to limits, which makes it Guaranteed QoS: the last to be evicted or
+# OOM-killed under node pressure. The other 10% is for what the node keeps back and the
+# daemonsets it runs (device plugins, aws-node, kube-proxy, node-exporter, the HyperPod health
+# agent, log and CSI agents). On the smallest type here (32 vCPUs, 128 GiB) that leaves 4 cores
+# and 13 GiB, against an EKS kube-reserved of 0.15 cores and 2.9 GiB even at 250 pods
+# [reserved], and a kernel that reports a few percent less memory than the nominal figure; on
+# the largest (192 vCPUs, 2,048 GiB), 20 cores and 205 GiB. HyperPod's own CLI lets a pod have
+# up to 93% of the memory [reserved].
+POD_SHARE_PERCENT = 90
 
 NEURON_RESOURCE = "aws.amazon.com/neuron"
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -117,9 +162,10 @@ def _gpu(
     tflops_per_gpu: float,
     efa: int,
     price: float,
+    host: tuple[int, int],
 ) -> InstanceType:
     """A GPU node: one rank per GPU, torch on cuda. Memory is given in MiB as EC2 reports it,
-    so that the figure in the table is the source's own."""
+    so that the figure in the table is the source's own; ``host`` is (vCPUs, GiB) [host]."""
     return InstanceType(
         name=name,
         family="gpu",
@@ -135,6 +181,8 @@ def _gpu(
         efa_resource=EFA_RESOURCE if efa else None,
         backends=("torch",),
         device="cuda",
+        vcpus=host[0],
+        host_memory_gib=host[1],
     )
 
 
@@ -162,6 +210,8 @@ INSTANCE_TYPES: dict[str, InstanceType] = {
         efa_resource=EFA_RESOURCE,
         backends=("nxd",),
         device="neuron",  # through torch-xla (no TorchNeuron on trn1) [torchneuron]
+        vcpus=128,  # [trn1], [host]
+        host_memory_gib=512,
     ),
     "ml.trn1n.32xlarge": InstanceType(
         name="ml.trn1n.32xlarge",
@@ -177,6 +227,8 @@ INSTANCE_TYPES: dict[str, InstanceType] = {
         efa_resource=EFA_RESOURCE,
         backends=("nxd",),
         device="neuron",  # through torch-xla (no TorchNeuron on trn1) [torchneuron]
+        vcpus=128,  # [trn1], [host]
+        host_memory_gib=512,
     ),
     "ml.trn2.48xlarge": InstanceType(
         name="ml.trn2.48xlarge",
@@ -197,6 +249,8 @@ INSTANCE_TYPES: dict[str, InstanceType] = {
         backends=("torch", "nxd"),  # TorchNeuron; NxD training still lists trn2 [torchneuron]
         device="neuron",
         lnc=2,
+        vcpus=192,  # [trn2]: 192 vCPUs and 2,048 GiB of host memory [host]
+        host_memory_gib=2048,
     ),
     # Not a SageMaker HyperPod type (no ml.trn3 in the SageMaker API) [hyperpod]: plain EKS only
     # (spec.cluster.hyperpod: false). On Trn3 UltraServer nodes ("trn3pds") the Neuron docs use
@@ -220,37 +274,67 @@ INSTANCE_TYPES: dict[str, InstanceType] = {
         backends=("torch",),
         device="neuron",
         lnc=2,
+        # vcpus, host_memory_gib: UNCONFIRMED, no public figure [host]; without them the pods
+        # request no cpu or memory unless spec.cluster.cpu and memory say so.
     ),
-    # GPU nodes for FSDP on CUDA. GPUs and EFA per node [hyperpod]; memory [ec2-gpu];
-    # price us-east-1 EC2 on-demand [price].
-    "ml.g5.8xlarge": _gpu("ml.g5.8xlarge", "nvidia-a10g", 1, A10G_MIB, A10G_TFLOPS, 1, 2.448),
-    "ml.g5.12xlarge": _gpu("ml.g5.12xlarge", "nvidia-a10g", 4, A10G_MIB, A10G_TFLOPS, 1, 5.672),
-    "ml.g5.24xlarge": _gpu("ml.g5.24xlarge", "nvidia-a10g", 4, A10G_MIB, A10G_TFLOPS, 1, 8.144),
-    "ml.g5.48xlarge": _gpu("ml.g5.48xlarge", "nvidia-a10g", 8, A10G_MIB, A10G_TFLOPS, 1, 16.288),
-    "ml.g6e.8xlarge": _gpu("ml.g6e.8xlarge", "nvidia-l40s", 1, L40S_MIB, L40S_TFLOPS, 1, 4.52856),
+    # GPU nodes for FSDP on CUDA. GPUs and EFA per node [hyperpod]; GPU memory [ec2-gpu]; price
+    # us-east-1 EC2 on-demand [price]; the last argument, host vCPUs and GiB [host].
+    "ml.g5.8xlarge": _gpu(
+        "ml.g5.8xlarge", "nvidia-a10g", 1, A10G_MIB, A10G_TFLOPS, 1, 2.448, (32, 128)
+    ),
+    "ml.g5.12xlarge": _gpu(
+        "ml.g5.12xlarge", "nvidia-a10g", 4, A10G_MIB, A10G_TFLOPS, 1, 5.672, (48, 192)
+    ),
+    "ml.g5.24xlarge": _gpu(
+        "ml.g5.24xlarge", "nvidia-a10g", 4, A10G_MIB, A10G_TFLOPS, 1, 8.144, (96, 384)
+    ),
+    "ml.g5.48xlarge": _gpu(
+        "ml.g5.48xlarge", "nvidia-a10g", 8, A10G_MIB, A10G_TFLOPS, 1, 16.288, (192, 768)
+    ),
+    "ml.g6e.8xlarge": _gpu(
+        "ml.g6e.8xlarge", "nvidia-l40s", 1, L40S_MIB, L40S_TFLOPS, 1, 4.52856, (32, 256)
+    ),
     "ml.g6e.12xlarge": _gpu(
-        "ml.g6e.12xlarge", "nvidia-l40s", 4, L40S_MIB, L40S_TFLOPS, 1, 10.49264
+        "ml.g6e.12xlarge", "nvidia-l40s", 4, L40S_MIB, L40S_TFLOPS, 1, 10.49264, (48, 384)
     ),
     "ml.g6e.24xlarge": _gpu(
-        "ml.g6e.24xlarge", "nvidia-l40s", 4, L40S_MIB, L40S_TFLOPS, 2, 15.06559
+        "ml.g6e.24xlarge", "nvidia-l40s", 4, L40S_MIB, L40S_TFLOPS, 2, 15.06559, (96, 768)
     ),
     "ml.g6e.48xlarge": _gpu(
-        "ml.g6e.48xlarge", "nvidia-l40s", 8, L40S_MIB, L40S_TFLOPS, 4, 30.13118
+        "ml.g6e.48xlarge", "nvidia-l40s", 8, L40S_MIB, L40S_TFLOPS, 4, 30.13118, (192, 1536)
     ),
     "ml.p4d.24xlarge": _gpu(
-        "ml.p4d.24xlarge", "nvidia-a100-40gb", 8, A100_40GB_MIB, A100_TFLOPS, 4, 21.957642
+        "ml.p4d.24xlarge",
+        "nvidia-a100-40gb",
+        8,
+        A100_40GB_MIB,
+        A100_TFLOPS,
+        4,
+        21.957642,
+        (96, 1152),
     ),
     "ml.p4de.24xlarge": _gpu(
-        "ml.p4de.24xlarge", "nvidia-a100-80gb", 8, A100_80GB_MIB, A100_TFLOPS, 4, 27.44705
+        "ml.p4de.24xlarge",
+        "nvidia-a100-80gb",
+        8,
+        A100_80GB_MIB,
+        A100_TFLOPS,
+        4,
+        27.44705,
+        (96, 1152),
     ),
-    "ml.p5.48xlarge": _gpu("ml.p5.48xlarge", "nvidia-h100", 8, H100_MIB, H100_TFLOPS, 32, 55.04),
+    "ml.p5.48xlarge": _gpu(
+        "ml.p5.48xlarge", "nvidia-h100", 8, H100_MIB, H100_TFLOPS, 32, 55.04, (192, 2048)
+    ),
     # p5e.48xlarge has no on-demand price: EC2 sells it through Capacity Blocks [price].
-    "ml.p5e.48xlarge": _gpu("ml.p5e.48xlarge", "nvidia-h200", 8, H200_MIB, H200_TFLOPS, 32, 0.0),
+    "ml.p5e.48xlarge": _gpu(
+        "ml.p5e.48xlarge", "nvidia-h200", 8, H200_MIB, H200_TFLOPS, 32, 0.0, (192, 2048)
+    ),
     "ml.p5en.48xlarge": _gpu(
-        "ml.p5en.48xlarge", "nvidia-h200", 8, H200_MIB, H200_TFLOPS, 16, 63.296
+        "ml.p5en.48xlarge", "nvidia-h200", 8, H200_MIB, H200_TFLOPS, 16, 63.296, (192, 2048)
     ),
     "ml.p6-b200.48xlarge": _gpu(
-        "ml.p6-b200.48xlarge", "nvidia-b200", 8, B200_MIB, B200_TFLOPS, 8, 113.9328
+        "ml.p6-b200.48xlarge", "nvidia-b200", 8, B200_MIB, B200_TFLOPS, 8, 113.9328, (192, 2048)
     ),
     # Plain CPU nodes (and `llamajob run` on a laptop): the torch backend with gloo. The peak is a
     # placeholder for planning only; the trainer measures the real matmul peak for MFU.

@@ -111,13 +111,14 @@ class Operator:
         worker = self.workers.pop((namespace, name), None)
         if worker is not None:
             await worker.stop()
-        self.phases.pop((namespace, name), None)
+        metrics.forget_job_info(namespace, name, self.phases.pop((namespace, name), None))
         with contextlib.suppress(KeyError):
             metrics.JOB_RESTARTS.remove(name, namespace)
         metrics.set_job_phases((ns, phase) for (ns, _), phase in self.phases.items())
 
     def set_phase(self, namespace: str, name: str, phase: str | None) -> None:
         if phase and self.phases.get((namespace, name)) != phase:
+            metrics.set_job_info(namespace, name, phase, self.phases.get((namespace, name)))
             self.phases[(namespace, name)] = phase
             metrics.set_job_phases((ns, p) for (ns, _), p in self.phases.items())
 

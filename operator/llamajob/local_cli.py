@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 from typing import Any, NoReturn
 
-from llamajob_trainer import protocol
 from prometheus_client import start_http_server
 
 from . import metrics as op_metrics
@@ -117,20 +116,115 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--no-progress", action="store_true", help="plain lines, no live bar")
     ap.add_argument("--run-dir", type=Path, help="logs and scratch (default runs/<job>/local)")
+    ap.add_argument(
+        "--builtin-corpus",
+        action="store_true",
+        help=f"when data.path does not exist, prepare the built-in corpus (Python's docs) "
+        f"there; automatic only for data.path {BUILTIN_DATA_PATH}",
+    )
     return ap
 
 
-def ensure_dataset(job: LlamaTrainingJob, ui: ConsoleUI) -> int:
-    """Prepare the built-in corpus when the job points at a dataset that does not exist yet."""
-    path = Path(job.spec.data.path)
-    if (path / "metadata.json").exists() or path.exists():
-        return 0
-    if job.spec.model.tokenizer:
-        ui.console.print(
-            f"[red]error[/red]: spec.data.path: {path} does not exist; create it with "
-            "`llamajob prepare-data --tokenizer ... --output ...`"
+# The one path where `llamajob run` prepares the built-in corpus by itself: data.path's default,
+# the path examples/tiny.yaml uses (relative to the working directory). Any other path must
+# hold a prepared dataset, or the run is refused: a typo must not silently train on Python's
+# docs. `--builtin-corpus` asks for the built-in corpus at another missing path.
+BUILTIN_DATA_PATH = "data/pydoc"
+_PREPARE_OUTPUTS = frozenset({"tokens.bin", "tokens.bin.tmp", "metadata.json.tmp"})
+
+
+class DataProblem(Exception):
+    """spec.data is unusable for a local run: one line, exit 2, nothing started."""
+
+
+def is_builtin_data_path(path: str) -> bool:
+    return os.path.normpath(path) == BUILTIN_DATA_PATH
+
+
+def _prepare_hint(job: LlamaTrainingJob, path: Path) -> str:
+    tok = job.spec.model.tokenizer
+    tok_flag = f" --tokenizer {tok}" if tok else ""
+    return (
+        f"prepare it with `llamajob prepare-data --input YOUR_TEXT{tok_flag} --seq-length "
+        f"{job.spec.data.seq_length} --output {path}` (see docs/data.md)"
+    )
+
+
+def check_dataset(job: LlamaTrainingJob, builtin: bool = False) -> bool:
+    """Whether the built-in corpus must be prepared at data.path first; raises DataProblem
+    when data.path cannot feed this job. Writes nothing."""
+    raw = job.spec.data.path
+    path = Path(raw)
+    meta_path = path / "metadata.json"
+    if meta_path.is_file():
+        try:
+            meta = json.loads(meta_path.read_text())
+            seq = int(meta["seq_length"])
+            rows = int(meta.get("num_sequences", 0))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise DataProblem(
+                f"spec.data.path: {meta_path} is not readable dataset metadata ({exc}); "
+                f"{_prepare_hint(job, path)}"
+            ) from None
+        if seq != job.spec.data.seq_length:
+            raise DataProblem(
+                f"spec.data.seqLength: {job.spec.data.seq_length}, but the dataset in {path} "
+                f"was prepared with --seq-length {seq}; set seqLength: {seq}, or prepare it "
+                f"again: {_prepare_hint(job, path)}"
+            )
+        batch, held_out = job.spec.batch.global_batch_size, job.spec.validation.sequences
+        if "num_sequences" in meta and rows < batch + held_out:
+            need = f"one global batch ({batch})" + (
+                f" plus validation.sequences ({held_out})" if held_out else "")
+            raise DataProblem(
+                f"spec.data.path: {path} holds {rows} sequences, fewer than {need}; add text "
+                f"and prepare it again ({_prepare_hint(job, path)}), or lower "
+                "batch.globalBatchSize" + (" or validation.sequences" if held_out else "")
+            )
+        return False
+    wanted = builtin or is_builtin_data_path(raw)
+    if path.exists() and not path.is_dir():
+        raise DataProblem(
+            f"spec.data.path: {raw} is a file, not a dataset directory; {_prepare_hint(job, path)}"
         )
-        return protocol.EXIT_DATA
+    if path.is_dir():
+        try:
+            leftovers = {p.name for p in path.iterdir()}
+        except OSError as exc:
+            raise DataProblem(f"spec.data.path: cannot read {raw}: {exc.strerror}") from None
+        # What an interrupted prepare-data leaves behind may be prepared again; anything else
+        # is someone's data, and not a dataset.
+        if wanted and leftovers <= _PREPARE_OUTPUTS:
+            return _builtin_fits(job, path)
+        what = "is empty" if not leftovers else "holds no prepared dataset (no metadata.json)"
+        builtin_hint = "" if job.spec.model.tokenizer or wanted else (
+            "; or, to train on the built-in corpus (Python's docs) there, run again with "
+            "--builtin-corpus")
+        raise DataProblem(f"spec.data.path: {raw} {what}; {_prepare_hint(job, path)}"
+                          f"{builtin_hint}")
+    if not wanted:
+        raise DataProblem(
+            f"spec.data.path: {raw} does not exist. Check the path, or {_prepare_hint(job, path)}"
+            f"; only data.path {BUILTIN_DATA_PATH} (or `llamajob run --builtin-corpus`) gets "
+            "the built-in corpus (Python's docs) prepared automatically"
+        )
+    return _builtin_fits(job, path)
+
+
+def _builtin_fits(job: LlamaTrainingJob, path: Path) -> bool:
+    """True, or DataProblem when the job's tokenizer is not the built-in corpus's."""
+    if job.spec.model.tokenizer:
+        raise DataProblem(
+            f"spec.data.path: {path} holds no dataset, and the built-in corpus uses the "
+            f"byte-level tokenizer, not model.tokenizer ({job.spec.model.tokenizer}); "
+            f"{_prepare_hint(job, path)}"
+        )
+    return True
+
+
+def prepare_builtin_corpus(job: LlamaTrainingJob, ui: ConsoleUI) -> int:
+    """Tokenize the built-in corpus into data.path (a subprocess: the trainer's numpy)."""
+    path = Path(job.spec.data.path)
     ui.note(f"dataset {path} missing: preparing the built-in corpus (Python's own docs)")
     argv = [
         sys.executable,
@@ -229,15 +323,21 @@ def main(argv: list[str]) -> int:
         for problem in plan.problems():
             print(f"error: {problem}", file=sys.stderr)
         return EXIT_INVALID
+    try:
+        prepare = check_dataset(job, builtin=args.builtin_corpus)
+    except DataProblem as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INVALID
     run_dir = args.run_dir or default_run_dir(job.metadata.name)
     try:
         locks = _lock_run(job, args.file, run_dir)
     except DirectoryInUse as exc:
         print(_in_use_message(exc, run_dir), file=sys.stderr)
         return EXIT_INVALID
-    code = ensure_dataset(job, ui)
-    if code:
-        return code
+    if prepare:
+        code = prepare_builtin_corpus(job, ui)
+        if code:
+            return code
 
     options = RunOptions(
         chaos_kill_at_step=args.chaos_kill_at_step,

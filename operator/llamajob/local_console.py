@@ -94,7 +94,7 @@ def print_summary(ui: ConsoleUI, summary: dict[str, Any]) -> None:
         + (f" ({escape(summary['message'])})" if summary.get("message") else "")
     )
     loss = summary["final_loss"]
-    c.print(f"  steps       {summary['final_step']}/{summary['max_steps']}")
+    c.print(f"  steps       {steps_line(summary)}")
     word = summary.get("final_loss_non_finite")
     shown = f"{loss:.4f}" if loss is not None else f"{word} (diverged)" if word else "-"
     c.print(f"  final loss  {shown}")
@@ -104,3 +104,12 @@ def print_summary(ui: ConsoleUI, summary: dict[str, Any]) -> None:
     c.print(f"  wall time   {summary['wall_seconds']:.1f} s")
     kept = ", ".join(summary["checkpoints"]) or "none"
     c.print(f"  checkpoints {kept} (in {summary['checkpoint_dir']})")
+
+
+def steps_line(summary: dict[str, Any]) -> str:
+    """`12/200`, or what happened when no training step ran (never `None/200`)."""
+    step, total = summary.get("final_step"), summary.get("max_steps")
+    if step is not None:
+        return f"{step}/{total}"
+    phase = summary.get("phase") or "stopped"
+    return f"0/{total} (no training step ran: the job ended, {phase}, before its first one)"

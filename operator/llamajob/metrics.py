@@ -6,6 +6,7 @@ and alert rules are checked against, so the names here are part of the product's
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -18,6 +19,14 @@ JOBS = Gauge(
     "llamajob_jobs",
     "LlamaTrainingJobs known to the operator, by phase.",
     ["phase", "namespace"],
+    registry=REGISTRY,
+)
+JOB_INFO = Gauge(
+    "llamajob_job_info",
+    "1 for every LlamaTrainingJob the operator works, with its current phase; from its first "
+    "decision (a job that never trained included) until it is deleted. The dashboard's "
+    "Namespace and Job lists come from it.",
+    ["namespace", "job", "phase"],
     registry=REGISTRY,
 )
 JOB_RESTARTS = Counter(
@@ -65,12 +74,14 @@ API_ERRORS = Counter(
 
 METRIC_NAMES: tuple[str, ...] = (
     "llamajob_jobs",
+    "llamajob_job_info",
     "llamajob_job_restarts_total",
     "llamajob_reconcile_duration_seconds",
     "llamajob_fault_detection_seconds",
     "llamajob_restart_latency_seconds",
     "llamajob_pods_created_total",
     "llamajob_api_errors_total",
+    "llamajob_status_conflicts_total",
 )
 
 
@@ -91,3 +102,17 @@ def set_job_phases(phases: Iterable[tuple[str, str]]) -> None:
 
 
 _seen_namespaces: set[str] = set()
+
+
+def set_job_info(namespace: str, job: str, phase: str, old_phase: str | None = None) -> None:
+    """``llamajob_job_info{namespace, job, phase} 1`` for the job's phase, and the series of
+    its previous phase removed, so each job has exactly one."""
+    if old_phase is not None and old_phase != phase:
+        forget_job_info(namespace, job, old_phase)
+    JOB_INFO.labels(namespace=namespace, job=job, phase=phase).set(1)
+
+
+def forget_job_info(namespace: str, job: str, phase: str | None) -> None:
+    if phase is not None:
+        with contextlib.suppress(KeyError):
+            JOB_INFO.remove(namespace, job, phase)

@@ -1,14 +1,20 @@
 """`llamajob operator`: run the Kubernetes operator (kopf) with its metrics and liveness endpoints.
 
 Credentials: the in-cluster service account when running in a pod, otherwise the kubeconfig
-($KUBECONFIG or ~/.kube/config).
+($KUBECONFIG or ~/.kube/config). Without either it stops at once with one line saying so.
+
+Trainer images: no image is published, so jobs without `spec.cluster.image` get the one given
+by `--trainer-image` for their trainer family (see `llamajob.images`), or fail with InvalidSpec.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+from collections.abc import Iterable
+from pathlib import Path
 
 from llamajob_trainer import protocol
 
@@ -58,8 +64,58 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PORT",
         help=f"port of the trainer's metrics endpoint (default {protocol.DEFAULT_METRICS_PORT})",
     )
+    p.add_argument(
+        "--trainer-image", dest="trainer_images", action="append", default=[],
+        metavar="[FAMILY=]IMAGE",
+        help="trainer image for jobs that set no spec.cluster.image (repeatable). FAMILY is a "
+        "trainer target of the Dockerfile: neuron (trn2/trn3, torch backend), trn1 (the nxd "
+        "backend) or cuda (GPU and cpu types); without FAMILY= the image serves every family "
+        "not given on its own. Default: none, and such jobs fail with InvalidSpec",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
+
+
+def trainer_images(values: Iterable[str]) -> dict[str, str]:
+    """The parsed `--trainer-image` values: {family: image}. Raises ValueError."""
+    from .images import parse_trainer_images
+
+    return parse_trainer_images(values)
+
+
+SERVICE_ACCOUNT_TOKEN = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
+EXIT_NO_CREDENTIALS = 1
+
+
+def credentials_problem() -> str | None:
+    """Why the operator could not log in to any cluster, in one line; None when it can."""
+    in_cluster = bool(os.environ.get("KUBERNETES_SERVICE_HOST")) and SERVICE_ACCOUNT_TOKEN.is_file()
+    if not in_cluster:
+        env = os.environ.get("KUBECONFIG")
+        if env:
+            paths = [p for p in env.split(os.pathsep) if p]
+            missing = [p for p in paths if not Path(p).expanduser().is_file()]
+            if missing or not paths:
+                return ("no Kubernetes credentials: not in a cluster, and KUBECONFIG names "
+                        f"no file that exists ({', '.join(missing) or repr(env)}; "
+                        "set KUBECONFIG to your kubeconfig)")
+        else:
+            default = Path("~/.kube/config").expanduser()
+            if not default.is_file():
+                return ("no Kubernetes credentials: not in a cluster and no kubeconfig at "
+                        f"{default} (set KUBECONFIG)")
+    import kopf
+
+    from .handlers import _login_now
+
+    try:
+        info = _login_now(kopf.OperatorSettings())
+    except Exception as exc:  # a kubeconfig kopf cannot read: say which and why, no traceback
+        return f"cannot use the Kubernetes credentials: {type(exc).__name__}: {exc}"
+    if info is None:
+        return ("no usable Kubernetes credentials: the kubeconfig has no current context with a "
+                "server (check `kubectl config current-context`)")
+    return None
 
 
 def _check_port(parser: argparse.ArgumentParser, flag: str, value: int) -> None:
@@ -75,6 +131,13 @@ def main(argv: list[str]) -> int:
     _check_port(parser, "--trainer-metrics-port", args.trainer_metrics_port)
     if args.progress_interval <= 0:
         parser.error("--progress-interval must be positive")
+    try:
+        images = trainer_images(args.trainer_images)
+    except ValueError as exc:
+        parser.error(f"--trainer-image {exc}")
+    if problem := credentials_problem():
+        print(f"llamajob operator: {problem}", file=sys.stderr)
+        return EXIT_NO_CREDENTIALS
 
     import kopf
     from prometheus_client import start_http_server
@@ -91,6 +154,7 @@ def main(argv: list[str]) -> int:
     handlers.CONFIG = handlers.OperatorConfig(
         progress_interval=args.progress_interval,
         trainer_metrics_port=args.trainer_metrics_port,
+        trainer_images=images,
     )
     if args.metrics_port:
         try:

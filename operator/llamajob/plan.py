@@ -114,13 +114,15 @@ family, with trn1 split into pipelined and unpipelined NxD layouts), or a measur
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, field
+from decimal import Decimal
 from typing import Any, Literal
 
 from llamajob_trainer.presets import Architecture
 
-from .api import LlamaTrainingJobSpec
-from .catalogue import GIB, INSTANCE_TYPES, InstanceType
+from .api import QUANTITY_PATTERN, LlamaTrainingJobSpec
+from .catalogue import GIB, INSTANCE_TYPES, POD_SHARE_PERCENT, InstanceType
 from .jobfile import SpecError
 
 # Default utilisation when nothing was measured, by MFU family (mfu_family: the catalogue family,
@@ -195,6 +197,76 @@ def default_mfu(inst: InstanceType, spec: LlamaTrainingJobSpec | None = None) ->
 def runtime_reserve_bytes(inst: InstanceType) -> float:
     gib = RUNTIME_RESERVE_GIB.get(inst.family, max(RUNTIME_RESERVE_GIB.values()))
     return gib * GIB
+
+
+# Host memory each rank's process is taken to need at the least (the interpreter, torch, the
+# device runtime's host side, data loading). The in-memory /dev/shm counts against the pod's
+# memory limit, so spec.cluster.shmSize must leave this much per rank inside it. A floor that
+# catches a /dev/shm crowding out the processes, not an estimate of what they use.
+HOST_MEMORY_PER_RANK_GIB = 4
+
+_QUANTITY_SUFFIX: dict[str, Decimal] = {
+    **{s: Decimal(1024) ** (i + 1) for i, s in enumerate(("Ki", "Mi", "Gi", "Ti", "Pi", "Ei"))},
+    **{s: Decimal(1000) ** (i + 1) for i, s in enumerate(("k", "M", "G", "T", "P", "E"))},
+    "m": Decimal("0.001"),
+    "": Decimal(1),
+}
+
+
+def quantity(value: str) -> Decimal:
+    """A Kubernetes quantity of the spec (api.QUANTITY_PATTERN) as a number: bytes or cores."""
+    match = re.fullmatch(QUANTITY_PATTERN, value)
+    if match is None:
+        raise ValueError(f"not a Kubernetes quantity: {value!r}")
+    number, suffix = Decimal(match.group(1)), match.group(3) or ""
+    if suffix[:1] in ("e", "E"):
+        return number * Decimal(10) ** int(suffix[1:])
+    return number * _QUANTITY_SUFFIX[suffix]
+
+
+def pod_cpu_memory(spec: LlamaTrainingJobSpec) -> dict[str, str]:
+    """The cpu and memory every compile and training pod requests, limits equal: the user's
+    spec.cluster.cpu and memory, else the instance type's defaults (catalogue.POD_SHARE_PERCENT
+    of the node's vCPUs and memory), which make the pods Guaranteed QoS. Types without host
+    figures (``cpu``, which is any machine, and trn3) have no defaults."""
+    cluster = spec.cluster
+    inst = INSTANCE_TYPES[cluster.instance_type]
+    out: dict[str, str] = {}
+    cpu = cluster.cpu or (str(inst.pod_cpu) if inst.pod_cpu else None)
+    memory = cluster.memory or (f"{inst.pod_memory_gib}Gi" if inst.pod_memory_gib else None)
+    if cpu:
+        out["cpu"] = cpu
+    if memory:
+        out["memory"] = memory
+    return out
+
+
+def _shm_problem(spec: LlamaTrainingJobSpec, inst: InstanceType, ranks: int) -> str | None:
+    """Why spec.cluster.shmSize does not fit the pod's memory limit beside its ranks, if so."""
+    memory = pod_cpu_memory(spec).get("memory")
+    if memory is None:
+        return None  # no limit: /dev/shm is bounded by its sizeLimit and the node alone
+    limit, shm = quantity(memory), quantity(spec.cluster.shm_size)
+    kept = Decimal(ranks * HOST_MEMORY_PER_RANK_GIB * GIB)
+    if shm <= limit - kept:
+        return None
+    if spec.cluster.memory:
+        whose = "spec.cluster.memory"
+    else:
+        whose = f"the default, {POD_SHARE_PERCENT}% of {inst.name}'s {inst.host_memory_gib} GiB"
+    fixes = []
+    room_gib = math.floor((limit - kept) / GIB)
+    if room_gib >= 1:
+        fixes.append(f"use a shmSize of at most {room_gib}Gi")
+    need_gib = math.ceil((shm + kept) / GIB)
+    if inst.pod_memory_gib is None or need_gib <= inst.pod_memory_gib:
+        fixes.append(f"set spec.cluster.memory to at least {need_gib}Gi")
+    fix = " or ".join(fixes) or "lower shmSize and raise spec.cluster.memory"
+    return (
+        f"{spec.cluster.shm_size} of /dev/shm is memory and counts against the pod's memory "
+        f"limit of {memory} ({whose}), which must also hold {HOST_MEMORY_PER_RANK_GIB} GiB for "
+        f"each of the {ranks} ranks; {fix}"
+    )
 
 
 @dataclass(frozen=True)
@@ -485,6 +557,10 @@ def validate_layout(spec: LlamaTrainingJobSpec) -> list[SpecError]:
             f"{ppn} exceeds the {inst.cores_per_node} {unit} of {inst.name}; "
             f"use {inst.cores_per_node}",
         )
+    elif shm := _shm_problem(spec, inst, ppn):
+        # Judged with a rank count that can run, not the one just refused. No CEL rule mirrors
+        # this one (cel.py): a job it refuses is stored and then fails as InvalidSpec.
+        err("cluster.shmSize", shm)
     if arch.hidden_size % arch.num_heads:
         fit = _nearest(arch.hidden_size, [d * arch.num_heads for d in range(1, 1025)])
         err(

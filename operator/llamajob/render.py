@@ -34,7 +34,7 @@ from .api import API_VERSION, KIND, LlamaTrainingJob
 from .catalogue import EFA_RESOURCE
 from .jobfile import JobFileError
 from .observed import NodeHealth, ObservedPod
-from .plan import Plan, make_plan
+from .plan import Plan, make_plan, pod_cpu_memory
 
 APP = "llamajob"
 LABEL_NAME = "app.kubernetes.io/name"
@@ -369,12 +369,14 @@ def device_resources(job: LlamaTrainingJob, plan: Plan) -> dict[str, int]:
 
 
 def resources(job: LlamaTrainingJob, plan: Plan) -> dict[str, Any]:
-    """Requests equal limits: Guaranteed QoS, and extended resources demand it anyway."""
+    """The devices, and cpu and memory (``plan.pod_cpu_memory``: the user's, else most of the
+    node's), requests equal to limits: Guaranteed QoS, so that under node pressure the
+    training pod is the last to be evicted or OOM-killed. With extended resources alone a pod is
+    BestEffort, and its memory-backed /dev/shm is then charged to no limit. Compile pods get the
+    same. Types without host figures (``cpu``, trn3) request cpu and memory only when
+    spec.cluster.cpu and memory say so."""
     amounts: dict[str, Any] = dict(device_resources(job, plan))
-    if job.spec.cluster.cpu:
-        amounts["cpu"] = job.spec.cluster.cpu
-    if job.spec.cluster.memory:
-        amounts["memory"] = job.spec.cluster.memory
+    amounts.update(pod_cpu_memory(job.spec))
     if not amounts:
         return {}
     return {"requests": dict(amounts), "limits": dict(amounts)}

@@ -3,6 +3,9 @@
 A preview for review and for `kubectl apply --dry-run=server`: the headless Service, the trainer
 ConfigMap and the pods of one attempt. Without a uid (the job is not in a cluster yet) the
 objects carry no ownerReferences; the operator adds them.
+
+A job without `spec.cluster.image` gets the image of `--trainer-image` (as the operator gives
+its own default); with neither, it is refused with the operator's InvalidSpec message.
 """
 
 from __future__ import annotations
@@ -12,7 +15,9 @@ import sys
 
 import yaml
 
+from .images import parse_trainer_images, with_trainer_image
 from .jobfile import JobFileError, load_job
+from .plan import make_plan
 from .render import ROLE_COMPILE, ROLE_TRAIN, render_all
 
 EXIT_INVALID = 2
@@ -46,6 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--attempt", type=int, default=1, help="attempt number in pod names")
     ap.add_argument("--namespace", "-n", help="override metadata.namespace")
+    ap.add_argument(
+        "--trainer-image", dest="trainer_images", action="append", default=[],
+        metavar="[FAMILY=]IMAGE",
+        help="image for a job without spec.cluster.image, as the operator's --trainer-image "
+        "(FAMILY: neuron, trn1 or cuda; without it, every family). Default: none, and such a job "
+        "is refused",
+    )
     return ap
 
 
@@ -55,7 +67,15 @@ def main(argv: list[str]) -> int:
     if args.attempt < 1:
         ap.error(f"--attempt must be at least 1 (got {args.attempt})")
     try:
+        images = parse_trainer_images(args.trainer_images)
+    except ValueError as exc:
+        ap.error(f"--trainer-image {exc}")
+    try:
         job = load_job(args.file)
+        job, missing = with_trainer_image(job, images)
+        if missing is not None:
+            # The planner's problems too, as the operator reports them together.
+            raise JobFileError([*make_plan(job.spec).problems(), missing])
         if args.namespace:
             job.metadata.namespace = args.namespace
         roles = None if args.role == "all" else [args.role]

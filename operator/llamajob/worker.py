@@ -27,7 +27,7 @@ import copy
 import logging
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -37,9 +37,11 @@ from llamajob_trainer import protocol
 from . import metrics, render
 from .actions import CreateObject, Decision, DeletePods, EmitEvent
 from .api import LlamaTrainingJobStatus
+from .images import with_trainer_image
 from .jobfile import JobFileError, parse_job
 from .kube import ApiError, KubeClient
 from .observed import NodeHealth, Observed, ObservedPod, Progress
+from .plan import make_plan
 from .progress import ScrapeError, metrics_url, scrape
 from .reconcile import reconcile, reconcile_invalid
 
@@ -59,6 +61,9 @@ class OperatorConfig:
     unseen_write_grace: float = 30.0  # how long our own writes count as seen without an echo
     api_concurrency: int = 32
     max_error_backoff: float = 60.0
+    # Trainer family (images.TRAINER_FAMILIES) -> image, for jobs without spec.cluster.image
+    # (`--trainer-image`). Empty: such jobs fail with InvalidSpec.
+    trainer_images: Mapping[str, str] = field(default_factory=dict)
 
 
 # --- what the indices hold ----------------------------------------------------------------
@@ -316,7 +321,8 @@ class JobWorker:
         # The core is pure but not always quick (a spec of absurd numbers costs the planner
         # more); in a thread it never holds up the watches, the other jobs or /healthz.
         decision = await asyncio.to_thread(
-            decide, self.body, observed, prior, datetime.now(UTC), self.name, self.namespace
+            decide, self.body, observed, prior, datetime.now(UTC), self.name, self.namespace,
+            self.op.config.trainer_images,
         )
         if self.stopped:
             return  # deleted while the thread ran: act on nothing for a gone job
@@ -468,15 +474,25 @@ def decide(
     now: datetime,
     name: str,
     namespace: str,
+    trainer_images: Mapping[str, str] | None = None,
 ) -> Decision:
     """The pure core on one job's body as the watch delivered it. Reads only its arguments (a
-    worker replaces its body on update, never mutates it), so it runs in a thread."""
+    worker replaces its body on update, never mutates it), so it runs in a thread.
+
+    A job without ``spec.cluster.image`` gets the operator's image of its trainer family
+    (``trainer_images``) before anything is planned, so the pods, the spec revision and the
+    compile key all use the image the pods run; with no such image it fails (InvalidSpec)."""
     status = parse_status(prior)
     meta = body.get("metadata") or {}
     try:
         job = parse_job(body)
+        job, missing = with_trainer_image(job, trainer_images or {})
     except JobFileError as exc:
         return reconcile_invalid(name, exc.errors, status, observed=observed, now=now,
+                                 namespace=namespace, generation=meta.get("generation"))
+    if missing is not None:
+        problems = [*make_plan(job.spec).problems(), missing]
+        return reconcile_invalid(name, problems, status, observed=observed, now=now,
                                  namespace=namespace, generation=meta.get("generation"))
     job = job.model_copy(update={"status": status})
     return reconcile(job, observed, now)

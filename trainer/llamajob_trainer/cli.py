@@ -39,14 +39,24 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see {self.prog} --help)")
 
 
-_CONFIG_HELP = f"TrainerConfig YAML/JSON file (default: ${protocol.CONFIG_ENV})"
+_CONFIG_FILES = (
+    "the job file (a LlamaTrainingJob YAML, e.g. examples/tiny.yaml) or the trainer config the "
+    "operator renders from it (TrainerConfig YAML/JSON)"
+)
+_CONFIG_HELP = f"{_CONFIG_FILES}; default: ${protocol.CONFIG_ENV}"
+_ACCEPTED = (
+    "--config takes a LlamaTrainingJob file (kind: LlamaTrainingJob, e.g. examples/tiny.yaml) "
+    "or a trainer config (the TrainerConfig YAML the operator renders from a job into its "
+    "ConfigMap)"
+)
 
 
 # --- config ------------------------------------------------------------------------------------
 
 
 def load_config(path: str | os.PathLike[str] | None) -> Any:
-    """Read a TrainerConfig from YAML or JSON (camelCase, as `TrainerConfig.to_wire()` writes)."""
+    """Read a TrainerConfig from YAML or JSON (camelCase, as `TrainerConfig.to_wire()` writes),
+    or from a LlamaTrainingJob file, converted as the operator does for the job's ConfigMap."""
     import yaml
     from pydantic import ValidationError
 
@@ -67,7 +77,14 @@ def load_config(path: str | os.PathLike[str] | None) -> Any:
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError(f"config file {file}: not valid YAML/JSON{where}: {problem}") from exc
     if not isinstance(raw, dict):
-        raise ConfigError(f"config file {file}: expected a mapping of TrainerConfig fields")
+        raise ConfigError(f"config file {file}: not a mapping; {_ACCEPTED}")
+    if raw.get("kind") == "LlamaTrainingJob":
+        return config_from_job_file(file)
+    if "kind" in raw or "apiVersion" in raw:
+        raise ConfigError(
+            f"config file {file} is a {raw.get('kind') or 'Kubernetes object'} "
+            f"(apiVersion {raw.get('apiVersion')!r}); {_ACCEPTED}"
+        )
     try:
         return TrainerConfig.model_validate(raw)
     except ValidationError as exc:
@@ -75,7 +92,26 @@ def load_config(path: str | os.PathLike[str] | None) -> Any:
             f"{'.'.join(str(p) for p in err['loc']) or '(root)'}: {err['msg']}"
             for err in exc.errors()
         )
-        raise ConfigError(f"config file {file}: {problems}") from exc
+        raise ConfigError(f"config file {file}: not a valid trainer config ({problems}); "
+                          f"{_ACCEPTED}") from exc
+
+
+def config_from_job_file(file: Path) -> Any:
+    """The TrainerConfig the operator would render for this job file (same function)."""
+    # The operator's modules (pydantic only, no torch), imported only for job files.
+    from llamajob.jobfile import JobFileError, load_job
+    from llamajob.plan import make_plan
+    from llamajob.render import trainer_config
+
+    try:
+        job = load_job(file)
+    except JobFileError as exc:
+        raise ConfigError(f"job file {file}: {'; '.join(str(e) for e in exc.errors)}") from None
+    plan = make_plan(job.spec)
+    if not plan.valid:
+        raise ConfigError(f"job file {file}: {'; '.join(str(p) for p in plan.problems())} "
+                          "(`llamajob plan FILE` explains)")
+    return trainer_config(job, plan)
 
 
 # OS errors that no retry can fix: the path itself is wrong (too long, not a directory, a loop)
@@ -238,41 +274,78 @@ def compile_main(argv: list[str]) -> int:
 # --- prepare-data --------------------------------------------------------------------------------
 
 
+def prepare_data_parser() -> argparse.ArgumentParser:
+    from .data import BUILTIN_PYDOC
+
+    ap = _Parser(
+        prog="llamajob prepare-data",
+        description="Tokenize text into fixed-length packed sequences for training. "
+        f"Without --input it uses the built-in corpus ({BUILTIN_PYDOC}: the Python help "
+        "topics shipped with every Python install). With --config JOB.yaml the output, "
+        "sequence length and tokenizer default to the job's data.path, data.seqLength and "
+        "model.tokenizer.",
+    )
+    ap.add_argument("--input", action="append", metavar="PATH",
+                    help="text file (.txt/.md/.rst), .jsonl (field text), .parquet (column "
+                    f"text) or a directory of them; repeatable (default {BUILTIN_PYDOC})")
+    ap.add_argument("--output", metavar="DIR",
+                    help="dataset directory (default: data.path of --config, else data/pydoc)")
+    ap.add_argument("--tokenizer", metavar="SOURCE",
+                    help="HF tokenizer.json (or a directory holding one), `byte` for the "
+                    "built-in byte-level tokenizer, or a Hugging Face Hub model repo id such as "
+                    "meta-llama/Meta-Llama-3-8B (its tokenizer.json is downloaded, with $HF_TOKEN "
+                    "for gated models); default: model.tokenizer of --config, else byte")
+    ap.add_argument("--save-tokenizer", metavar="PATH",
+                    help="with a repo id for --tokenizer: where to keep the downloaded "
+                    "tokenizer.json (a file path or a directory), which training must then use "
+                    "as model.tokenizer; default: model.tokenizer of --config")
+    ap.add_argument("--seq-length", type=int, metavar="N",
+                    help="tokens per sequence (default: data.seqLength of --config, else 128)")
+    ap.add_argument("--config", metavar="FILE",
+                    help="take the defaults above from " + _CONFIG_FILES)
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return ap
+
+
 def prepare_data_main(argv: list[str]) -> int:
     prog = "llamajob prepare-data"
 
     def body() -> int:
         from .data import BUILTIN_PYDOC
 
-        ap = _Parser(
-            prog=prog,
-            description="Tokenize text into fixed-length packed sequences for training. "
-            f"Without --input it uses the built-in corpus ({BUILTIN_PYDOC}: the Python help "
-            "topics shipped with every Python install).",
-        )
-        ap.add_argument("--input", action="append", metavar="PATH",
-                        help="text file (.txt/.md/.rst), .jsonl (field text), .parquet (column "
-                        f"text) or a directory of them; repeatable (default {BUILTIN_PYDOC})")
-        ap.add_argument("--output", metavar="DIR",
-                        help="dataset directory (default: data.path of --config, else data/pydoc)")
-        ap.add_argument("--tokenizer", metavar="FILE",
-                        help="HF tokenizer.json; default: model.tokenizer of --config, else the "
-                        "built-in byte-level tokenizer")
-        ap.add_argument("--seq-length", type=int, metavar="N",
-                        help="tokens per sequence (default: data.seqLength of --config, else 128)")
-        ap.add_argument("--config", help="take the defaults above from a TrainerConfig file")
-        ap.add_argument("--no-progress", action="store_true", help="no progress bar")
-        args = ap.parse_args(argv)
+        args = prepare_data_parser().parse_args(argv)
         cfg = load_config(args.config) if args.config else None
         output = args.output or (cfg.data.path if cfg else "data/pydoc")
         seq = args.seq_length or (cfg.data.seq_length if cfg else 128)
         if seq < 1:
             raise UsageError("--seq-length must be at least 1")
-        tok_spec = args.tokenizer or (cfg.model.tokenizer if cfg else None)
+        job_tokenizer = cfg.model.tokenizer if cfg else None
+        tok_spec = args.tokenizer or job_tokenizer
 
         from .data import prepare_data
-        from .tokenizer import load_tokenizer
+        from .tokenizer import (
+            download_hub_tokenizer,
+            install_tokenizer,
+            is_hub_repo_id,
+            load_tokenizer,
+        )
 
+        if args.save_tokenizer and not is_hub_repo_id(tok_spec):
+            raise UsageError("--save-tokenizer is for a tokenizer downloaded from the Hugging "
+                             "Face Hub (--tokenizer ORG/NAME)")
+        if is_hub_repo_id(tok_spec):
+            assert tok_spec is not None
+            downloaded = download_hub_tokenizer(tok_spec)
+            keep = args.save_tokenizer or (
+                job_tokenizer if job_tokenizer and not is_hub_repo_id(job_tokenizer) else None)
+            if keep:
+                tok_spec = str(install_tokenizer(downloaded, keep))
+                print(f"tokenizer of {args.tokenizer or job_tokenizer} saved as {tok_spec}")
+            else:
+                tok_spec = str(downloaded / "tokenizer.json")
+                print(f"tokenizer of {args.tokenizer} downloaded to {tok_spec}; point "
+                      "model.tokenizer at a copy of it on the shared file system "
+                      "(or pass --save-tokenizer)")
         tokenizer = load_tokenizer(tok_spec)
         meta = prepare_data(
             args.input or [BUILTIN_PYDOC], output, tokenizer, seq,

@@ -2,17 +2,26 @@
 
 The byte-level tokenizer needs no file and no download: ids 0-255 are the UTF-8 bytes, then BOS,
 EOS and PAD. Its 259 ids fit the `tiny` preset's vocabulary of 512.
+
+`prepare-data --tokenizer ORG/NAME` also takes a Hugging Face Hub model repository: its
+tokenizer.json (and tokenizer_config.json, which names the EOS token) are downloaded with
+`huggingface_hub` (a dependency of `tokenizers`, imported only then), authenticated by $HF_TOKEN
+for gated models such as meta-llama/Meta-Llama-3-8B.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
+import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from .errors import ConfigError
+from .errors import ConfigError, DependencyError
 
 BYTE_TOKENIZER = "byte"
 
@@ -129,6 +138,117 @@ def load_tokenizer(spec: str | None) -> Tokenizer:
     if not path.is_file():
         raise ConfigError(
             f"model.tokenizer: {spec} is not a tokenizer.json file (or a directory holding one); "
-            "fix the path, or leave it unset for the built-in byte-level tokenizer."
+            "fix the path, download one with `llamajob prepare-data --tokenizer ORG/NAME "
+            "--save-tokenizer PATH` (see docs/data.md), or leave it unset for the built-in "
+            "byte-level tokenizer."
         )
     return HFTokenizer(path)
+
+
+# --- Hugging Face Hub --------------------------------------------------------------------------
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")  # the second is optional
+# A Hub repo id: ORG/NAME (names: letters, digits, '-', '_', '.'; no '--' or '..', no leading
+# or trailing '-' or '.').
+_REPO_ID = re.compile(r"[A-Za-z0-9](?:[\w.-]*[A-Za-z0-9])?/[A-Za-z0-9](?:[\w.-]*[A-Za-z0-9])?")
+
+# (repo_id, filename, token) -> local path of the downloaded file; raises on failure.
+DownloadFn = Callable[[str, str, "str | None"], str]
+
+
+def is_hub_repo_id(spec: str | None) -> bool:
+    """True for ORG/NAME that is not an existing local path (a local file or directory wins)."""
+    if not spec or not _REPO_ID.fullmatch(spec) or ".." in spec or "--" in spec:
+        return False
+    return not Path(spec).exists() and not spec.endswith(".json")
+
+
+def _hub_download(repo_id: str, filename: str, token: str | None) -> str:
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError as exc:
+        raise DependencyError(
+            f"--tokenizer {repo_id}: downloading from the Hugging Face Hub needs huggingface_hub "
+            "(pip install huggingface_hub); or download tokenizer.json yourself and pass its path"
+        ) from exc
+    return str(hf_hub_download(repo_id, filename, token=token))
+
+
+def _hub_error_kind(exc: BaseException) -> str | None:
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    for kind in ("GatedRepoError", "RepositoryNotFoundError", "RevisionNotFoundError",
+                 "EntryNotFoundError", "LocalEntryNotFoundError"):
+        if kind in names:
+            return kind
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    return "Unauthorized" if status in {401, 403} else None
+
+
+def download_hub_tokenizer(
+    repo_id: str, token: str | None = None, download: DownloadFn | None = None
+) -> Path:
+    """Download a Hub model's tokenizer.json (and tokenizer_config.json if it has one); return
+    the directory holding them. `token` defaults to $HF_TOKEN (gated models need it)."""
+    fetch = download or _hub_download
+    token = token if token is not None else (os.environ.get("HF_TOKEN") or None)
+    got: dict[str, Path] = {}
+    for name in TOKENIZER_FILES:
+        try:
+            got[name] = Path(fetch(repo_id, name, token))
+        except DependencyError:
+            raise
+        except Exception as exc:
+            kind = _hub_error_kind(exc)
+            if name != "tokenizer.json" and kind in {"EntryNotFoundError", None}:
+                continue  # tokenizer_config.json is optional; the EOS token has defaults
+            if kind in {"GatedRepoError", "Unauthorized"} or (kind and not token):
+                raise ConfigError(
+                    f"--tokenizer {repo_id}: the Hugging Face Hub refused the download "
+                    f"({type(exc).__name__}). For a gated model accept its license on "
+                    f"https://huggingface.co/{repo_id} and set HF_TOKEN to a token of that "
+                    f"account{'' if token else ' (HF_TOKEN is not set)'}"
+                ) from exc
+            if kind in {"RepositoryNotFoundError", "RevisionNotFoundError"}:
+                raise ConfigError(
+                    f"--tokenizer {repo_id}: no such model repository on the Hugging Face Hub "
+                    "(or it is private and HF_TOKEN cannot read it); check the repo id"
+                ) from exc
+            if kind == "EntryNotFoundError":
+                raise ConfigError(
+                    f"--tokenizer {repo_id}: the repository has no tokenizer.json (only "
+                    "tokenizers in the Hugging Face `tokenizers` format are supported)"
+                ) from exc
+            raise  # network trouble and the like: transient, a retry may work
+    # hf_hub_download returns snapshot paths: both files sit in the same revision directory.
+    directory = got["tokenizer.json"].parent
+    config = got.get("tokenizer_config.json")
+    if config is not None and config.parent != directory:
+        shutil.copyfile(config, directory / "tokenizer_config.json")
+    return directory
+
+
+def install_tokenizer(source_dir: Path, target: str | Path) -> Path:
+    """Copy tokenizer.json (and tokenizer_config.json) from `source_dir` to `target` (a
+    tokenizer.json path, or a directory); return the tokenizer.json path. A different file
+    already there is refused: a dataset is bound to its tokenizer's exact bytes."""
+    dest = Path(target)
+    if dest.is_dir() or dest.suffix != ".json":
+        dest = dest / "tokenizer.json"
+    pairs = [(source_dir / "tokenizer.json", dest)]
+    config = source_dir / "tokenizer_config.json"
+    if config.is_file():
+        pairs.append((config, dest.parent / "tokenizer_config.json"))
+    for src, dst in pairs:
+        if dst.exists() and dst.read_bytes() != src.read_bytes():
+            raise ConfigError(
+                f"model.tokenizer: {dst} exists and differs from the downloaded {src.name}; "
+                "datasets and checkpoints made with it would no longer match. Remove it, or "
+                "point model.tokenizer (or --save-tokenizer) elsewhere"
+            )
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    for src, dst in pairs:
+        if not dst.exists():
+            tmp = dst.with_name(dst.name + ".tmp")
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, dst)
+    return dest

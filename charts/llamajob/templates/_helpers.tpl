@@ -52,6 +52,24 @@ app.kubernetes.io/part-of: llamajob
 {{- end -}}
 {{- end -}}
 
+{{/* family=image pairs of the trainer images, as a JSON list, for `--trainer-image`: a
+family's own reference, else <trainerImage.repository>:<tag>-<family>, else none. */}}
+{{- define "llamajob.trainerImages" -}}
+{{- $t := .Values.trainerImage -}}
+{{- $tag := default .Chart.AppVersion $t.tag -}}
+{{- $pairs := list -}}
+{{- range $family := list "neuron" "trn1" "cuda" -}}
+{{- $ref := get $t $family -}}
+{{- if and (not $ref) $t.repository -}}
+{{- $ref = printf "%s:%s-%s" $t.repository $tag $family -}}
+{{- end -}}
+{{- if $ref -}}
+{{- $pairs = append $pairs (printf "%s=%s" $family $ref) -}}
+{{- end -}}
+{{- end -}}
+{{- toJson $pairs -}}
+{{- end -}}
+
 {{/* The namespaces watched in `namespace` scope, as a JSON list (templates cannot return lists). */}}
 {{- define "llamajob.watchNamespaces" -}}
 {{- if .Values.operator.watch.namespaces -}}
@@ -76,6 +94,9 @@ app.kubernetes.io/part-of: llamajob
 
 {{/* Checks that span several values; values.schema.json covers the shape of each one. */}}
 {{- define "llamajob.validate" -}}
+{{- if not .Values.image.repository -}}
+{{- fail (printf "image.repository is not set: no llamajob image is published, so build the operator image from the repository's Dockerfile and push it to a registry your cluster pulls from:\n  docker build --target operator -t <registry>/llamajob-operator:%s . && docker push <registry>/llamajob-operator:%s\nthen install with --set image.repository=<registry>/llamajob-operator (and --set trainerImage.repository=<registry>/llamajob-trainer for the trainer images). See docs/install.md, \"Building the images\"" .Chart.AppVersion .Chart.AppVersion) -}}
+{{- end -}}
 {{- if eq .Values.image.tag "latest" -}}
 {{- fail "image.tag: `latest` is not allowed because it changes under a running release; pin a version such as 0.1.0 (or leave it empty for the chart's appVersion)" -}}
 {{- end -}}
@@ -86,7 +107,7 @@ app.kubernetes.io/part-of: llamajob
 {{- fail "operator.watch.namespaces is only used with operator.watch.scope=namespace; with scope=cluster every namespace is watched, so leave the list empty" -}}
 {{- end -}}
 {{- if and (gt (int .Values.operator.replicas) 1) (not .Values.operator.peering.enabled) -}}
-{{- fail "operator.replicas > 1 needs operator.peering.enabled=true, otherwise every replica would act on every job" -}}
+{{- fail (printf "operator.replicas %v needs operator.peering.enabled=true: without peering every replica would act on every job. Add --set operator.peering.enabled=true (the replicas then elect one active operator), or keep operator.replicas=1" .Values.operator.replicas) -}}
 {{- end -}}
 {{- end -}}
 
