@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from llamajob_trainer.lifeline import die_with
+
 ROOT = Path(__file__).resolve().parent.parent
 BUILD_SCRIPT = ROOT / "tools" / "k8s" / "build.sh"
 KUBECTL = ROOT / ".venv" / "bin" / "kubectl"
@@ -250,9 +252,13 @@ class ControlPlane:
     def _launch(self, name: str, args: Sequence[str]) -> None:
         assert self.bin_dir is not None
         log = (self.logs / f"{name}.log").open("ab")  # a restart appends
+        parent = os.getpid()
+        # Killed with this process however it ends (a test run interrupted or killed skips
+        # the fixture's teardown): an orphaned etcd or API server would hold ports and memory.
         self.procs[name] = subprocess.Popen([str(self.bin_dir / name), *args], cwd=self.workdir,
                                             stdout=log, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL)
+                                            stdin=subprocess.DEVNULL,
+                                            preexec_fn=lambda: die_with(parent, signal.SIGKILL))
         log.close()  # the child holds its own descriptor
 
     def log_tail(self, name: str, lines: int = 30) -> str:

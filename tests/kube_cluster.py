@@ -398,6 +398,9 @@ class Cluster:
     kubeconfig: Path  # the admin (a user of the cluster), default namespace = `namespace`
     started: float = field(default_factory=time.time)
     nodes: list[str] = field(default_factory=list)
+    claims: tuple[str, ...] = CLAIMS
+    # Cluster-scoped objects a test made for this namespace: (plural, name), deleted afterwards.
+    cleanups: list[tuple[str, str]] = field(default_factory=list)
 
     def add_nodes(self, count: int, prefix: str = "node",
                   instance_type: str = "ml.trn1.32xlarge") -> list[str]:
@@ -443,20 +446,25 @@ class Cluster:
         for name in self.nodes:
             self.k8s.request("DELETE", f"/api/v1/nodes/{name}")
         self.k8s.request("DELETE", f"/api/v1/namespaces/{ns}")
-        for claim in CLAIMS:
+        for claim in self.claims:
             self.k8s.request("DELETE", f"/api/v1/persistentvolumes/{ns}-{claim}")
+        for plural, name in self.cleanups:
+            self.k8s.request("DELETE", self.client.path(plural, None, name))
 
 
-def make_cluster(k8s: ControlPlane, workdir: Path, name: str | None = None) -> Cluster:
+def make_cluster(k8s: ControlPlane, workdir: Path, name: str | None = None,
+                 claims: tuple[str, ...] = CLAIMS) -> Cluster:
+    """A fresh namespace with a bound PersistentVolumeClaim for each of `claims`."""
     namespace = name or f"t{next(_TESTS)}"
+    workdir.mkdir(parents=True, exist_ok=True)
     k8s.create_namespace(namespace)
-    for claim in CLAIMS:
+    for claim in claims:
         add_bound_claim(k8s, namespace, claim)
     client = Client(k8s.server, k8s.ssl_context, namespace)
     kubeconfig = set_namespace(
         k8s.write_kubeconfig(workdir / "kubeconfig", ADMIN_TOKEN, "admin"), namespace)
     return Cluster(k8s=k8s, namespace=namespace, client=client,
-                   kubelet=Kubelet(client, namespace), kubeconfig=kubeconfig)
+                   kubelet=Kubelet(client, namespace), kubeconfig=kubeconfig, claims=claims)
 
 
 @pytest.fixture(name="cluster")
