@@ -94,6 +94,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from k8s_control_plane import ADMIN_TOKEN, AuditRecord, ControlPlane  # noqa: E402
 from llamajob import render  # noqa: E402
 from llamajob.api import GROUP, PLURAL, VERSION  # noqa: E402
+from llamajob.images import with_trainer_image  # noqa: E402
 from llamajob.jobfile import parse_job  # noqa: E402
 from llamajob.permissions import grants, policy_rules  # noqa: E402
 from llamajob.plan import make_plan  # noqa: E402
@@ -110,6 +111,10 @@ JOBS_PATH = f"/apis/{GROUP}/{VERSION}/namespaces/{NS}/{PLURAL}"
 PODS_PATH = f"/api/v1/namespaces/{NS}/pods"
 CLAIM = "fsx-claim"
 TERMINAL = ("Succeeded", "Failed")
+
+
+# What a chart install passes the operator (trainerImage); the jobs set no image of their own.
+TRAINER_IMAGE = "registry.example/llamajob-trainer:0.1.0-trn1"
 
 
 def job_manifest(name: str, nodes: int) -> dict[str, Any]:
@@ -379,7 +384,7 @@ class Kubelet:
                            for t in ("Initialized", "ContainersReady", "Ready")],
             "containerStatuses": [{
                 "name": render.CONTAINER, "ready": True, "started": True, "restartCount": 0,
-                "image": "ghcr.io/llamajob/trainer:0.1.0", "imageID": "",
+                "image": TRAINER_IMAGE, "imageID": "",
                 "state": {"running": {"startedAt": now}}}],
         })
 
@@ -391,7 +396,7 @@ class Kubelet:
                            for t in ("ContainersReady", "Ready")],
             "containerStatuses": [{
                 "name": render.CONTAINER, "ready": False, "started": False, "restartCount": 0,
-                "image": "ghcr.io/llamajob/trainer:0.1.0", "imageID": "",
+                "image": TRAINER_IMAGE, "imageID": "",
                 "state": {"terminated": {"exitCode": exit_code, "reason": "Error",
                                          "startedAt": now, "finishedAt": now}}}],
         })
@@ -463,13 +468,14 @@ def gang_shape() -> tuple[dict[str, str], list[dict[str, str]], dict[str, str]]:
     rendered gang, taken from the operator's own renderer so the two cannot drift apart."""
     doc = job_manifest("probe", 16)
     doc["metadata"]["uid"] = "00000000-0000-0000-0000-000000000000"
-    job = parse_job(doc)
+    job, _ = with_trainer_image(parse_job(doc), {"trn1": TRAINER_IMAGE})
     spec = render.render_gang(job, make_plan(job.spec), render.ROLE_TRAIN, 1)[0]["spec"]
     requests = spec["containers"][0]["resources"]["requests"]
     taints = [{"key": t["key"], "effect": t["effect"]} for t in spec.get("tolerations", [])
               if t.get("operator") == "Exists" and t.get("key")]
+    # The host's cpu and memory (the pod asks for 90% of them) and the devices it requests.
     allocatable = {"cpu": "128", "memory": "512Gi", "pods": "110",
-                   **{k: str(v) for k, v in requests.items()}}
+                   **{k: str(v) for k, v in requests.items() if k not in ("cpu", "memory")}}
     return dict(spec["nodeSelector"]), taints, allocatable
 
 
@@ -562,7 +568,7 @@ def start_operator(kubeconfig: Path, trainer_port: int, log: Path) -> tuple[
     env = dict(os.environ, KUBECONFIG=str(kubeconfig))
     argv = [str(Path(sys.executable).parent / "llamajob"), "operator",
             "--metrics-port", str(metrics_port), "--liveness-port", str(liveness_port),
-            "--trainer-metrics-port", str(trainer_port)]
+            "--trainer-metrics-port", str(trainer_port), f"--trainer-image=trn1={TRAINER_IMAGE}"]
     with open(log, "wb") as out:
         proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 60
