@@ -51,6 +51,7 @@ test-xla: $(XLA_STAMP)
 run: $(STAMP)
 	rm -rf runs/tiny
 	$(BIN)/llamajob run examples/tiny.yaml --chaos-kill-at-step 60
+	@echo "The llamajob command is $(BIN)/llamajob: 'source $(BIN)/activate' puts it on PATH."
 
 # The Kubernetes control plane the real-API-server tests start (etcd, kube-apiserver,
 # kube-controller-manager, kube-scheduler), built from tools/k8s/go.mod into a cache directory
