@@ -67,7 +67,6 @@ from __future__ import annotations
 
 import argparse
 import http.client
-import http.server
 import json
 import os
 import socket
@@ -92,6 +91,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 from k8s_control_plane import ADMIN_TOKEN, AuditRecord, ControlPlane  # noqa: E402
+from kube_cluster import metrics_server  # noqa: E402
 from llamajob import render  # noqa: E402
 from llamajob.api import GROUP, PLURAL, VERSION  # noqa: E402
 from llamajob.images import with_trainer_image  # noqa: E402
@@ -433,21 +433,7 @@ class Steps:
     def __init__(self) -> None:
         self.steps: dict[str, int] = {}
         self.requests = 0
-        render_ = self._render
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                body = render_()
-                self.send_response(200)
-                self.send_header("Content-Type", "text/plain; version=0.0.4")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = metrics_server(self._render)
         self.port = int(self.server.server_address[1])
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 

@@ -396,12 +396,6 @@ class ControlPlane:
             self._wait_healthy(name, lambda port=port: self._get_text(  # type: ignore[misc]
                 f"https://127.0.0.1:{port}/healthz", verify=False) == "ok", timeout=60)
 
-    @property
-    def ssl_context(self) -> ssl.SSLContext:
-        """Trusts this control plane's CA (for clients other than :meth:`request`)."""
-        assert self._ssl is not None, "start() first"
-        return self._ssl
-
     # --- clients --------------------------------------------------------------------------
     def kubectl(self, *args: str, kubeconfig: Path | None = None, check: bool = True,
                 stdin: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:

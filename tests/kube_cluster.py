@@ -23,12 +23,9 @@ import contextlib
 import http.server
 import itertools
 import json
-import ssl
 import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,15 +65,12 @@ class ApiError(Exception):
 
 
 class Client:
-    """Admin requests to the test's API server; `namespace` is the default for namespaced
-    kinds."""
+    """Admin requests to the test's API server, raising ApiError on 4xx/5xx; `namespace` is the
+    default for namespaced kinds."""
 
-    def __init__(self, base_url: str, context: ssl.SSLContext, namespace: str, *,
-                 token: str = ADMIN_TOKEN) -> None:
-        self.base_url = base_url.rstrip("/")
-        self.context = context
+    def __init__(self, k8s: ControlPlane, namespace: str) -> None:
+        self.k8s = k8s
         self.namespace = namespace
-        self.token = token
 
     def path(self, plural: str, namespace: str | None = None, name: str | None = None,
              sub: str | None = None) -> str:
@@ -93,25 +87,11 @@ class Client:
     def request(self, method: str, path: str, body: Any = None, *,
                 content_type: str = "application/json",
                 params: Mapping[str, str] | None = None) -> Any:
-        url = self.base_url + path + ("?" + urllib.parse.urlencode(params) if params else "")
-        data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(url, data=data, method=method)
-        req.add_header("Authorization", f"Bearer {self.token}")
-        req.add_header("User-Agent", "llamajob-tests")
-        req.add_header("Accept", "application/json")
-        if data is not None:
-            req.add_header("Content-Type", content_type)
-        try:
-            with urllib.request.urlopen(req, timeout=30, context=self.context) as resp:
-                raw = resp.read()
-        except urllib.error.HTTPError as exc:
-            text = exc.read().decode(errors="replace")
-            try:
-                payload: Any = json.loads(text)
-            except ValueError:
-                payload = text
-            raise ApiError(exc.code, payload) from None
-        return json.loads(raw) if raw else None
+        query = "?" + urllib.parse.urlencode(params) if params else ""
+        resp = self.k8s.request(method, path + query, body, content_type=content_type)
+        if resp.status >= 400:
+            raise ApiError(resp.status, resp.body)
+        return resp.body
 
     def _ns(self, namespace: str | None) -> str:
         return namespace or self.namespace
@@ -288,6 +268,10 @@ RELEASE_NAMESPACE = "llamajob-system"
 _RBAC_KINDS = {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"}
 
 
+# (API server, release) -> the identity made for it: the chart's objects are cluster state.
+_IDENTITIES: dict[tuple[str, str], Identity] = {}
+
+
 @dataclass(frozen=True)
 class Identity:
     kubeconfig: Path
@@ -299,9 +283,9 @@ def operator_identity(k8s: ControlPlane, release: str, values: Mapping[str, Any]
     """Install the chart's ServiceAccount and RBAC for `release` (rendered with `values`) and
     return a kubeconfig holding a token the API server issued for that ServiceAccount, with
     `namespace` as its default. Once per release and session: the objects are cluster state."""
-    cache: dict[str, Identity] = k8s.__dict__.setdefault("_identities", {})
-    if release in cache:
-        return cache[release]
+    key = (k8s.server, release)
+    if key in _IDENTITIES:
+        return _IDENTITIES[key]
     if k8s.request("GET", f"/api/v1/namespaces/{RELEASE_NAMESPACE}").status == 404:
         k8s.create_namespace(RELEASE_NAMESPACE)
     objects = [o for o in render_objects(values, namespace=RELEASE_NAMESPACE, release=release)
@@ -317,7 +301,7 @@ def operator_identity(k8s: ControlPlane, release: str, values: Mapping[str, Any]
     wait_for(lambda: k8s.kubectl("auth", "can-i", "list", "nodes", kubeconfig=kubeconfig,
                                  check=False).stdout.strip() == "yes",
              timeout=15, interval=0.2, what=f"{identity.user}'s bindings to take effect")
-    cache[release] = identity
+    _IDENTITIES[key] = identity
     return identity
 
 
@@ -460,7 +444,7 @@ def make_cluster(k8s: ControlPlane, workdir: Path, name: str | None = None,
     k8s.create_namespace(namespace)
     for claim in claims:
         add_bound_claim(k8s, namespace, claim)
-    client = Client(k8s.server, k8s.ssl_context, namespace)
+    client = Client(k8s, namespace)
     kubeconfig = set_namespace(
         k8s.write_kubeconfig(workdir / "kubeconfig", ADMIN_TOKEN, "admin"), namespace)
     return Cluster(k8s=k8s, namespace=namespace, client=client,

@@ -15,11 +15,7 @@ from __future__ import annotations
 
 import json
 import re
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,26 +26,21 @@ from chart_helpers import render_objects
 from k8s_control_plane import ControlPlane
 from kube_cluster import (
     Cluster,
+    Identity,
     condition,
     make_cluster,
     pods,
     status,
     wait_for,
 )
+from test_operator_subprocess import OperatorProcess
 
 ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent / "llamajob"
 REGISTRY = "registry.example.com/ml"  # what the README's $REGISTRY stands for
 DOCUMENTED = {"image": {"repository": f"{REGISTRY}/llamajob-operator"},
               "trainerImage": {"repository": f"{REGISTRY}/llamajob-trainer"}}
 JOB = "llama3-8b"
 CLUSTER_KINDS = {"ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Installed:
@@ -71,38 +62,14 @@ class Installed:
         (deployment,) = [o for o in self.objects if o["kind"] == "Deployment"]
         pod = deployment["spec"]["template"]["spec"]
         self.args: list[str] = pod["containers"][0]["args"]
-        kubeconfig, _ = k8s.kubeconfig_for(namespace, pod["serviceAccountName"])
-        self.liveness = free_port()
-        # The Deployment's own flags; only the two ports move, as this is not a pod of its own.
-        argv = [re.sub(r"^--liveness-port=\d+$", f"--liveness-port={self.liveness}",
-                       re.sub(r"^--metrics-port=\d+$", f"--metrics-port={free_port()}", a))
-                for a in self.args]
-        self.log = workdir / f"operator-{release}.log"
-        with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen(
-                [str(BIN), "operator", *argv], stdout=out, stderr=subprocess.STDOUT,
-                env={"PATH": "/usr/bin:/bin", "KUBECONFIG": str(kubeconfig),
-                     "HOME": str(workdir)})
-        wait_for(self.healthy, timeout=60, what=f"the {release} operator's /healthz")
-
-    def healthy(self) -> bool:
-        if self.proc.poll() is not None:
-            raise AssertionError(f"operator exited {self.proc.returncode}:\n"
-                                 f"{self.log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.liveness}/healthz",
-                                        timeout=2) as resp:
-                return resp.status == 200
-        except OSError:
-            return False
+        account = pod["serviceAccountName"]
+        kubeconfig, _ = k8s.kubeconfig_for(namespace, account)
+        identity = Identity(kubeconfig, f"system:serviceaccount:{namespace}:{account}")
+        self.operator = OperatorProcess(identity, workdir / f"operator-{release}.log",
+                                        chart_args=self.args).start()
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        self.operator.stop()
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -56,16 +56,27 @@ def free_port() -> int:
 
 
 class OperatorProcess:
-    def __init__(self, identity: Identity, log: Path, *args: str) -> None:
+    """`llamajob operator` with `args` after the tests' own flags, or (`chart_args`) with
+    exactly the arguments of the chart's Deployment, its two ports moved to free ones (this is
+    no pod of its own)."""
+
+    def __init__(self, identity: Identity, log: Path, *args: str,
+                 chart_args: Sequence[str] | None = None) -> None:
         self.metrics_port, self.liveness_port = free_port(), free_port()
+        if chart_args is None:
+            flags = [
+                "--verbose", "--progress-interval", "0.3",
+                # As the chart passes trainerImage: the examples set no spec.cluster.image.
+                *(f"--trainer-image={family}={image}" for family, image in TRAINER_IMAGES.items()),
+            ]
+        else:
+            flags = [a for a in chart_args
+                     if not a.startswith(("--metrics-port=", "--liveness-port="))]
         self.argv = [
-            str(BIN), "operator", "--verbose",
+            str(BIN), "operator",
             "--metrics-port", str(self.metrics_port),
             "--liveness-port", str(self.liveness_port),
-            "--progress-interval", "0.3",
-            # As the chart passes trainerImage: the examples set no spec.cluster.image.
-            *(f"--trainer-image={family}={image}" for family, image in TRAINER_IMAGES.items()),
-            *args,
+            *flags, *args,
         ]
         self.env = dict(os.environ, KUBECONFIG=str(identity.kubeconfig))
         self.log = log
